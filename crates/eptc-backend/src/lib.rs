@@ -1,0 +1,145 @@
+//! The backend interface. A backend declares what it can run ([`Capabilities`]), says
+//! whether its hardware is present ([`Availability`]), and turns a graph plus its weights
+//! into an [`Executable`] that runs on named host tensors.
+//!
+//! Built-in backends (`cpu`, later `wgpu`, `cuda`) and dynamically loaded plugins all
+//! implement [`Backend`], so the host has one code path whichever backend runs.
+
+use eptc_ir::{DType, Graph, HostTensor, WeightStore};
+use thiserror::Error;
+
+/// What a backend can run. The optimizer only extracts ops listed here.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Capabilities {
+    /// Primitive op kinds (names as in `ir-specs/ops.toml`).
+    pub ops: Vec<String>,
+    /// Fused op kinds (none before the optimizer exists).
+    pub fused_ops: Vec<String>,
+    pub dtypes: Vec<DType>,
+}
+
+impl Capabilities {
+    pub fn supports(&self, kind: &str) -> bool {
+        self.ops.iter().chain(&self.fused_ops).any(|k| k == kind)
+    }
+}
+
+/// Whether a backend can run here, and why (not).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Availability {
+    /// Usable; the string describes the device (e.g. "2 threads, avx512").
+    Available(String),
+    /// Not usable here; the string says why in plain words.
+    Unavailable(String),
+}
+
+impl Availability {
+    pub fn is_available(&self) -> bool {
+        matches!(self, Availability::Available(_))
+    }
+}
+
+/// Options for compiling a graph.
+#[derive(Clone, Debug, Default)]
+pub struct CompileOptions {
+    /// Worker threads (CPU backends); `None`: all cores.
+    pub threads: Option<usize>,
+}
+
+#[derive(Debug, Error)]
+pub enum BackendError {
+    #[error("backend {backend} does not support op {op} (node %{node})")]
+    Unsupported {
+        backend: String,
+        op: String,
+        node: usize,
+    },
+    #[error("no value for parameter {0:?}")]
+    MissingParam(String),
+    #[error("parameter {name:?}: expected shape {expected:?}, found {found:?}")]
+    ParamShape {
+        name: String,
+        expected: Vec<usize>,
+        found: Vec<usize>,
+    },
+    #[error("missing input {0:?}")]
+    MissingInput(String),
+    #[error("input {name:?}: expected shape {expected}, found {found:?}")]
+    InputShape {
+        name: String,
+        expected: String,
+        found: Vec<usize>,
+    },
+    #[error("backend unavailable: {0}")]
+    Unavailable(String),
+    #[error("{0}")]
+    Other(String),
+}
+
+pub type Result<T, E = BackendError> = std::result::Result<T, E>;
+
+/// A compiled graph, ready to run.
+pub trait Executable: Send {
+    /// Replace the value of a parameter (e.g. a new adapter); shapes must match.
+    fn set_param(&mut self, name: &str, value: HostTensor) -> Result<()>;
+
+    /// Run the graph on named inputs; returns every graph output by name, in the graph's
+    /// output order. The batch size is taken from the inputs.
+    fn run(&mut self, inputs: &[(&str, HostTensor)]) -> Result<Vec<(String, HostTensor)>>;
+}
+
+/// A backend: a compiler from graphs to executables, plus a description of itself.
+pub trait Backend: Send + Sync {
+    /// Short name used on the command line (`cpu`, `wgpu`, `cuda`, a plugin's name).
+    fn name(&self) -> &str;
+    fn availability(&self) -> Availability;
+    fn capabilities(&self) -> Capabilities;
+    /// Compile `graph`, reading the values of its parameters from `weights` (which must
+    /// hold every param the graph names, with the declared shape).
+    fn compile(
+        &self,
+        graph: &Graph,
+        weights: &WeightStore,
+        opts: &CompileOptions,
+    ) -> Result<Box<dyn Executable>>;
+}
+
+/// Bind the batch size from the inputs and check each input against the graph's
+/// declared types; returns the batch size. Shared by backends.
+pub fn bind_batch(graph: &Graph, inputs: &[(&str, HostTensor)]) -> Result<usize> {
+    let mut batch: Option<usize> = None;
+    for id in graph.node_ids() {
+        let eptc_ir::Op::Input { name } = &graph.node(id).op else {
+            continue;
+        };
+        let ty = graph.ty(id);
+        let t = inputs
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, t)| t)
+            .ok_or_else(|| BackendError::MissingInput(name.clone()))?;
+        let bad = || BackendError::InputShape {
+            name: name.clone(),
+            expected: ty.shape.to_string(),
+            found: t.shape.clone(),
+        };
+        if t.shape.len() != ty.shape.rank() {
+            return Err(bad());
+        }
+        for (d, &n) in ty.shape.dims().iter().zip(&t.shape) {
+            match d {
+                eptc_ir::Dim::Fixed(k) if *k != n => return Err(bad()),
+                eptc_ir::Dim::Batch => match batch {
+                    Some(b) if b != n => return Err(bad()),
+                    _ => batch = Some(n),
+                },
+                _ => {}
+            }
+        }
+    }
+    let b = batch.unwrap_or(1);
+    if b == 0 {
+        return Err(BackendError::Other("batch size 0".into()));
+    }
+    Ok(b)
+}

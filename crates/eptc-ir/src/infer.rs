@@ -1,0 +1,236 @@
+//! Shape rules: the output type of an op from its operands' types.
+
+use crate::op::Op;
+use crate::types::{Dim, Shape, TensorType};
+
+/// Numpy broadcasting of two shapes (aligned on the right).
+pub fn broadcast_shapes(a: &Shape, b: &Shape) -> Result<Shape, String> {
+    let r = a.rank().max(b.rank());
+    let mut out = Vec::with_capacity(r);
+    for i in 0..r {
+        let da = if i + a.rank() >= r {
+            a.0[i + a.rank() - r]
+        } else {
+            Dim::Fixed(1)
+        };
+        let db = if i + b.rank() >= r {
+            b.0[i + b.rank() - r]
+        } else {
+            Dim::Fixed(1)
+        };
+        out.push(match (da, db) {
+            (x, y) if x == y => x,
+            (Dim::Fixed(1), y) => y,
+            (x, Dim::Fixed(1)) => x,
+            _ => return Err(format!("shapes {a} and {b} do not broadcast")),
+        });
+    }
+    Ok(Shape(out))
+}
+
+/// Whether `from` broadcasts to exactly `to`.
+pub fn broadcasts_to(from: &Shape, to: &Shape) -> bool {
+    from.rank() <= to.rank() && broadcast_shapes(from, to).is_ok_and(|s| &s == to)
+}
+
+fn axis_ok(axis: usize, rank: usize, what: &str) -> Result<(), String> {
+    if axis >= rank {
+        Err(format!("{what} {axis} out of range for rank {rank}"))
+    } else {
+        Ok(())
+    }
+}
+
+/// The output type of a non-leaf op applied to operands of the given types.
+pub fn infer(op: &Op, operands: &[&TensorType]) -> Result<TensorType, String> {
+    match op.arity() {
+        Some(n) if operands.len() != n => {
+            return Err(format!(
+                "{} takes {n} operand(s), got {}",
+                op.kind(),
+                operands.len()
+            ))
+        }
+        None if operands.len() < 2 => {
+            return Err(format!(
+                "{} takes at least 2 operands, got {}",
+                op.kind(),
+                operands.len()
+            ))
+        }
+        _ => {}
+    }
+    if op.is_leaf() {
+        return Err(format!(
+            "{} is a leaf: its type is declared, not inferred",
+            op.kind()
+        ));
+    }
+    let dtype = operands[0].dtype;
+    if let Some(o) = operands.iter().find(|o| o.dtype != dtype) {
+        return Err(format!("mixed element types {} and {}", dtype, o.dtype));
+    }
+    let x = &operands[0].shape;
+    let shape = match op {
+        Op::Input { .. } | Op::Param { .. } | Op::Const { .. } => {
+            unreachable!("leaves handled above")
+        }
+        Op::Patchify { patch } => {
+            let p = *patch;
+            if p == 0 {
+                return Err("patch size 0".into());
+            }
+            if x.rank() != 4 {
+                return Err(format!("patchify wants [B,C,H,W], got {x}"));
+            }
+            let fixed = |i: usize| {
+                x.0[i]
+                    .fixed()
+                    .ok_or_else(|| format!("patchify needs fixed C, H, W, got {x}"))
+            };
+            let (c, h, w) = (fixed(1)?, fixed(2)?, fixed(3)?);
+            if h % p != 0 || w % p != 0 {
+                return Err(format!(
+                    "image {h}x{w} is not a multiple of the patch size {p}"
+                ));
+            }
+            Shape(vec![
+                x.0[0],
+                Dim::Fixed((h / p) * (w / p)),
+                Dim::Fixed(c * p * p),
+            ])
+        }
+        Op::MatMul {
+            transpose_a,
+            transpose_b,
+        } => {
+            let (a, b) = (&operands[0].shape, &operands[1].shape);
+            if a.rank() < 2 || b.rank() < 2 {
+                return Err(format!("matmul needs rank >= 2, got {a} and {b}"));
+            }
+            let (ra, rb) = (a.rank(), b.rank());
+            let (m, ka) = if *transpose_a {
+                (a.0[ra - 1], a.0[ra - 2])
+            } else {
+                (a.0[ra - 2], a.0[ra - 1])
+            };
+            let (kb, n) = if *transpose_b {
+                (b.0[rb - 1], b.0[rb - 2])
+            } else {
+                (b.0[rb - 2], b.0[rb - 1])
+            };
+            if ka != kb {
+                return Err(format!("matmul inner dimensions differ: {a} and {b}"));
+            }
+            let lead = broadcast_shapes(
+                &Shape(a.0[..ra - 2].to_vec()),
+                &Shape(b.0[..rb - 2].to_vec()),
+            )?;
+            let mut out = lead.0;
+            out.push(m);
+            out.push(n);
+            Shape(out)
+        }
+        Op::Binary(_) => broadcast_shapes(x, &operands[1].shape)?,
+        Op::Unary(_) => x.clone(),
+        Op::Reduce { axes, keepdim, .. } => {
+            if axes.is_empty() {
+                return Err("reduce over no axis".into());
+            }
+            for (i, &a) in axes.iter().enumerate() {
+                axis_ok(a, x.rank(), "axis")?;
+                if axes[..i].contains(&a) {
+                    return Err(format!("axis {a} repeated"));
+                }
+            }
+            let mut out = Vec::new();
+            for (i, d) in x.0.iter().enumerate() {
+                if axes.contains(&i) {
+                    if *keepdim {
+                        out.push(Dim::Fixed(1));
+                    }
+                } else {
+                    out.push(*d);
+                }
+            }
+            Shape(out)
+        }
+        Op::Softmax { axis } => {
+            axis_ok(*axis, x.rank(), "axis")?;
+            x.clone()
+        }
+        Op::LayerNorm { eps } => {
+            if !(eps.is_finite() && *eps >= 0.0) {
+                return Err(format!("layernorm eps must be finite and >= 0, got {eps}"));
+            }
+            let d = x.0.last().copied().ok_or("layernorm of a scalar")?;
+            let want = Shape(vec![d]);
+            for (i, o) in operands[1..].iter().enumerate() {
+                if o.shape != want {
+                    let what = if i == 0 { "gamma" } else { "beta" };
+                    return Err(format!("layernorm {what} must be {want}, got {}", o.shape));
+                }
+            }
+            x.clone()
+        }
+        Op::Reshape { shape } => {
+            if x.symbolic_numel() != shape.symbolic_numel() {
+                return Err(format!(
+                    "cannot reshape {x} to {shape}: element counts differ"
+                ));
+            }
+            shape.clone()
+        }
+        Op::Permute { perm } => {
+            if perm.len() != x.rank() {
+                return Err(format!("permutation {perm:?} for rank {}", x.rank()));
+            }
+            let mut seen = vec![false; perm.len()];
+            for &p in perm {
+                if p >= perm.len() || seen[p] {
+                    return Err(format!("{perm:?} is not a permutation"));
+                }
+                seen[p] = true;
+            }
+            Shape(perm.iter().map(|&p| x.0[p]).collect())
+        }
+        Op::Concat { axis } => {
+            axis_ok(*axis, x.rank(), "axis")?;
+            let mut total = 0;
+            for o in operands {
+                let s = &o.shape;
+                if s.rank() != x.rank() {
+                    return Err(format!("concat of ranks {} and {}", x.rank(), s.rank()));
+                }
+                for i in 0..x.rank() {
+                    if i != *axis && s.0[i] != x.0[i] {
+                        return Err(format!("concat along {axis} of {x} and {s}"));
+                    }
+                }
+                total += s.0[*axis]
+                    .fixed()
+                    .ok_or("concat along the batch axis is not supported")?;
+            }
+            let mut out = x.0.clone();
+            out[*axis] = Dim::Fixed(total);
+            Shape(out)
+        }
+        Op::Slice { axis, start, end } => {
+            axis_ok(*axis, x.rank(), "axis")?;
+            let n = x.0[*axis].fixed().ok_or("slice along the batch axis")?;
+            if start >= end || *end > n {
+                return Err(format!("slice {start}..{end} out of range for size {n}"));
+            }
+            let mut out = x.0.clone();
+            out[*axis] = Dim::Fixed(end - start);
+            Shape(out)
+        }
+        Op::Broadcast { shape } => {
+            if !broadcasts_to(x, shape) {
+                return Err(format!("{x} does not broadcast to {shape}"));
+            }
+            shape.clone()
+        }
+    };
+    Ok(TensorType::new(dtype, shape))
+}

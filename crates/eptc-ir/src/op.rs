@@ -1,0 +1,273 @@
+//! The operations of the IR and their attributes.
+//!
+//! Every op has a stable lower-case name (`Op::kind`) used by the text format and by the
+//! machine-readable spec in `ir-specs/ops.toml`; a test keeps the two in agreement.
+
+use crate::types::Shape;
+
+/// Element-wise binary operations, with numpy broadcasting.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum BinaryOp {
+    Add,
+    Sub,
+    Mul,
+    Div,
+    Maximum,
+    Minimum,
+}
+
+/// Element-wise unary operations.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum UnaryOp {
+    Neg,
+    Exp,
+    Log,
+    Sqrt,
+    Rsqrt,
+    Recip,
+    Abs,
+    Tanh,
+    Sigmoid,
+    Relu,
+    /// The exact GELU, `x * Phi(x)` with the error function (PyTorch's default).
+    Gelu,
+}
+
+/// Reductions over a set of axes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ReduceOp {
+    Sum,
+    Mean,
+    Max,
+    Min,
+    /// `log(sum(exp(x)))`, computed stably.
+    LogSumExp,
+}
+
+/// How a parameter gets its initial value.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Init {
+    /// Read from the model checkpoint (frozen weights).
+    Checkpoint,
+    Zeros,
+    Ones,
+    /// Normal distribution with mean 0 and this standard deviation.
+    Normal(f32),
+    /// Uniform distribution on `[-bound, bound]`.
+    Uniform(f32),
+    /// Kaiming-normal (fan-in, gain sqrt(2)), fan-in as the official EPT code computes it
+    /// on the stacked `[layers, N, L]` prompt tensor: `N * L`.
+    Kaiming,
+    /// From the token embeddings of the first batch (see DESIGN.md and README).
+    Token,
+}
+
+impl BinaryOp {
+    pub const ALL: [BinaryOp; 6] = [
+        BinaryOp::Add,
+        BinaryOp::Sub,
+        BinaryOp::Mul,
+        BinaryOp::Div,
+        BinaryOp::Maximum,
+        BinaryOp::Minimum,
+    ];
+    pub fn name(self) -> &'static str {
+        match self {
+            BinaryOp::Add => "add",
+            BinaryOp::Sub => "sub",
+            BinaryOp::Mul => "mul",
+            BinaryOp::Div => "div",
+            BinaryOp::Maximum => "maximum",
+            BinaryOp::Minimum => "minimum",
+        }
+    }
+    pub fn apply(self, a: f32, b: f32) -> f32 {
+        match self {
+            BinaryOp::Add => a + b,
+            BinaryOp::Sub => a - b,
+            BinaryOp::Mul => a * b,
+            BinaryOp::Div => a / b,
+            BinaryOp::Maximum => a.max(b),
+            BinaryOp::Minimum => a.min(b),
+        }
+    }
+}
+
+impl UnaryOp {
+    pub const ALL: [UnaryOp; 11] = [
+        UnaryOp::Neg,
+        UnaryOp::Exp,
+        UnaryOp::Log,
+        UnaryOp::Sqrt,
+        UnaryOp::Rsqrt,
+        UnaryOp::Recip,
+        UnaryOp::Abs,
+        UnaryOp::Tanh,
+        UnaryOp::Sigmoid,
+        UnaryOp::Relu,
+        UnaryOp::Gelu,
+    ];
+    pub fn name(self) -> &'static str {
+        match self {
+            UnaryOp::Neg => "neg",
+            UnaryOp::Exp => "exp",
+            UnaryOp::Log => "log",
+            UnaryOp::Sqrt => "sqrt",
+            UnaryOp::Rsqrt => "rsqrt",
+            UnaryOp::Recip => "recip",
+            UnaryOp::Abs => "abs",
+            UnaryOp::Tanh => "tanh",
+            UnaryOp::Sigmoid => "sigmoid",
+            UnaryOp::Relu => "relu",
+            UnaryOp::Gelu => "gelu",
+        }
+    }
+}
+
+impl ReduceOp {
+    pub const ALL: [ReduceOp; 5] = [
+        ReduceOp::Sum,
+        ReduceOp::Mean,
+        ReduceOp::Max,
+        ReduceOp::Min,
+        ReduceOp::LogSumExp,
+    ];
+    pub fn name(self) -> &'static str {
+        match self {
+            ReduceOp::Sum => "reduce_sum",
+            ReduceOp::Mean => "reduce_mean",
+            ReduceOp::Max => "reduce_max",
+            ReduceOp::Min => "reduce_min",
+            ReduceOp::LogSumExp => "reduce_logsumexp",
+        }
+    }
+}
+
+/// One operation of the graph. Leaves (`Input`, `Param`, `Const`) have no operands.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Op {
+    /// A run-time input tensor, bound by name.
+    Input {
+        name: String,
+    },
+    /// A weight: frozen (from the checkpoint) or trainable (an adapter tensor).
+    Param {
+        name: String,
+        trainable: bool,
+        init: Init,
+    },
+    /// A constant with its values inline (row-major; fixed shapes only).
+    Const {
+        values: Vec<f32>,
+    },
+    /// `[.., C, H, W] -> [.., (H/p)*(W/p), C*p*p]`: non-overlapping patches, row-major over
+    /// the patch grid, features ordered `(c, kh, kw)` like a flattened conv kernel.
+    Patchify {
+        patch: usize,
+    },
+    /// Batched matrix product over the last two axes, leading axes broadcast.
+    MatMul {
+        transpose_a: bool,
+        transpose_b: bool,
+    },
+    Binary(BinaryOp),
+    Unary(UnaryOp),
+    Reduce {
+        op: ReduceOp,
+        axes: Vec<usize>,
+        keepdim: bool,
+    },
+    /// Softmax along one axis.
+    Softmax {
+        axis: usize,
+    },
+    /// LayerNorm over the last axis with affine `gamma`, `beta` (operands 1 and 2).
+    LayerNorm {
+        eps: f32,
+    },
+    /// Same elements, new shape (the output type's shape).
+    Reshape {
+        shape: Shape,
+    },
+    Permute {
+        perm: Vec<usize>,
+    },
+    /// Concatenation of two or more operands along an axis.
+    Concat {
+        axis: usize,
+    },
+    /// Elements `start..end` along an axis.
+    Slice {
+        axis: usize,
+        start: usize,
+        end: usize,
+    },
+    /// Numpy-style broadcast to the output type's shape.
+    Broadcast {
+        shape: Shape,
+    },
+}
+
+impl Op {
+    /// The op's name in the text format and the spec.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Op::Input { .. } => "input",
+            Op::Param { .. } => "param",
+            Op::Const { .. } => "const",
+            Op::Patchify { .. } => "patchify",
+            Op::MatMul { .. } => "matmul",
+            Op::Binary(b) => b.name(),
+            Op::Unary(u) => u.name(),
+            Op::Reduce { op, .. } => op.name(),
+            Op::Softmax { .. } => "softmax",
+            Op::LayerNorm { .. } => "layernorm",
+            Op::Reshape { .. } => "reshape",
+            Op::Permute { .. } => "permute",
+            Op::Concat { .. } => "concat",
+            Op::Slice { .. } => "slice",
+            Op::Broadcast { .. } => "broadcast",
+        }
+    }
+
+    /// Every op name the IR knows, in a fixed order.
+    pub fn all_kinds() -> Vec<&'static str> {
+        let mut v = vec!["input", "param", "const", "patchify", "matmul"];
+        v.extend(BinaryOp::ALL.iter().map(|b| b.name()));
+        v.extend(UnaryOp::ALL.iter().map(|u| u.name()));
+        v.extend(ReduceOp::ALL.iter().map(|r| r.name()));
+        v.extend([
+            "softmax",
+            "layernorm",
+            "reshape",
+            "permute",
+            "concat",
+            "slice",
+            "broadcast",
+        ]);
+        v
+    }
+
+    /// The number of operands the op takes: `Some(n)` exactly, `None` for variadic
+    /// (at least two, `concat`).
+    pub fn arity(&self) -> Option<usize> {
+        match self {
+            Op::Input { .. } | Op::Param { .. } | Op::Const { .. } => Some(0),
+            Op::Patchify { .. }
+            | Op::Unary(_)
+            | Op::Reduce { .. }
+            | Op::Softmax { .. }
+            | Op::Reshape { .. }
+            | Op::Permute { .. }
+            | Op::Slice { .. }
+            | Op::Broadcast { .. } => Some(1),
+            Op::MatMul { .. } | Op::Binary(_) => Some(2),
+            Op::LayerNorm { .. } => Some(3),
+            Op::Concat { .. } => None,
+        }
+    }
+
+    pub fn is_leaf(&self) -> bool {
+        matches!(self, Op::Input { .. } | Op::Param { .. } | Op::Const { .. })
+    }
+}

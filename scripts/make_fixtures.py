@@ -1,0 +1,610 @@
+#!/usr/bin/env python3
+"""Generate the reference fixtures eptc's tests compare against.
+
+Everything here is deterministic (fixed seeds, CPU only, nothing downloaded).
+
+    python scripts/make_fixtures.py --out tests/fixtures     # tiny, committed fixtures
+    python scripts/make_fixtures.py --vit-b16 DIR            # ViT-B/16 parity set (not committed)
+    python scripts/make_fixtures.py --bench-torch            # PyTorch EPT timing, JSON on stdout
+
+Requirements: torch, timm (1.0.x), safetensors; transformers is optional (when present,
+the Hugging Face key layout is proved by loading the files into ViTModel /
+ViTForImageClassification and comparing outputs).
+
+EPT (Embedded Prompt Tuning) follows the official mmcls-based code, per prompted layer
+with prompt P of shape [N, L] (see DESIGN.md section 1):
+
+    S = (Q @ K^T) * scale                                   # [B, H, N, N]
+    A = softmax(concat([P expanded to [B, H, N, L], S], -1))[..., L:]
+    O = A @ V
+
+and in `multi-cat` mode the concatenated prompt is `alpha * P` with
+`alpha = S.amax(-1) - S.amin(-1)` per batch, head and query row.
+
+Weights, inputs and prompts are saved in float32. Expected outputs are computed in
+float64 from exactly those float32 values and then rounded to float32, so they are a
+tighter reference than any float32 run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import sys
+import tempfile
+import time
+import zlib
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+import timm
+from timm.models.vision_transformer import VisionTransformer
+
+# ---------------------------------------------------------------------------------------
+# Constants of the tiny model and its fixtures
+# ---------------------------------------------------------------------------------------
+
+TINY = dict(
+    img_size=32,
+    patch_size=8,
+    embed_dim=48,
+    depth=2,
+    num_heads=3,
+    mlp_ratio=4,
+    qkv_bias=True,
+    num_classes=5,
+    global_pool="token",
+    class_token=True,
+)
+PROMPT_LEN = 6
+NUM_CLASSES = 5
+MODES = ("cat", "multi-cat")
+DEPTHS = {"deep": [0, 1], "shallow": [0]}
+# LayerNorm eps per tag: timm / mmcls checkpoints use 1e-6, Hugging Face ViT uses 1e-12.
+EPS = {"ln6": 1e-6, "ln12": 1e-12}
+
+SEED_MODEL = 0
+SEED_INPUT = 1
+SEED_POOLER = 2
+
+
+def seeded(name: str) -> torch.Generator:
+    """A generator whose seed depends only on `name`, so fixtures are independent."""
+    return torch.Generator().manual_seed(zlib.crc32(name.encode()))
+
+
+# ---------------------------------------------------------------------------------------
+# Model construction
+# ---------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def randomize_(model: nn.Module, gen: torch.Generator) -> None:
+    """Give every parameter random, non-trivial values (activations of order 1).
+
+    LayerNorm: weight 1 + 0.2 N(0,1), bias 0.2 N(0,1). Other biases: 0.1 N(0,1).
+    cls_token N(0,1), pos_embed 0.5 N(0,1). Weights: N(0,1) / sqrt(fan_in).
+    Parameters are visited in state_dict order, which makes the values reproducible.
+    """
+    ln_params = {
+        f"{mod_name}.{p_name}"
+        for mod_name, mod in model.named_modules()
+        if isinstance(mod, nn.LayerNorm)
+        for p_name, _ in mod.named_parameters(recurse=False)
+    }
+    params = dict(model.named_parameters())
+    assert set(params) == set(model.state_dict()), "model has buffers; extend randomize_"
+    for name in model.state_dict():
+        p = params[name]
+        r = torch.randn(p.shape, generator=gen, dtype=torch.float32)
+        if name in ln_params:
+            value = 1.0 + 0.2 * r if name.endswith("weight") else 0.2 * r
+        elif name == "cls_token":
+            value = r
+        elif name == "pos_embed":
+            value = 0.5 * r
+        elif name.endswith("bias"):
+            value = 0.1 * r
+        else:
+            fan_in = math.prod(p.shape[1:])
+            value = r / math.sqrt(fan_in)
+        p.copy_(value)
+
+
+def set_ln_eps_(model: nn.Module, eps: float) -> nn.Module:
+    for mod in model.modules():
+        if isinstance(mod, nn.LayerNorm):
+            mod.eps = eps
+    return model
+
+
+def unfuse_attention_(model: nn.Module) -> nn.Module:
+    """Make timm's Attention use its explicit softmax path instead of SDPA.
+
+    timm 1.0.x decides per instance (`Attention.fused_attn`, a `Final[bool]` set from
+    `use_fused_attn()` / env TIMM_FUSED_ATTN at construction). Setting the attribute in
+    eager mode is enough. EPT layers do not depend on this (EPTAttention below computes
+    by hand), but unprompted layers then use the same explicit float64 math too.
+    """
+    for mod in model.modules():
+        if hasattr(mod, "fused_attn"):
+            mod.fused_attn = False
+    return model
+
+
+def tiny_model(img_size: int = 32) -> VisionTransformer:
+    cfg = dict(TINY, img_size=img_size)
+    return unfuse_attention_(VisionTransformer(**cfg)).eval()
+
+
+def resize_pos_embed(pos: torch.Tensor, old_grid: int, new_grid: int) -> torch.Tensor:
+    """mmcls `resize_pos_embed`: bicubic resize of the patch grid, CLS row untouched.
+
+    pos: [1, 1 + old_grid**2, D] -> [1, 1 + new_grid**2, D]. Patch positions are laid out
+    row-major as a [1, D, old_grid, old_grid] image; no antialiasing.
+    """
+    cls, grid = pos[:, :1], pos[:, 1:]
+    d = grid.shape[-1]
+    grid = grid.reshape(1, old_grid, old_grid, d).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid, size=(new_grid, new_grid), mode="bicubic", align_corners=False)
+    grid = grid.permute(0, 2, 3, 1).reshape(1, new_grid * new_grid, d)
+    return torch.cat([cls, grid], dim=1)
+
+
+# ---------------------------------------------------------------------------------------
+# EPT
+# ---------------------------------------------------------------------------------------
+
+
+class EPTAttention(nn.Module):
+    """Wraps a timm Attention and applies EPT with a fixed prompt of shape [N, L]."""
+
+    def __init__(self, attn: nn.Module, prompt: torch.Tensor, mode: str):
+        super().__init__()
+        assert mode in MODES, mode
+        self.attn = attn
+        self.mode = mode
+        self.register_buffer("prompt", prompt)
+
+    def forward(self, x: torch.Tensor, attn_mask=None, is_causal: bool = False) -> torch.Tensor:
+        assert attn_mask is None and not is_causal
+        a = self.attn
+        B, N, C = x.shape
+        H, hd = a.num_heads, a.head_dim
+        L = self.prompt.shape[-1]
+        assert self.prompt.shape[0] == N, (self.prompt.shape, N)
+
+        qkv = a.qkv(x).reshape(B, N, 3, H, hd).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        q, k = a.q_norm(q), a.k_norm(k)  # Identity for plain ViTs
+        s = (q @ k.transpose(-2, -1)) * a.scale  # [B, H, N, N]
+
+        p = self.prompt.expand(B, H, N, L)  # shared by batch and heads
+        if self.mode == "multi-cat":
+            alpha = s.amax(-1, keepdim=True) - s.amin(-1, keepdim=True)  # [B, H, N, 1]
+            p = alpha * p
+        attn = torch.cat([p, s], dim=-1).softmax(dim=-1)[..., L:]
+
+        o = (attn @ v).transpose(1, 2).reshape(B, N, C)
+        o = a.norm(o)  # Identity for plain ViTs
+        return a.proj_drop(a.proj(o))
+
+
+def with_ept(model: VisionTransformer, prompts: torch.Tensor, layers, mode: str):
+    """A copy of `model` whose listed blocks run EPT; prompts[j] goes to layers[j]."""
+    assert prompts.shape[0] == len(layers)
+    m = copy.deepcopy(model)
+    for j, layer in enumerate(layers):
+        blk = m.blocks[layer]
+        blk.attn = EPTAttention(blk.attn, prompts[j].to(m.pos_embed.dtype), mode)
+    return m
+
+
+@torch.no_grad()
+def run(model: VisionTransformer, pixels: torch.Tensor, head=None):
+    """(logits, features) in float32; computed in the model's dtype.
+
+    features = final-norm CLS token; head = (weight, bias) or None for the model's own.
+    """
+    dtype = model.pos_embed.dtype
+    feats = model.forward_head(model.forward_features(pixels.to(dtype)), pre_logits=True)
+    if head is None:
+        logits = model.head(feats)
+    else:
+        logits = F.linear(feats, head[0].to(dtype), head[1].to(dtype))
+    assert torch.isfinite(logits).all() and torch.isfinite(feats).all(), "NaN/Inf in outputs"
+    return logits.float().contiguous(), feats.float().contiguous()
+
+
+def f64_copy(model: nn.Module, eps: float) -> nn.Module:
+    """Float64 copy with LayerNorm eps set; values equal the float32 weights exactly."""
+    return set_ln_eps_(copy.deepcopy(model).double(), eps).eval()
+
+
+def make_adapter(name: str, mode: str, layers, tokens: int, prompt_len: int, num_classes: int,
+                 dim: int, prompt_std: float):
+    """Random adapter tensors + safetensors metadata (DESIGN.md section 6)."""
+    gen = seeded(name)
+    tensors = {
+        "ept.prompts": prompt_std * torch.randn(len(layers), tokens, prompt_len, generator=gen),
+        "head.weight": 0.2 * torch.randn(num_classes, dim, generator=gen),
+        "head.bias": 0.1 * torch.randn(num_classes, generator=gen),
+    }
+    peft = {
+        "method": "ept",
+        "mode": mode,
+        "layers": list(layers),
+        "prompt_len": prompt_len,
+        "num_classes": num_classes,
+        "task": "multiclass",
+    }
+    return tensors, {"peft": json.dumps(peft)}
+
+
+# ---------------------------------------------------------------------------------------
+# Key layouts
+# ---------------------------------------------------------------------------------------
+
+
+def to_hf(sd: dict, depth: int, prefix: str = "", pooler=None, classifier=None) -> dict:
+    """timm state_dict -> Hugging Face ViTModel keys (checkpoint layout, as on the Hub).
+
+    timm's fused qkv [3D, D] splits into query / key / value rows [0:D], [D:2D], [2D:3D].
+    `pooler` = (weight, bias) adds `pooler.dense.*` (ViTModel);
+    `classifier` = (weight, bias) adds `classifier.*` (ViTForImageClassification).
+    """
+    out = {
+        "embeddings.cls_token": sd["cls_token"],
+        "embeddings.position_embeddings": sd["pos_embed"],
+        "embeddings.patch_embeddings.projection.weight": sd["patch_embed.proj.weight"],
+        "embeddings.patch_embeddings.projection.bias": sd["patch_embed.proj.bias"],
+        "layernorm.weight": sd["norm.weight"],
+        "layernorm.bias": sd["norm.bias"],
+    }
+    for i in range(depth):
+        t, h = f"blocks.{i}.", f"encoder.layer.{i}."
+        for part in ("weight", "bias"):
+            q, k, v = sd[f"{t}attn.qkv.{part}"].chunk(3, dim=0)
+            out[f"{h}attention.attention.query.{part}"] = q
+            out[f"{h}attention.attention.key.{part}"] = k
+            out[f"{h}attention.attention.value.{part}"] = v
+            out[f"{h}attention.output.dense.{part}"] = sd[f"{t}attn.proj.{part}"]
+            out[f"{h}layernorm_before.{part}"] = sd[f"{t}norm1.{part}"]
+            out[f"{h}layernorm_after.{part}"] = sd[f"{t}norm2.{part}"]
+            out[f"{h}intermediate.dense.{part}"] = sd[f"{t}mlp.fc1.{part}"]
+            out[f"{h}output.dense.{part}"] = sd[f"{t}mlp.fc2.{part}"]
+    if pooler is not None:
+        out["pooler.dense.weight"], out["pooler.dense.bias"] = pooler
+    out = {prefix + k: v for k, v in out.items()}
+    if classifier is not None:
+        out["classifier.weight"], out["classifier.bias"] = classifier
+    return out
+
+
+def to_mmcls(sd: dict, depth: int) -> dict:
+    """timm state_dict -> mmcls / mmpretrain VisionTransformer + VisionTransformerClsHead."""
+    out = {
+        "backbone.cls_token": sd["cls_token"],
+        "backbone.pos_embed": sd["pos_embed"],
+        "backbone.patch_embed.projection.weight": sd["patch_embed.proj.weight"],
+        "backbone.patch_embed.projection.bias": sd["patch_embed.proj.bias"],
+        "backbone.ln1.weight": sd["norm.weight"],  # final norm
+        "backbone.ln1.bias": sd["norm.bias"],
+        "head.layers.head.weight": sd["head.weight"],
+        "head.layers.head.bias": sd["head.bias"],
+    }
+    for i in range(depth):
+        t, m = f"blocks.{i}.", f"backbone.layers.{i}."
+        for part in ("weight", "bias"):
+            out[f"{m}ln1.{part}"] = sd[f"{t}norm1.{part}"]
+            out[f"{m}attn.qkv.{part}"] = sd[f"{t}attn.qkv.{part}"]
+            out[f"{m}attn.proj.{part}"] = sd[f"{t}attn.proj.{part}"]
+            out[f"{m}ln2.{part}"] = sd[f"{t}norm2.{part}"]
+            out[f"{m}ffn.layers.0.0.{part}"] = sd[f"{t}mlp.fc1.{part}"]
+            out[f"{m}ffn.layers.1.{part}"] = sd[f"{t}mlp.fc2.{part}"]
+    return out
+
+
+def hf_pooler(dim: int):
+    gen = torch.Generator().manual_seed(SEED_POOLER)
+    w = torch.randn(dim, dim, generator=gen) / math.sqrt(dim)
+    b = 0.1 * torch.randn(dim, generator=gen)
+    return w, b
+
+
+# ---------------------------------------------------------------------------------------
+# Output helpers
+# ---------------------------------------------------------------------------------------
+
+
+def save(path: Path, tensors: dict, metadata: dict | None = None) -> None:
+    tensors = {k: v.detach().to(torch.float32).contiguous() for k, v in tensors.items()}
+    save_file(tensors, str(path), metadata=metadata)
+    shapes = ", ".join(f"{k} {list(v.shape)}" for k, v in tensors.items())
+    print(f"  {path.name}: {shapes}" if len(shapes) < 110 else f"  {path.name}: {len(tensors)} tensors")
+
+
+def save_model(path: Path, tensors: dict) -> None:
+    save(path, tensors, metadata={"format": "pt"})
+
+
+def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+# ---------------------------------------------------------------------------------------
+# Optional proof of the Hugging Face layout
+# ---------------------------------------------------------------------------------------
+
+
+def check_hf(hf_sd: dict, hfcls_sd: dict, cfg: dict, pixels: torch.Tensor,
+             ref_feats: torch.Tensor, ref_logits: torch.Tensor) -> str:
+    """Load the HF-layout tensors with transformers' own from_pretrained and compare.
+
+    ref_* are the timm model's outputs at LayerNorm eps 1e-12. Returns a status line.
+    """
+    try:
+        import transformers
+        from transformers import ViTConfig, ViTForImageClassification, ViTModel
+        transformers.utils.logging.disable_progress_bar()
+    except ImportError:
+        return "transformers not installed: Hugging Face layout check SKIPPED"
+
+    config = ViTConfig(
+        hidden_size=cfg["embed_dim"],
+        num_hidden_layers=cfg["depth"],
+        num_attention_heads=cfg["num_heads"],
+        intermediate_size=cfg["embed_dim"] * cfg["mlp_ratio"],
+        image_size=cfg["img_size"],
+        patch_size=cfg["patch_size"],
+        num_channels=3,
+        qkv_bias=True,
+        layer_norm_eps=1e-12,
+        hidden_act="gelu",
+        num_labels=cfg["num_classes"],
+    )
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for cls, sd in ((ViTModel, hf_sd), (ViTForImageClassification, hfcls_sd)):
+            d = Path(tmp) / cls.__name__
+            d.mkdir()
+            config.save_pretrained(d)
+            save_file({k: v.contiguous() for k, v in sd.items()}, str(d / "model.safetensors"),
+                      metadata={"format": "pt"})
+            # from_pretrained applies transformers' own checkpoint key conversion, so this
+            # tests the layout real Hub checkpoints use, whatever the in-memory names are.
+            model, info = cls.from_pretrained(d, output_loading_info=True,
+                                              attn_implementation="eager")
+            bad = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+            assert not bad, f"{cls.__name__}: key mismatch {bad}"
+            model = model.double().eval()
+            with torch.no_grad():
+                out = model(pixel_values=pixels.double(), output_hidden_states=False)
+            if cls is ViTModel:
+                feats = out.last_hidden_state[:, 0]
+                diff = float((feats.float() - ref_feats).abs().max())
+                results.append(f"ViTModel features max|diff| {diff:.2e}")
+            else:
+                diff = float((out.logits.float() - ref_logits).abs().max())
+                results.append(f"ViTForImageClassification logits max|diff| {diff:.2e}")
+            assert diff < 1e-5, results[-1]
+    return f"transformers {transformers.__version__}: PASSED ({'; '.join(results)})"
+
+
+# ---------------------------------------------------------------------------------------
+# The tiny fixtures (committed)
+# ---------------------------------------------------------------------------------------
+
+
+def make_tiny(out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    D, depth = TINY["embed_dim"], TINY["depth"]
+    tokens = (TINY["img_size"] // TINY["patch_size"]) ** 2 + 1  # 17
+
+    # Model, same weights in four key layouts.
+    print("models:")
+    model = tiny_model()
+    randomize_(model, torch.Generator().manual_seed(SEED_MODEL))
+    sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    head = (sd["head.weight"], sd["head.bias"])
+    hf_sd = to_hf(sd, depth, pooler=hf_pooler(D))
+    hfcls_sd = to_hf(sd, depth, prefix="vit.", classifier=head)
+    save_model(out / "tiny_timm.safetensors", sd)
+    save_model(out / "tiny_hf.safetensors", hf_sd)
+    save_model(out / "tiny_hfcls.safetensors", hfcls_sd)
+    save_model(out / "tiny_mmcls.safetensors", to_mmcls(sd, depth))
+
+    # Inputs.
+    print("inputs:")
+    gen = torch.Generator().manual_seed(SEED_INPUT)
+    x = torch.randn(3, 3, 32, 32, generator=gen)
+    x48 = torch.randn(3, 3, 48, 48, generator=gen)
+    save(out / "input_b3.safetensors", {"pixel_values": x})
+    save(out / "input_b1.safetensors", {"pixel_values": x[:1]})
+    save(out / "input48_b3.safetensors", {"pixel_values": x48})
+
+    # Plain model.
+    print("expected (no PEFT):")
+    plain = {}
+    for tag, eps in EPS.items():
+        logits, feats = run(f64_copy(model, eps), x)
+        plain[tag] = (logits, feats)
+        save(out / f"expected_none_{tag}.safetensors", {"logits": logits, "features": feats})
+
+    # Adapters and EPT outputs.
+    print("adapters and expected (EPT):")
+    sanity = []
+    for mode in MODES:
+        for depth_name, layers in DEPTHS.items():
+            name = f"adapter_{mode}_{depth_name}"
+            tensors, meta = make_adapter(name, mode, layers, tokens, PROMPT_LEN, NUM_CLASSES, D, 1.0)
+            save(out / f"{name}.safetensors", tensors, meta)
+            ahead = (tensors["head.weight"], tensors["head.bias"])
+            for tag, eps in EPS.items():
+                m = with_ept(f64_copy(model, eps), tensors["ept.prompts"], layers, mode)
+                logits, feats = run(m, x, ahead)
+                save(out / f"expected_{mode}_{depth_name}_{tag}.safetensors",
+                     {"logits": logits, "features": feats})
+                # Same head without the prompts: how much do the prompts change things?
+                base = F.linear(plain[tag][1].double(), ahead[0].double(), ahead[1].double()).float()
+                sanity.append((f"{mode}_{depth_name}_{tag}", rel_diff(logits, base),
+                               rel_diff(feats, plain[tag][1])))
+
+    # Non-default image size: 48 px, pos_embed resized 4x4 -> 6x6 (bicubic, mmcls style).
+    print("48 px:")
+    model48 = tiny_model(img_size=48)
+    sd48 = dict(sd, pos_embed=resize_pos_embed(sd["pos_embed"].double(), 4, 6))
+    model48 = model48.double()
+    model48.load_state_dict({k: v.double() for k, v in sd48.items()}, strict=True)
+    model48 = set_ln_eps_(model48, EPS["ln6"]).eval()
+    tensors, meta = make_adapter("adapter48_cat_deep", "cat", DEPTHS["deep"], 37, PROMPT_LEN,
+                                 NUM_CLASSES, D, 1.0)
+    save(out / "adapter48_cat_deep.safetensors", tensors, meta)
+    ahead = (tensors["head.weight"], tensors["head.bias"])
+    logits, feats = run(with_ept(model48, tensors["ept.prompts"], DEPTHS["deep"], "cat"), x48, ahead)
+    save(out / "expected48_cat_deep_ln6.safetensors", {"logits": logits, "features": feats})
+    _, feats_plain48 = run(model48, x48)
+    base = F.linear(feats_plain48.double(), ahead[0].double(), ahead[1].double()).float()
+    sanity.append(("48_cat_deep_ln6", rel_diff(logits, base), rel_diff(feats, feats_plain48)))
+
+    print("sanity: relative L2 difference EPT vs plain model (same head)")
+    for name, dl, df in sanity:
+        print(f"  {name:24s} logits {dl:.3f}  features {df:.3f}")
+        assert dl > 0.05, f"prompts barely matter for {name}"
+    print("sanity: ln6 vs ln12 plain logits rel diff "
+          f"{rel_diff(plain['ln12'][0], plain['ln6'][0]):.2e}")
+
+    # Prove the HF layout with transformers itself, when it is installed.
+    print(check_hf(hf_sd, hfcls_sd, TINY, x, plain["ln12"][1], plain["ln12"][0]))
+
+
+# ---------------------------------------------------------------------------------------
+# ViT-B/16 (local parity checks and benchmarks; not committed)
+# ---------------------------------------------------------------------------------------
+
+B16_PROMPT_LEN = 100
+B16_CLASSES = 10
+
+
+def vit_b16() -> VisionTransformer:
+    model = timm.create_model("vit_base_patch16_224", pretrained=False)
+    randomize_(model, torch.Generator().manual_seed(SEED_MODEL))
+    return unfuse_attention_(model).eval()
+
+
+def make_vit_b16(out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    model = vit_b16()
+    D, depth = model.embed_dim, len(model.blocks)
+    tokens = model.patch_embed.num_patches + 1  # 197
+    sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    layers = list(range(depth))
+
+    print("ViT-B/16:")
+    save_model(out / "vit_b16_timm.safetensors", sd)
+    hf_sd = to_hf(sd, depth, pooler=hf_pooler(D))
+    save_model(out / "vit_b16_hf.safetensors", hf_sd)
+    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(SEED_INPUT))
+    save(out / "input_b2.safetensors", {"pixel_values": x})
+    tensors, meta = make_adapter("vit_b16_adapter_cat_deep", "cat", layers, tokens,
+                                 B16_PROMPT_LEN, B16_CLASSES, D, 0.5)
+    save(out / "adapter_cat_deep.safetensors", tensors, meta)
+    ahead = (tensors["head.weight"], tensors["head.bias"])
+
+    plain = {}
+    for tag, eps in EPS.items():
+        m64 = f64_copy(model, eps)
+        plain[tag] = run(m64, x)
+        save(out / f"expected_none_{tag}.safetensors",
+             {"logits": plain[tag][0], "features": plain[tag][1]})
+        logits, feats = run(with_ept(m64, tensors["ept.prompts"], layers, "cat"), x, ahead)
+        save(out / f"expected_cat_deep_{tag}.safetensors", {"logits": logits, "features": feats})
+        print(f"  sanity {tag}: EPT vs plain features rel diff {rel_diff(feats, plain[tag][1]):.3f}")
+
+    hfcls_sd = to_hf(sd, depth, prefix="vit.", classifier=(sd["head.weight"], sd["head.bias"]))
+    cfg = dict(img_size=224, patch_size=16, embed_dim=D, depth=depth,
+               num_heads=model.blocks[0].attn.num_heads, mlp_ratio=4, num_classes=1000)
+    print(check_hf(hf_sd, hfcls_sd, cfg, x, plain["ln12"][1], plain["ln12"][0]))
+
+
+@torch.inference_mode()
+def bench_torch(batch: int = 8, threads: int = 2, runs: int = 3) -> dict:
+    """Mean wall time of a float32 forward of ViT-B/16 + EPT (cat, deep, L=100, 10 classes)."""
+    torch.set_num_threads(threads)
+    model = vit_b16()
+    layers = list(range(len(model.blocks)))
+    tensors, _ = make_adapter("bench", "cat", layers, model.patch_embed.num_patches + 1,
+                              B16_PROMPT_LEN, B16_CLASSES, model.embed_dim, 0.5)
+    model.head = nn.Linear(model.embed_dim, B16_CLASSES)
+    model.head.weight.copy_(tensors["head.weight"])
+    model.head.bias.copy_(tensors["head.bias"])
+    x = torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(SEED_INPUT))
+
+    def timed(m):
+        m(x)  # warm-up
+        times = []
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            m(x)
+            times.append(time.perf_counter() - t0)
+        return times
+
+    ept_times = timed(with_ept(model, tensors["ept.prompts"], layers, "cat"))
+    plain_times = timed(model)
+    return {
+        "bench": "torch_vit_b16_ept_forward",
+        "model": "vit_base_patch16_224",
+        "peft": {"method": "ept", "mode": "cat", "layers": "deep", "prompt_len": B16_PROMPT_LEN,
+                 "num_classes": B16_CLASSES},
+        "batch": batch,
+        "threads": threads,
+        "dtype": "f32",
+        "warmup": 1,
+        "runs": runs,
+        "mean_s": sum(ept_times) / runs,
+        "times_s": ept_times,
+        "plain_mean_s": sum(plain_times) / runs,  # same model without EPT, for reference
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+    }
+
+
+# ---------------------------------------------------------------------------------------
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", type=Path, help="write the tiny fixtures here (tests/fixtures)")
+    ap.add_argument("--vit-b16", type=Path, metavar="DIR",
+                    help="write the ViT-B/16 parity set (about 700 MB) here; not committed")
+    ap.add_argument("--bench-torch", action="store_true",
+                    help="time PyTorch ViT-B/16 + EPT forward (batch 8, 2 threads), JSON on stdout")
+    args = ap.parse_args()
+    if not (args.out or args.vit_b16 or args.bench_torch):
+        ap.error("nothing to do: give --out, --vit-b16 and/or --bench-torch")
+
+    torch.manual_seed(0)  # nothing should depend on the global RNG; belt and braces
+    if args.bench_torch:
+        # Keep stdout a single JSON object; progress goes to stderr.
+        result = bench_torch()
+        print(json.dumps(result))
+    log = sys.stderr if args.bench_torch else sys.stdout
+    _stdout, sys.stdout = sys.stdout, log
+    try:
+        if args.out:
+            make_tiny(args.out)
+        if args.vit_b16:
+            make_vit_b16(args.vit_b16)
+    finally:
+        sys.stdout = _stdout
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
