@@ -1,0 +1,131 @@
+//! Command-line arguments shared by several commands.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Result};
+use clap::Args;
+use eptc_frontend::{ImportOptions, VitArch};
+use eptc_peft::config::{depth_layers, parse_layers};
+use eptc_peft::{EptMode, PeftConfig, PromptInit, Task};
+
+/// How to read the checkpoint where the file cannot tell.
+#[derive(Args, Debug, Clone, Default)]
+pub struct ModelArgs {
+    /// Attention heads [default: config.json beside a Hugging Face file, else width/64]
+    #[arg(long)]
+    pub heads: Option<usize>,
+    /// LayerNorm epsilon [default: 1e-6 for timm and mmcls, 1e-12 for Hugging Face]
+    #[arg(long)]
+    pub eps: Option<f32>,
+    /// Input image size in pixels; position embeddings are resized (bicubic) when it
+    /// differs from the checkpoint's [default: the checkpoint's]
+    #[arg(long)]
+    pub image_size: Option<usize>,
+}
+
+impl ModelArgs {
+    pub fn import_options(&self) -> ImportOptions {
+        ImportOptions {
+            heads: self.heads,
+            eps: self.eps,
+            image_size: self.image_size,
+        }
+    }
+}
+
+/// The fine-tuning method and its options.
+#[derive(Args, Debug, Clone)]
+pub struct PeftArgs {
+    /// Fine-tuning method: `ept` (Embedded Prompt Tuning) or `none` (the backbone as it
+    /// is, with a trainable head)
+    #[arg(long, default_value = "ept")]
+    pub peft: String,
+    /// How prompts enter the attention: cat (official EPT), multi-cat (prompt rows scaled
+    /// by each logit row's max - min), add or mul (an [N, N] prompt added to / multiplied
+    /// with the logits)
+    #[arg(long, default_value = "cat")]
+    pub ept_mode: String,
+    /// Prompted layers: a range `a..b` (b excluded) or a list `0,2,5`; the adapter's
+    /// prompts follow this order. Overrides --depth
+    #[arg(long)]
+    pub layers: Option<String>,
+    /// `deep`: prompt every layer; `shallow`: the first only
+    #[arg(long, default_value = "deep")]
+    pub depth: String,
+    /// Prompt length L (ignored by add/mul, whose prompt is [N, N])
+    #[arg(long, default_value_t = 100)]
+    pub prompt_len: usize,
+    /// Prompt initialisation: normal (std 0.02), uniform (±0.08), zero, kaiming, token
+    /// (from the mean token embedding of --init-input)
+    #[arg(long, default_value = "normal")]
+    pub prompt_init: String,
+    /// A batch of `pixel_values` (safetensors) for `--prompt-init token`
+    #[arg(long)]
+    pub init_input: Option<PathBuf>,
+    /// Classes of the new head [default: keep the checkpoint's head and its classes]
+    #[arg(long)]
+    pub num_classes: Option<usize>,
+    /// multilabel (sigmoid + BCE) or multiclass (softmax + cross-entropy)
+    #[arg(long, default_value = "multiclass")]
+    pub task: String,
+    /// Seed of the adapter's random initialisation
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+impl PeftArgs {
+    /// The PEFT configuration for a model of architecture `arch`.
+    pub fn config(&self, arch: &VitArch) -> Result<PeftConfig> {
+        let num_classes = match (self.num_classes, arch.head_classes) {
+            (Some(c), _) => c,
+            (None, Some(c)) => c,
+            (None, None) => bail!("the checkpoint has no classification head: pass --num-classes"),
+        };
+        let task = match self.task.as_str() {
+            "multilabel" => Task::Multilabel,
+            "multiclass" => Task::Multiclass,
+            t => bail!("--task {t:?}: expected multilabel or multiclass"),
+        };
+        match self.peft.as_str() {
+            "none" => Ok(PeftConfig {
+                method: "none".into(),
+                mode: None,
+                layers: vec![],
+                prompt_len: 0,
+                prompt_init: None,
+                num_classes,
+                task,
+            }),
+            "ept" => {
+                let mode = EptMode::parse(&self.ept_mode)?;
+                let layers = match &self.layers {
+                    Some(spec) => parse_layers(spec, arch.depth)?,
+                    None => depth_layers(&self.depth, arch.depth)?,
+                };
+                let prompt_len = match mode {
+                    EptMode::Cat | EptMode::MultiCat => {
+                        if self.prompt_len == 0 {
+                            bail!("--prompt-len must be at least 1");
+                        }
+                        self.prompt_len
+                    }
+                    EptMode::Add | EptMode::Mul => arch.tokens(),
+                };
+                let init = PromptInit::parse(&self.prompt_init)?;
+                if init == PromptInit::Token && self.init_input.is_none() {
+                    bail!("--prompt-init token needs --init-input FILE: a batch of pixel_values whose mean token embedding initialises the prompts");
+                }
+                Ok(PeftConfig {
+                    method: "ept".into(),
+                    mode: Some(mode),
+                    layers,
+                    prompt_len,
+                    prompt_init: Some(init),
+                    num_classes,
+                    task,
+                })
+            }
+            m => bail!("--peft {m:?}: this eptc implements `ept` and `none`"),
+        }
+    }
+}

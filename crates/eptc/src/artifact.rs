@@ -1,0 +1,168 @@
+//! The artifact folder `eptc compile` writes and `eptc run` reads.
+//!
+//! ```text
+//! ARTIFACT/
+//!   manifest.json              what was compiled, from what, for which target
+//!   imported.eptc  peft.eptc   the IR of each stage (text format, ir-specs/)
+//!   plan.json                  the execution plan (schedule of the backend)
+//!   adapter-init.safetensors   initial trainable tensors
+//! ```
+
+use std::fs;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use eptc_frontend::VitArch;
+use eptc_ir::Graph;
+use eptc_peft::PeftConfig;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+pub const MANIFEST: &str = "manifest.json";
+pub const ADAPTER_INIT: &str = "adapter-init.safetensors";
+/// The stage the runtime executes.
+pub const RUN_STAGE: &str = "peft";
+pub const FORMAT: u32 = 1;
+
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct Source {
+    pub path: PathBuf,
+    pub sha256: String,
+    pub bytes: u64,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct Architecture {
+    pub layout: String,
+    pub dim: usize,
+    pub depth: usize,
+    pub heads: usize,
+    pub patch: usize,
+    pub in_chans: usize,
+    pub mlp_hidden: usize,
+    pub qkv_bias: bool,
+    pub layernorm_eps: f64,
+    pub checkpoint_image_size: usize,
+    pub image_size: usize,
+    pub tokens: usize,
+    pub checkpoint_head_classes: Option<usize>,
+}
+
+impl From<&VitArch> for Architecture {
+    fn from(a: &VitArch) -> Self {
+        Architecture {
+            layout: a.layout.to_string(),
+            dim: a.dim,
+            depth: a.depth,
+            heads: a.heads,
+            patch: a.patch,
+            in_chans: a.in_chans,
+            mlp_hidden: a.mlp_hidden,
+            qkv_bias: a.qkv_bias,
+            // Through the shortest decimal so 1e-6 reads 1e-6 in the manifest.
+            layernorm_eps: a.eps.to_string().parse().unwrap_or(a.eps as f64),
+            checkpoint_image_size: a.checkpoint_image_size,
+            image_size: a.image_size,
+            tokens: a.tokens(),
+            checkpoint_head_classes: a.head_classes,
+        }
+    }
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct OptimizerSummary {
+    pub enabled: bool,
+    pub note: String,
+    pub nodes_before: usize,
+    pub nodes_after: usize,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct Manifest {
+    pub format: u32,
+    pub eptc_version: String,
+    pub source: Source,
+    pub architecture: Architecture,
+    pub peft: PeftConfig,
+    pub seed: u64,
+    pub trainable_params: usize,
+    pub frozen_params: usize,
+    pub target: String,
+    pub dtype: String,
+    pub optimizer: OptimizerSummary,
+    /// Stage name -> IR file in the artifact.
+    pub stages: Vec<(String, String)>,
+    pub plan: Option<String>,
+    pub kernels: Vec<String>,
+    pub adapter_init: String,
+    pub outputs: Vec<String>,
+}
+
+impl Manifest {
+    pub fn read(dir: &Path) -> Result<Manifest> {
+        let p = dir.join(MANIFEST);
+        let text = fs::read_to_string(&p).with_context(|| {
+            format!(
+                "{}: not an eptc artifact folder (no readable {MANIFEST})",
+                dir.display()
+            )
+        })?;
+        let m: Manifest = serde_json::from_str(&text)
+            .with_context(|| format!("{}: malformed manifest", p.display()))?;
+        if m.format != FORMAT {
+            bail!(
+                "{}: artifact format {}, this eptc reads {FORMAT}: recompile",
+                p.display(),
+                m.format
+            );
+        }
+        Ok(m)
+    }
+
+    pub fn write(&self, dir: &Path) -> Result<()> {
+        write_atomic(
+            &dir.join(MANIFEST),
+            serde_json::to_string_pretty(self)?.as_bytes(),
+        )
+    }
+
+    /// The graph of stage `stage`, parsed from the artifact.
+    pub fn stage_graph(&self, dir: &Path, stage: &str) -> Result<Graph> {
+        let file = self
+            .stages
+            .iter()
+            .find(|(s, _)| s == stage)
+            .map(|(_, f)| dir.join(f))
+            .with_context(|| format!("{}: the artifact has no {stage} stage", dir.display()))?;
+        let text = fs::read_to_string(&file).with_context(|| format!("{}", file.display()))?;
+        eptc_ir::text::parse(&text).with_context(|| format!("{}", file.display()))
+    }
+}
+
+/// Write a file atomically (temporary file, then rename).
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    fs::write(&tmp, bytes).with_context(|| format!("cannot write {}", tmp.display()))?;
+    fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// SHA-256 and size of a file, streamed.
+pub fn hash_file(path: &Path) -> Result<(String, u64)> {
+    let mut f = fs::File::open(path).with_context(|| format!("{}", path.display()))?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut n = 0u64;
+    loop {
+        let k = f
+            .read(&mut buf)
+            .with_context(|| format!("{}", path.display()))?;
+        if k == 0 {
+            break;
+        }
+        h.update(&buf[..k]);
+        n += k as u64;
+    }
+    let hex = h.finalize().iter().map(|b| format!("{b:02x}")).collect();
+    Ok((hex, n))
+}

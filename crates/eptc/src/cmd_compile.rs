@@ -1,0 +1,343 @@
+//! `eptc compile` and `eptc run`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use eptc_frontend::{write_tensors, ImportOptions, TensorFile};
+use eptc_ir::{Graph, HostTensor};
+use serde_json::json;
+
+use crate::args::{ModelArgs, PeftArgs};
+use crate::artifact::{
+    self, Architecture, Manifest, OptimizerSummary, Source, ADAPTER_INIT, RUN_STAGE,
+};
+use crate::pipeline;
+
+#[derive(Args, Debug)]
+pub struct CompileArgs {
+    /// The ViT checkpoint (safetensors; timm, Hugging Face or mmcls keys)
+    pub model: PathBuf,
+    #[command(flatten)]
+    pub model_args: ModelArgs,
+    #[command(flatten)]
+    pub peft: PeftArgs,
+    /// Backend: cpu (built in; `eptc plugins` lists the others)
+    #[arg(long, default_value = "cpu")]
+    pub target: String,
+    /// Storage type of the compiled model: f32 (f16 and bf16 need a GPU backend)
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+    /// Artifact folder to write [default: <model name>-eptc]
+    #[arg(short, long)]
+    pub output: Option<PathBuf>,
+    /// What to write besides the manifest and adapter: any of ir, plan, kernels
+    #[arg(long, value_delimiter = ',', default_value = "ir,plan")]
+    pub emit: Vec<String>,
+    /// Print the summary as one JSON object
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Compile and write the artifact; returns the manifest.
+pub fn compile(a: &CompileArgs) -> Result<(PathBuf, Manifest)> {
+    for e in &a.emit {
+        if !["ir", "plan", "kernels"].contains(&e.as_str()) {
+            bail!("--emit {e:?}: expected ir, plan or kernels");
+        }
+    }
+    let backend = crate::backends::get(&a.target)?;
+    let dtype = eptc_ir::DType::from_name(&a.dtype)
+        .with_context(|| format!("--dtype {:?}: expected f32, f16 or bf16", a.dtype))?;
+    if !backend.capabilities().dtypes.contains(&dtype) {
+        bail!(
+            "--dtype {}: the {} backend computes in f32 only",
+            a.dtype,
+            a.target
+        );
+    }
+    let (sha256, bytes) = artifact::hash_file(&a.model)?;
+    let c = pipeline::build(&a.model, &a.model_args, &a.peft, &a.target)?;
+    // Compiling on the backend checks that it can run the graph with these weights.
+    let weights = pipeline::weights_with(&c.model, &c.adapter);
+    pipeline::executable(&a.target, &c.peft, &weights, None)?;
+
+    let dir = a.output.clone().unwrap_or_else(|| {
+        let stem = a
+            .model
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        PathBuf::from(format!("{stem}-eptc"))
+    });
+    fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let mut stages = Vec::new();
+    for (name, g) in [("imported", &c.imported), ("peft", &c.peft)] {
+        let file = format!("{name}.eptc");
+        if a.emit.iter().any(|e| e == "ir") || name == RUN_STAGE {
+            artifact::write_atomic(&dir.join(&file), eptc_ir::text::print(g)?.as_bytes())?;
+        }
+        stages.push((name.to_string(), file));
+    }
+    let plan = if a.emit.iter().any(|e| e == "plan") {
+        artifact::write_atomic(
+            &dir.join("plan.json"),
+            serde_json::to_string_pretty(&plan_json(&c.peft, &a.target)?)?.as_bytes(),
+        )?;
+        Some("plan.json".to_string())
+    } else {
+        None
+    };
+    write_adapter(&dir.join(ADAPTER_INIT), &c.adapter, &c.config)?;
+    let trainable = c.peft.trainable_count();
+    let manifest = Manifest {
+        format: artifact::FORMAT,
+        eptc_version: env!("CARGO_PKG_VERSION").into(),
+        source: Source {
+            path: fs::canonicalize(&a.model).unwrap_or_else(|_| a.model.clone()),
+            sha256,
+            bytes,
+        },
+        architecture: Architecture::from(&c.model.arch),
+        peft: c.config.clone(),
+        seed: a.peft.seed,
+        trainable_params: trainable,
+        frozen_params: c.model.param_count(),
+        target: a.target.clone(),
+        dtype: a.dtype.clone(),
+        optimizer: OptimizerSummary {
+            enabled: false,
+            note: "the equality-saturation optimizer is not built yet (issue #3): the peft stage runs as it is".into(),
+            nodes_before: c.peft.len(),
+            nodes_after: c.peft.len(),
+        },
+        stages,
+        plan,
+        kernels: vec![],
+        adapter_init: ADAPTER_INIT.into(),
+        outputs: c.peft.outputs().iter().map(|o| o.0.clone()).collect(),
+    };
+    manifest.write(&dir)?;
+    Ok((dir, manifest))
+}
+
+pub fn cmd_compile(a: &CompileArgs) -> Result<()> {
+    let t0 = Instant::now();
+    let (dir, m) = compile(a)?;
+    let head = m.peft.num_classes * (m.architecture.dim + 1);
+    if a.json {
+        println!(
+            "{}",
+            json!({"artifact": dir, "trainable_params": m.trainable_params, "head_params": head,
+                   "frozen_params": m.frozen_params, "target": m.target, "peft": m.peft,
+                   "seconds": t0.elapsed().as_secs_f64()})
+        );
+    } else {
+        let ar = &m.architecture;
+        println!(
+            "compiled {} ({} layout, ViT dim {} depth {} heads {} patch {} at {} px, {} tokens)",
+            a.model.display(),
+            ar.layout,
+            ar.dim,
+            ar.depth,
+            ar.heads,
+            ar.patch,
+            ar.image_size,
+            ar.tokens
+        );
+        if m.peft.method == "ept" {
+            println!(
+                "EPT {} on layers {:?}, prompt length {}",
+                m.peft.mode.map(|x| x.name()).unwrap_or("cat"),
+                m.peft.layers,
+                m.peft.prompt_len
+            );
+        }
+        println!(
+            "trainable parameters: {} = {} (PEFT) + {} (head, {} classes); frozen: {}",
+            fmt_count(m.trainable_params),
+            fmt_count(m.trainable_params - head),
+            fmt_count(head),
+            m.peft.num_classes,
+            fmt_count(m.frozen_params)
+        );
+        println!(
+            "target {} ({}), artifact {}",
+            m.target,
+            m.dtype,
+            dir.display()
+        );
+    }
+    Ok(())
+}
+
+/// `1234567` -> `1,234,567`.
+pub fn fmt_count(n: usize) -> String {
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// The execution plan: the schedule the backend follows, with each step's output type.
+fn plan_json(g: &Graph, target: &str) -> Result<serde_json::Value> {
+    let order = g.topo_order()?;
+    let num: HashMap<_, _> = order.iter().enumerate().map(|(i, &id)| (id, i)).collect();
+    let steps: Vec<_> = order
+        .iter()
+        .filter(|&&id| !g.node(id).op.is_leaf())
+        .map(|&id| {
+            let n = g.node(id);
+            json!({"node": num[&id], "op": n.op.kind(), "type": n.ty.to_string(),
+                   "operands": g.operands(id).iter().map(|o| num[o]).collect::<Vec<_>>()})
+        })
+        .collect();
+    Ok(
+        json!({"target": target, "order": "topological; intermediates freed after their last use", "steps": steps}),
+    )
+}
+
+/// Write adapter values in the file layout (prompts stacked), the config as metadata.
+pub fn write_adapter(
+    path: &Path,
+    values: &BTreeMap<String, HostTensor>,
+    cfg: &eptc_peft::PeftConfig,
+) -> Result<()> {
+    let tensors = eptc_peft::adapter::to_file(values);
+    let refs: Vec<(&str, &HostTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let meta = HashMap::from([("peft".to_string(), serde_json::to_string(cfg)?)]);
+    write_tensors(path, &refs, Some(meta))?;
+    Ok(())
+}
+
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    /// Artifact folder written by `eptc compile`
+    pub artifact: PathBuf,
+    /// Tensor file (safetensors) with `pixel_values` f32 [B, 3, H, W], already normalised
+    #[arg(long)]
+    pub input: PathBuf,
+    /// Where to write `logits` [B, C] and `features` [B, dim] (safetensors)
+    #[arg(long)]
+    pub output: PathBuf,
+    /// Trained adapter (ept.prompts, head.*) [default: the artifact's adapter-init]
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+    /// Worker threads [default: all cores]
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Print the summary as one JSON object
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// An artifact loaded for execution.
+pub struct Loaded {
+    pub manifest: Manifest,
+    pub exe: Box<dyn eptc_backend::Executable>,
+}
+
+/// Load an artifact with an adapter (or its initial one) and compile it on its target.
+pub fn load(dir: &Path, adapter: Option<&Path>, threads: Option<usize>) -> Result<Loaded> {
+    let m = Manifest::read(dir)?;
+    let graph = m.stage_graph(dir, RUN_STAGE)?;
+    let src = &m.source.path;
+    let meta = fs::metadata(src).with_context(|| {
+        format!(
+            "{}: the artifact's model is gone (recompile)",
+            src.display()
+        )
+    })?;
+    if meta.len() != m.source.bytes {
+        bail!(
+            "{}: the model changed since it was compiled ({} bytes, was {}): recompile",
+            src.display(),
+            meta.len(),
+            m.source.bytes
+        );
+    }
+    let ar = &m.architecture;
+    let opts = ImportOptions {
+        heads: Some(ar.heads),
+        eps: Some(ar.layernorm_eps as f32),
+        image_size: Some(ar.image_size),
+    };
+    let model = eptc_frontend::import(src, &opts)?;
+    let apath = adapter
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| dir.join(ADAPTER_INIT));
+    let file = TensorFile::read(&apath)?;
+    if let Some(cfg) = file.metadata.get("peft") {
+        let cfg: eptc_peft::PeftConfig = serde_json::from_str(cfg)
+            .with_context(|| format!("{}: malformed `peft` metadata", apath.display()))?;
+        let (a, b) = (&cfg, &m.peft);
+        if a.method != b.method
+            || a.mode.unwrap_or(eptc_peft::EptMode::Cat)
+                != b.mode.unwrap_or(eptc_peft::EptMode::Cat)
+            || a.layers != b.layers
+            || a.prompt_len != b.prompt_len
+            || a.num_classes != b.num_classes
+        {
+            bail!(
+                "{}: adapter made for {} (layers {:?}, prompt length {}, {} classes) but the artifact is {} (layers {:?}, prompt length {}, {} classes)",
+                apath.display(), a.method, a.layers, a.prompt_len, a.num_classes, b.method, b.layers, b.prompt_len, b.num_classes
+            );
+        }
+    }
+    let values =
+        eptc_peft::adapter::from_file(&graph, &file.tensors, &apath.display().to_string())?;
+    let weights = pipeline::weights_with(&model, &values);
+    let exe = pipeline::executable(&m.target, &graph, &weights, threads)?;
+    Ok(Loaded { manifest: m, exe })
+}
+
+pub fn cmd_run(a: &RunArgs) -> Result<()> {
+    let mut l = load(&a.artifact, a.adapter.as_deref(), a.threads)?;
+    let pixels = pipeline::read_pixels(&a.input)?;
+    let ar = &l.manifest.architecture;
+    let want = [ar.in_chans, ar.image_size, ar.image_size];
+    if pixels.shape[1..] != want {
+        bail!(
+            "{}: pixel_values has shape {:?}, the artifact takes [B, {}, {}, {}]",
+            a.input.display(),
+            pixels.shape,
+            want[0],
+            want[1],
+            want[2]
+        );
+    }
+    let batch = pixels.shape[0];
+    let t0 = Instant::now();
+    let outputs = l.exe.run(&[("pixel_values", pixels)])?;
+    let secs = t0.elapsed().as_secs_f64();
+    let refs: Vec<(&str, &HostTensor)> = outputs.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    write_tensors(&a.output, &refs, None)?;
+    if a.json {
+        println!(
+            "{}",
+            json!({"batch": batch, "seconds": secs, "output": a.output, "target": l.manifest.target})
+        );
+    } else {
+        println!(
+            "ran {} image(s) on {} in {:.3} s; wrote {} ({})",
+            batch,
+            l.manifest.target,
+            secs,
+            a.output.display(),
+            outputs
+                .iter()
+                .map(|(k, v)| format!("{k} {:?}", v.shape))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    Ok(())
+}

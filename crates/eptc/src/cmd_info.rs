@@ -1,0 +1,168 @@
+//! `eptc inspect`, `eptc ir`, `eptc plugins`.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Result};
+use clap::Args;
+use serde_json::json;
+
+use crate::args::{ModelArgs, PeftArgs};
+use crate::artifact::{Architecture, Manifest};
+use crate::cmd_compile::fmt_count;
+use crate::{backends, pipeline};
+
+#[derive(Args, Debug)]
+pub struct InspectArgs {
+    /// The ViT checkpoint (safetensors)
+    pub model: PathBuf,
+    #[command(flatten)]
+    pub model_args: ModelArgs,
+    /// Print one JSON object
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn cmd_inspect(a: &InspectArgs) -> Result<()> {
+    let m = eptc_frontend::import(&a.model, &a.model_args.import_options())?;
+    let ar = Architecture::from(&m.arch);
+    let params = m.param_count();
+    if a.json {
+        println!(
+            "{}",
+            json!({"model": a.model, "architecture": ar, "params": params, "head": m.head_key})
+        );
+        return Ok(());
+    }
+    println!("{}", a.model.display());
+    println!(
+        "  layout      {}{}",
+        ar.layout,
+        prefix_note(m.arch.layout.prefix())
+    );
+    println!(
+        "  width       {} ({} heads of {})",
+        ar.dim,
+        ar.heads,
+        ar.dim / ar.heads
+    );
+    println!("  depth       {}", ar.depth);
+    println!(
+        "  patch       {} px, {} input channels",
+        ar.patch, ar.in_chans
+    );
+    println!(
+        "  image       {} px ({} tokens){}",
+        ar.image_size,
+        ar.tokens,
+        if ar.image_size != ar.checkpoint_image_size {
+            format!(", resized from {} px", ar.checkpoint_image_size)
+        } else {
+            String::new()
+        }
+    );
+    println!("  mlp         {} hidden, GELU", ar.mlp_hidden);
+    println!("  qkv bias    {}", ar.qkv_bias);
+    println!("  layernorm   eps {:e}", ar.layernorm_eps);
+    match (&m.head_key, ar.checkpoint_head_classes) {
+        (Some(k), Some(c)) => println!("  head        {c} classes ({k})"),
+        _ => println!("  head        none"),
+    }
+    println!("  parameters  {}", fmt_count(params));
+    Ok(())
+}
+
+fn prefix_note(p: &str) -> String {
+    if p.is_empty() {
+        String::new()
+    } else {
+        format!(" (keys under {p:?})")
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct IrArgs {
+    /// A ViT checkpoint (safetensors) or an artifact folder from `eptc compile`
+    pub model: PathBuf,
+    #[command(flatten)]
+    pub model_args: ModelArgs,
+    #[command(flatten)]
+    pub peft: PeftArgs,
+    /// Stage to print: imported (the checkpoint as read), peft (after the PEFT pass),
+    /// train (with gradients), optimized (after equality saturation)
+    #[arg(long, default_value = "peft")]
+    pub stage: String,
+}
+
+pub fn cmd_ir(a: &IrArgs) -> Result<()> {
+    match a.stage.as_str() {
+        "imported" | "peft" => {}
+        "train" => bail!("--stage train: the autodiff pass is not built yet (issue #4)"),
+        "optimized" => bail!("--stage optimized: the optimizer is not built yet (issue #3)"),
+        s => bail!("--stage {s:?}: expected imported, peft, train or optimized"),
+    }
+    let g = if a.model.is_dir() {
+        Manifest::read(&a.model)?.stage_graph(&a.model, &a.stage)?
+    } else {
+        let c = pipeline::build(&a.model, &a.model_args, &a.peft, "cpu")?;
+        if a.stage == "imported" {
+            c.imported
+        } else {
+            c.peft
+        }
+    };
+    print!("{}", eptc_ir::text::print(&g)?);
+    Ok(())
+}
+
+#[derive(Args, Debug)]
+pub struct PluginsArgs {
+    /// A backend plugin (dynamic library) to load and describe
+    #[arg(long)]
+    pub plugin: Vec<PathBuf>,
+    /// Print one JSON object
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn cmd_plugins(a: &PluginsArgs) -> Result<()> {
+    if let Some(p) = a.plugin.first() {
+        bail!(
+            "--plugin {}: loading backend plugins is not supported yet (issue #7)",
+            p.display()
+        );
+    }
+    let mut rows = Vec::new();
+    for b in backends::all() {
+        let (ok, why) = match b.availability() {
+            eptc_backend::Availability::Available(d) => (true, d),
+            eptc_backend::Availability::Unavailable(w) => (false, w),
+        };
+        let caps = b.capabilities();
+        rows.push(
+            json!({"name": b.name(), "kind": "built-in", "available": ok, "detail": why,
+                         "dtypes": caps.dtypes.iter().map(|d| d.name()).collect::<Vec<_>>(),
+                         "ops": caps.ops.len(), "fused_ops": caps.fused_ops}),
+        );
+    }
+    for (name, why) in backends::NOT_BUILT {
+        rows.push(json!({"name": name, "kind": "planned", "available": false, "detail": why}));
+    }
+    if a.json {
+        println!("{}", json!({ "backends": rows }));
+    } else {
+        for r in rows {
+            println!(
+                "{:<6} {:<10} {:<13} {}",
+                r["name"].as_str().unwrap_or(""),
+                r["kind"].as_str().unwrap_or(""),
+                if r["available"].as_bool() == Some(true) {
+                    "available"
+                } else {
+                    "unavailable"
+                },
+                r["detail"].as_str().unwrap_or("")
+            );
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,68 @@
+//! `eptc`: compile, run and inspect prompt-tuned Vision Transformers.
+
+mod args;
+mod artifact;
+mod backends;
+mod cmd_compile;
+mod cmd_info;
+mod demo;
+mod pipeline;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// eptc — a compiler and runtime for prompt-tuned Vision Transformers.
+///
+/// Takes a pretrained ViT checkpoint (safetensors with timm, Hugging Face or mmcls keys),
+/// inserts Embedded Prompt Tuning into its graph and runs it on a backend.
+///
+/// Typical use:
+///   eptc inspect vit_b16.safetensors
+///   eptc compile vit_b16.safetensors --peft ept --num-classes 19 --target cpu -o vit-ept
+///   eptc run vit-ept --input batch.safetensors --output out.safetensors
+#[derive(Parser, Debug)]
+#[command(name = "eptc", version, about, long_about, verbatim_doc_comment)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Show a checkpoint's key layout, architecture and parameter count
+    Inspect(cmd_info::InspectArgs),
+    /// Import a checkpoint, insert the PEFT method, and write an artifact folder
+    Compile(cmd_compile::CompileArgs),
+    /// Run a compiled artifact on a tensor file: pixel_values in, logits and features out
+    Run(cmd_compile::RunArgs),
+    /// Print the IR of a compilation stage
+    Ir(cmd_info::IrArgs),
+    /// List backends, built in and loaded, and whether each is available here
+    Plugins(cmd_info::PluginsArgs),
+    /// The main job on an embedded default: a generated ViT and images, compiled with
+    /// EPT for the best available backend and run
+    Demo(demo::DemoArgs),
+}
+
+fn main() -> ExitCode {
+    std::panic::set_hook(Box::new(|info| {
+        eprintln!("eptc: internal error: {info}\nThis is a bug in eptc; please report it with the command line that caused it.");
+    }));
+    let cli = Cli::parse();
+    let result = match &cli.command {
+        Command::Inspect(a) => cmd_info::cmd_inspect(a),
+        Command::Compile(a) => cmd_compile::cmd_compile(a),
+        Command::Run(a) => cmd_compile::cmd_run(a),
+        Command::Ir(a) => cmd_info::cmd_ir(a),
+        Command::Plugins(a) => cmd_info::cmd_plugins(a),
+        Command::Demo(a) => demo::cmd_demo(a),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}

@@ -1,0 +1,134 @@
+//! The compile pipeline as the CLI wires it: import, PEFT pass, backend.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use eptc_backend::{Backend, CompileOptions};
+use eptc_frontend::{Model, TensorFile};
+use eptc_ir::{Graph, HostTensor, Op};
+use eptc_peft::ept::prompt_name;
+use eptc_peft::{PeftConfig, PromptInit};
+
+use crate::args::{ModelArgs, PeftArgs};
+use crate::backends;
+
+/// The stages of one compilation.
+pub struct Compiled {
+    pub model: Model,
+    pub imported: Graph,
+    pub peft: Graph,
+    pub config: PeftConfig,
+    /// Initial values of the trainable tensors.
+    pub adapter: BTreeMap<String, HostTensor>,
+}
+
+/// Import `path` and apply the PEFT method.
+pub fn build(path: &Path, margs: &ModelArgs, pargs: &PeftArgs, target: &str) -> Result<Compiled> {
+    let model = eptc_frontend::import(path, &margs.import_options())?;
+    let config = pargs
+        .config(&model.arch)
+        .with_context(|| format!("{}", path.display()))?;
+    let imported = model.graph.clone();
+    let mut peft = model.graph.clone();
+    let ckpt_head = match (&model.head_key, pargs.num_classes) {
+        (Some(k), None) => {
+            let w = model.weights.get(&format!("{k}.weight")).cloned();
+            let b = model.weights.get(&format!("{k}.bias")).cloned();
+            match (w, b) {
+                (Some(w), Some(b)) => Some((w, b)),
+                (Some(w), None) => {
+                    let c = w.shape[0];
+                    Some((w, HostTensor::zeros(vec![c])))
+                }
+                _ => None,
+            }
+        }
+        _ => None,
+    };
+    let mut adapter = eptc_peft::apply(&mut peft, &config, ckpt_head, pargs.seed)?;
+    if config.prompt_init == Some(PromptInit::Token) {
+        let file = pargs
+            .init_input
+            .as_deref()
+            .expect("checked by PeftArgs::config");
+        token_init(&model, &imported, &config, file, target, &mut adapter)?;
+    }
+    Ok(Compiled {
+        model,
+        imported,
+        peft,
+        config,
+        adapter,
+    })
+}
+
+/// Fill the prompts from the mean token embedding of a batch (`--prompt-init token`).
+fn token_init(
+    model: &Model,
+    imported: &Graph,
+    cfg: &PeftConfig,
+    input: &Path,
+    target: &str,
+    adapter: &mut BTreeMap<String, HostTensor>,
+) -> Result<()> {
+    // The token embeddings are the input of the first LayerNorm.
+    let mut g = imported.clone();
+    let first_ln = g
+        .topo_order()?
+        .into_iter()
+        .find(|&id| matches!(g.node(id).op, Op::LayerNorm { .. }))
+        .context("the model has no LayerNorm")?;
+    let tokens = g.operands(first_ln)[0];
+    for (name, _) in g.outputs().to_vec() {
+        g.remove_output(&name);
+    }
+    g.set_output("tokens", tokens);
+    g.remove_dead();
+    let pixels = read_pixels(input)?;
+    let backend = backends::get(target)?;
+    let mut exe = backend.compile(&g, &model.weights, &CompileOptions::default())?;
+    let out = exe.run(&[("pixel_values", pixels)])?;
+    let n = model.arch.tokens();
+    for j in 0..cfg.layers.len() {
+        adapter.insert(
+            prompt_name(j),
+            eptc_peft::adapter::token_init(&out[0].1, n, cfg.prompt_len),
+        );
+    }
+    Ok(())
+}
+
+/// Read `pixel_values` from a tensor file.
+pub fn read_pixels(path: &Path) -> Result<HostTensor> {
+    let f = TensorFile::read(path)?;
+    let t = f.get("pixel_values", "[B, 3, H, W]")?;
+    if t.shape.len() != 4 {
+        bail!(
+            "{}: pixel_values has shape {:?}, expected [B, channels, H, W]",
+            path.display(),
+            t.shape
+        );
+    }
+    Ok(t.clone())
+}
+
+/// A weight store holding the checkpoint's weights plus the adapter's values.
+pub fn weights_with(model: &Model, adapter: &BTreeMap<String, HostTensor>) -> eptc_ir::WeightStore {
+    let mut w = model.weights.clone();
+    for (k, v) in adapter {
+        w.insert(k.clone(), v.clone());
+    }
+    w
+}
+
+/// Compile `graph` for `target` with the given weights.
+pub fn executable(
+    target: &str,
+    graph: &Graph,
+    weights: &eptc_ir::WeightStore,
+    threads: Option<usize>,
+) -> Result<Box<dyn eptc_backend::Executable>> {
+    let backend: Box<dyn Backend> = backends::get(target)?;
+    Ok(backend.compile(graph, weights, &CompileOptions { threads })?)
+}
