@@ -1,7 +1,6 @@
 //! The graph: a petgraph of typed nodes whose edges are ordered operands.
 
-use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 
 use petgraph::stable_graph::{NodeIndex, StableDiGraph};
 use petgraph::visit::EdgeRef;
@@ -269,31 +268,56 @@ impl Graph {
         self.g.node_indices().collect()
     }
 
-    /// A deterministic topological order: among ready nodes the lowest index goes first.
+    /// A deterministic topological order that reads well: a depth-first post-order from
+    /// the outputs (in output order), operands visited in operand order, so every node
+    /// comes right after what it needs. Nodes no output reaches follow, in index order.
+    /// The order depends only on the graph's structure, not on how it was built.
     /// Errors on a cycle.
     pub fn topo_order(&self) -> Result<Vec<NodeId>> {
-        let mut indeg: HashMap<NodeId, usize> = HashMap::new();
-        let mut heap = BinaryHeap::new();
-        for n in self.g.node_indices() {
-            let d = self.g.edges_directed(n, Direction::Incoming).count();
-            indeg.insert(n, d);
-            if d == 0 {
-                heap.push(Reverse(n));
-            }
+        #[derive(Clone, Copy, PartialEq)]
+        enum Mark {
+            Open,
+            Done,
         }
+        let mut mark: HashMap<NodeId, Mark> = HashMap::with_capacity(self.g.node_count());
         let mut order = Vec::with_capacity(self.g.node_count());
-        while let Some(Reverse(n)) = heap.pop() {
-            order.push(n);
-            for e in self.g.edges_directed(n, Direction::Outgoing) {
-                let d = indeg.get_mut(&e.target()).expect("every node counted");
-                *d -= 1;
-                if *d == 0 {
-                    heap.push(Reverse(e.target()));
+        let roots: Vec<NodeId> = self
+            .outputs
+            .iter()
+            .map(|o| o.1)
+            .chain(self.g.node_indices())
+            .collect();
+        for root in roots {
+            if mark.contains_key(&root) {
+                continue;
+            }
+            // (node, operands, next operand to visit)
+            let mut stack = vec![(root, self.operands(root), 0usize)];
+            mark.insert(root, Mark::Open);
+            while let Some((n, ops, i)) = stack.last_mut() {
+                if let Some(&o) = ops.get(*i) {
+                    *i += 1;
+                    match mark.get(&o) {
+                        Some(Mark::Done) => {}
+                        Some(Mark::Open) => {
+                            return Err(IrError::Invalid(format!(
+                                "the graph has a cycle through %{}",
+                                o.index()
+                            )))
+                        }
+                        None => {
+                            mark.insert(o, Mark::Open);
+                            let ops = self.operands(o);
+                            stack.push((o, ops, 0));
+                        }
+                    }
+                } else {
+                    let n = *n;
+                    mark.insert(n, Mark::Done);
+                    order.push(n);
+                    stack.pop();
                 }
             }
-        }
-        if order.len() != self.g.node_count() {
-            return Err(IrError::Invalid("the graph has a cycle".into()));
         }
         Ok(order)
     }

@@ -102,13 +102,10 @@ pub fn cmd_ir(a: &IrArgs) -> Result<()> {
     }
     let g = if a.model.is_dir() {
         Manifest::read(&a.model)?.stage_graph(&a.model, &a.stage)?
+    } else if a.stage == "imported" {
+        eptc_frontend::import(&a.model, &a.model_args.import_options())?.graph
     } else {
-        let c = pipeline::build(&a.model, &a.model_args, &a.peft, "cpu")?;
-        if a.stage == "imported" {
-            c.imported
-        } else {
-            c.peft
-        }
+        pipeline::build(&a.model, &a.model_args, &a.peft, "cpu")?.peft
     };
     print!("{}", eptc_ir::text::print(&g)?);
     Ok(())

@@ -1,0 +1,86 @@
+//! Insta snapshots of the IR after each stage on the tiny ViT (depth 2): what the
+//! frontend imports (timm's fused qkv, Hugging Face's separate q/k/v) and what each PEFT
+//! configuration inserts (`@ept`, `@head` tags). Reviewed like code.
+
+mod common;
+
+use common::*;
+
+fn ir(model: &str, args: &[&str]) -> String {
+    let m = fixture(model);
+    let mut a = vec!["ir", s(&m), "--heads", "3"];
+    a.extend(args);
+    eptc_ok(&a)
+}
+
+#[test]
+fn imported_timm() {
+    insta::assert_snapshot!(ir("tiny_timm.safetensors", &["--stage", "imported"]));
+}
+
+#[test]
+fn imported_hf() {
+    insta::assert_snapshot!(ir("tiny_hf.safetensors", &["--stage", "imported"]));
+}
+
+#[test]
+fn ept_cat_deep() {
+    insta::assert_snapshot!(ir(
+        "tiny_timm.safetensors",
+        &["--prompt-len", "6", "--num-classes", "5"]
+    ));
+}
+
+#[test]
+fn ept_multi_cat_deep() {
+    let a = [
+        "--ept-mode",
+        "multi-cat",
+        "--prompt-len",
+        "6",
+        "--num-classes",
+        "5",
+    ];
+    insta::assert_snapshot!(ir("tiny_timm.safetensors", &a));
+}
+
+#[test]
+fn ept_add_layer_1() {
+    let a = ["--ept-mode", "add", "--layers", "1", "--num-classes", "5"];
+    insta::assert_snapshot!(ir("tiny_timm.safetensors", &a));
+}
+
+#[test]
+fn ept_mul_shallow() {
+    let a = [
+        "--ept-mode",
+        "mul",
+        "--depth",
+        "shallow",
+        "--num-classes",
+        "5",
+    ];
+    insta::assert_snapshot!(ir("tiny_timm.safetensors", &a));
+}
+
+#[test]
+fn ept_cat_layers_reversed_uniform() {
+    let a = [
+        "--layers",
+        "1,0",
+        "--prompt-len",
+        "4",
+        "--prompt-init",
+        "uniform",
+        "--num-classes",
+        "3",
+        "--task",
+        "multilabel",
+    ];
+    insta::assert_snapshot!(ir("tiny_timm.safetensors", &a));
+}
+
+#[test]
+fn none_keeps_checkpoint_head() {
+    insta::assert_snapshot!(ir("tiny_timm.safetensors", &["--peft", "none"]));
+}
