@@ -33,6 +33,15 @@ pub fn broadcasts_to(from: &Shape, to: &Shape) -> bool {
     from.rank() <= to.rank() && broadcast_shapes(from, to).is_ok_and(|s| &s == to)
 }
 
+/// `(batch_power, fixed_product)` like [`Shape::symbolic_numel`], or `None` when the
+/// fixed product overflows `usize` (a hostile or corrupt shape must not panic).
+fn checked_symbolic_numel(s: &Shape) -> Option<(usize, usize)> {
+    s.0.iter().try_fold((0usize, 1usize), |(p, n), d| match d {
+        Dim::Batch => Some((p + 1, n)),
+        Dim::Fixed(k) => n.checked_mul(*k).map(|n| (p, n)),
+    })
+}
+
 fn axis_ok(axis: usize, rank: usize, what: &str) -> Result<(), String> {
     if axis >= rank {
         Err(format!("{what} {axis} out of range for rank {rank}"))
@@ -94,11 +103,13 @@ pub fn infer(op: &Op, operands: &[&TensorType]) -> Result<TensorType, String> {
                     "image {h}x{w} is not a multiple of the patch size {p}"
                 ));
             }
-            Shape(vec![
-                x.0[0],
-                Dim::Fixed((h / p) * (w / p)),
-                Dim::Fixed(c * p * p),
-            ])
+            let too_big = || format!("patchify of {x} with patch {p}: size overflows");
+            let tokens = (h / p).checked_mul(w / p).ok_or_else(too_big)?;
+            let features = c
+                .checked_mul(p)
+                .and_then(|n| n.checked_mul(p))
+                .ok_or_else(too_big)?;
+            Shape(vec![x.0[0], Dim::Fixed(tokens), Dim::Fixed(features)])
         }
         Op::MatMul {
             transpose_a,
@@ -174,7 +185,8 @@ pub fn infer(op: &Op, operands: &[&TensorType]) -> Result<TensorType, String> {
             x.clone()
         }
         Op::Reshape { shape } => {
-            if x.symbolic_numel() != shape.symbolic_numel() {
+            let (from, to) = (checked_symbolic_numel(x), checked_symbolic_numel(shape));
+            if from.is_none() || from != to {
                 return Err(format!(
                     "cannot reshape {x} to {shape}: element counts differ"
                 ));
@@ -207,9 +219,10 @@ pub fn infer(op: &Op, operands: &[&TensorType]) -> Result<TensorType, String> {
                         return Err(format!("concat along {axis} of {x} and {s}"));
                     }
                 }
-                total += s.0[*axis]
+                let n = s.0[*axis]
                     .fixed()
                     .ok_or("concat along the batch axis is not supported")?;
+                total = usize::checked_add(total, n).ok_or("concat size overflows")?;
             }
             let mut out = x.0.clone();
             out[*axis] = Dim::Fixed(total);

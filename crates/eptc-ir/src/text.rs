@@ -334,7 +334,7 @@ pub fn parse(text: &str) -> Result<Graph> {
             line: ln,
         };
         if !saw_header {
-            if c.word()? != "eptc-ir" {
+            if !matches!(c.word(), Ok("eptc-ir")) {
                 return c.err("expected the header `eptc-ir <version> \"name\"`");
             }
             let v = c.usize()?;
@@ -344,6 +344,9 @@ pub fn parse(text: &str) -> Result<Graph> {
                 ));
             }
             g.name = c.string()?;
+            if !c.at_end() {
+                return c.err("trailing text");
+            }
             saw_header = true;
             continue;
         }
@@ -357,6 +360,9 @@ pub fn parse(text: &str) -> Result<Graph> {
             if !c.at_end() {
                 return c.err("trailing text");
             }
+            if g.output(&name).is_some() {
+                return c.err(format!("output {name:?} defined twice"));
+            }
             g.set_output(&name, id);
             continue;
         }
@@ -366,6 +372,20 @@ pub fn parse(text: &str) -> Result<Graph> {
         }
         c.expect("=")?;
         let kind = c.word()?;
+        if !Op::all_kinds().contains(&kind) {
+            return c.err(format!("unknown op {kind:?}"));
+        }
+        // The attributes `kind` takes: bare flags, then `key=value`s.
+        let (flags, keys): (&[&str], &[&str]) = match kind {
+            "patchify" => (&[], &["patch"]),
+            "matmul" => (&["transpose_a", "transpose_b"], &[]),
+            "softmax" | "concat" => (&[], &["axis"]),
+            "layernorm" => (&[], &["eps"]),
+            "permute" => (&[], &["perm"]),
+            "slice" => (&[], &["axis", "start", "end"]),
+            k if k.starts_with("reduce_") => (&["keepdim"], &["axes"]),
+            _ => (&[], &[]),
+        };
         // Leaf heads.
         let mut leaf: Option<Op> = None;
         match kind {
@@ -412,7 +432,27 @@ pub fn parse(text: &str) -> Result<Graph> {
                 return c.err("expected `: type`");
             }
             let key = c.word()?.to_string();
-            if c.eat("=") {
+            if DType::from_name(&key).is_some() {
+                return c.err(format!("expected `:` before the type {key}[...]"));
+            }
+            if !flags.contains(&key.as_str()) && !keys.contains(&key.as_str()) {
+                return c.err(format!("{kind} has no attribute {key:?}"));
+            }
+            if attrs.flags.contains(&key)
+                || attrs.values.contains_key(&key)
+                || lists.contains_key(&key)
+                || (key == "eps" && eps.is_some())
+            {
+                return c.err(format!("attribute {key:?} given twice"));
+            }
+            if c.eat("=") != keys.contains(&key.as_str()) {
+                return if keys.contains(&key.as_str()) {
+                    c.err(format!("expected {key}=<value>"))
+                } else {
+                    c.err(format!("{key} is a flag and takes no value"))
+                };
+            }
+            if keys.contains(&key.as_str()) {
                 match key.as_str() {
                     "axes" | "perm" => {
                         let v = c.usize_list()?;

@@ -1,4 +1,4 @@
-//! The verifier: types, shapes, operand counts, acyclicity, unique names.
+//! The verifier: types, shapes, operand counts, acyclicity, unique names, printable tags.
 
 use std::collections::HashSet;
 
@@ -39,8 +39,9 @@ pub fn verify(g: &Graph) -> Result<()> {
                     n.ty.shape
                         .as_fixed()
                         .ok_or_else(|| bad("const with a batch dimension".into()))?;
-                let want: usize = fixed.iter().product();
-                if values.len() != want {
+                let want = fixed.iter().try_fold(1usize, |n, &d| n.checked_mul(d));
+                if want != Some(values.len()) {
+                    let want = want.map_or("too many".to_string(), |w| w.to_string());
                     return Err(bad(format!("{} values for {want} elements", values.len())));
                 }
             }
@@ -53,6 +54,17 @@ pub fn verify(g: &Graph) -> Result<()> {
                         n.ty
                     )));
                 }
+            }
+        }
+        // The text format prints a tag as a bare word after `@`: anything else would not
+        // parse back.
+        if let Some(t) = &n.tag {
+            if t.is_empty()
+                || !t
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "_.-+".contains(c))
+            {
+                return Err(bad(format!("tag {t:?} is not a word of [A-Za-z0-9_.+-]")));
             }
         }
         if n.op.is_leaf() && !ops.is_empty() {

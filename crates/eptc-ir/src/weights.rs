@@ -46,8 +46,9 @@ impl HostTensor {
     /// the data cannot be viewed in place (misaligned or big-endian host): copy instead.
     pub fn mapped(shape: Vec<usize>, map: Arc<Mmap>, offset: usize) -> Option<Self> {
         let len: usize = shape.iter().product();
-        let ptr = map.as_ptr() as usize + offset;
-        if cfg!(target_endian = "big") || ptr % std::mem::align_of::<f32>() != 0 {
+        // `wrapping_add`: a hostile offset must not overflow (it fails the bounds check).
+        let aligned = map.as_ptr().wrapping_add(offset).cast::<f32>().is_aligned();
+        if cfg!(target_endian = "big") || !aligned {
             return None;
         }
         if offset.checked_add(len.checked_mul(4)?)? > map.len() {
