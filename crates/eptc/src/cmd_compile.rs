@@ -105,7 +105,7 @@ pub fn compile(a: &CompileArgs) -> Result<(PathBuf, Manifest)> {
         peft: c.config.clone(),
         seed: a.peft.seed,
         trainable_params: trainable,
-        frozen_params: c.model.param_count(),
+        frozen_params: frozen_count(&c.peft),
         target: a.target.clone(),
         dtype: a.dtype.clone(),
         optimizer: OptimizerSummary {
@@ -174,6 +174,15 @@ pub fn cmd_compile(a: &CompileArgs) -> Result<()> {
     Ok(())
 }
 
+/// Scalars in the frozen params a graph uses.
+fn frozen_count(g: &Graph) -> usize {
+    g.params()
+        .into_iter()
+        .filter(|p| !p.2)
+        .map(|(id, _, _)| g.ty(id).shape.numel(1))
+        .sum()
+}
+
 /// `1234567` -> `1,234,567`.
 pub fn fmt_count(n: usize) -> String {
     let s = n.to_string();
@@ -234,6 +243,11 @@ pub struct RunArgs {
     /// Worker threads [default: all cores]
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Run the forward pass this many times and report the timings (the first run warms
+    /// up: page faults on the memory-mapped weights, thread start-up); the output is the
+    /// last run's
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    pub repeat: u32,
     /// Print the summary as one JSON object
     #[arg(long)]
     pub json: bool,
@@ -315,9 +329,21 @@ pub fn cmd_run(a: &RunArgs) -> Result<()> {
         );
     }
     let batch = pixels.shape[0];
-    let t0 = Instant::now();
-    let outputs = l.exe.run(&[("pixel_values", pixels)])?;
-    let secs = t0.elapsed().as_secs_f64();
+    let mut times = Vec::new();
+    let mut outputs = Vec::new();
+    for _ in 0..a.repeat {
+        let t0 = Instant::now();
+        outputs = l.exe.run(&[("pixel_values", pixels.clone())])?;
+        times.push(t0.elapsed().as_secs_f64());
+    }
+    // With repeats, the first run is a warm-up and the figures are over the others.
+    let warm = if times.len() > 1 {
+        &times[1..]
+    } else {
+        &times[..]
+    };
+    let secs = warm.iter().sum::<f64>() / warm.len() as f64;
+    let min = warm.iter().cloned().fold(f64::INFINITY, f64::min);
     let refs: Vec<(&str, &HostTensor)> = outputs.iter().map(|(k, v)| (k.as_str(), v)).collect();
     write_tensors(&a.output, &refs, None)?;
     if a.json {
@@ -327,10 +353,18 @@ pub fn cmd_run(a: &RunArgs) -> Result<()> {
         );
     } else {
         println!(
-            "ran {} image(s) on {} in {:.3} s; wrote {} ({})",
+            "ran {} image(s) on {} in {:.3} s{}; wrote {} ({})",
             batch,
             l.manifest.target,
             secs,
+            if times.len() > 1 {
+                format!(
+                    " (mean of {} runs after a warm-up, min {min:.3} s)",
+                    warm.len()
+                )
+            } else {
+                String::new()
+            },
             a.output.display(),
             outputs
                 .iter()

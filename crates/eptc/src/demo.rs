@@ -166,6 +166,7 @@ pub fn cmd_demo(a: &DemoArgs) -> Result<()> {
         output: out.clone(),
         adapter: None,
         threads: None,
+        repeat: 1,
         json: false,
     };
     print!("4. ");
