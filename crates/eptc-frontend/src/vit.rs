@@ -230,7 +230,7 @@ pub fn detect(file: &TensorFile, opts: &ImportOptions) -> Result<VitArch> {
         .unwrap_or_else(|| layout.default_eps());
     let checkpoint_image_size = grid * patch;
     let image_size = opts.image_size.unwrap_or(checkpoint_image_size);
-    if image_size == 0 || image_size % patch != 0 {
+    if image_size == 0 || !image_size.is_multiple_of(patch) {
         return Err(arch_err(
             path,
             format!("image size {image_size} is not a positive multiple of the patch size {patch}"),

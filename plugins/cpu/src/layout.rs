@@ -1,0 +1,169 @@
+//! Strided index spaces shared by the kernels: broadcast strides, dimension merging, an
+//! odometer over rows, and how work is cut into parallel chunks.
+
+/// Row-major strides of a contiguous tensor.
+pub fn contiguous_strides(shape: &[usize]) -> Vec<usize> {
+    let mut s = vec![1; shape.len()];
+    for d in (0..shape.len().saturating_sub(1)).rev() {
+        s[d] = s[d + 1] * shape[d + 1];
+    }
+    s
+}
+
+/// Strides that read a contiguous tensor of shape `from` broadcast (numpy rules, aligned
+/// on the right) to `to`: 0 along broadcast dimensions. `from` must broadcast to `to`.
+pub fn broadcast_strides(from: &[usize], to: &[usize]) -> Vec<usize> {
+    let own = contiguous_strides(from);
+    let lead = to.len() - from.len();
+    (0..to.len())
+        .map(|d| {
+            if d < lead || from[d - lead] == 1 {
+                0
+            } else {
+                own[d - lead]
+            }
+        })
+        .collect()
+}
+
+/// Merge dimensions of an index space read through several stride sets: size-1
+/// dimensions vanish and neighbours fuse where every operand steps through them as one.
+/// Returns the merged sizes (at least one dimension) and each operand's strides.
+pub fn merge_dims(shape: &[usize], strides: &[Vec<usize>]) -> (Vec<usize>, Vec<Vec<usize>>) {
+    let mut dims: Vec<usize> = Vec::new();
+    let mut out: Vec<Vec<usize>> = vec![Vec::new(); strides.len()];
+    for d in 0..shape.len() {
+        if shape[d] == 1 {
+            continue;
+        }
+        let fuse = !dims.is_empty()
+            && strides.iter().zip(&out).all(|(s, o)| {
+                let last = *o.last().expect("same length as dims");
+                last == s[d] * shape[d]
+            });
+        if fuse {
+            *dims.last_mut().expect("not empty") *= shape[d];
+            for (s, o) in strides.iter().zip(out.iter_mut()) {
+                *o.last_mut().expect("not empty") = s[d];
+            }
+        } else {
+            dims.push(shape[d]);
+            for (s, o) in strides.iter().zip(out.iter_mut()) {
+                o.push(s[d]);
+            }
+        }
+    }
+    if dims.is_empty() {
+        dims.push(1);
+        for o in out.iter_mut() {
+            o.push(0);
+        }
+    }
+    (dims, out)
+}
+
+/// Walks the rows (every index but the last) of a merged index space, keeping each
+/// operand's offset at the start of the current row.
+pub struct Odometer<'a, const K: usize> {
+    dims: &'a [usize],
+    strides: [&'a [usize]; K],
+    idx: Vec<usize>,
+    pub offs: [usize; K],
+}
+
+impl<'a, const K: usize> Odometer<'a, K> {
+    /// Positioned at row `row` of the space `dims` (all but the last dimension count).
+    pub fn new(dims: &'a [usize], strides: [&'a [usize]; K], row: usize) -> Self {
+        let outer = dims.len() - 1;
+        let mut idx = vec![0; outer];
+        let mut rest = row;
+        for d in (0..outer).rev() {
+            idx[d] = rest % dims[d];
+            rest /= dims[d];
+        }
+        let mut offs = [0; K];
+        for (o, s) in offs.iter_mut().zip(&strides) {
+            *o = idx.iter().zip(s.iter()).map(|(i, s)| i * s).sum();
+        }
+        Odometer {
+            dims,
+            strides,
+            idx,
+            offs,
+        }
+    }
+
+    /// Step to the next row.
+    pub fn advance(&mut self) {
+        for d in (0..self.idx.len()).rev() {
+            self.idx[d] += 1;
+            for (o, s) in self.offs.iter_mut().zip(&self.strides) {
+                *o += s[d];
+            }
+            if self.idx[d] < self.dims[d] {
+                return;
+            }
+            for (o, s) in self.offs.iter_mut().zip(&self.strides) {
+                *o -= s[d] * self.dims[d];
+            }
+            self.idx[d] = 0;
+        }
+    }
+}
+
+/// Elements per parallel task below which splitting costs more than it gains.
+pub const MIN_TASK: usize = 1 << 14;
+
+/// How many rows of `row_len` elements one parallel task takes: about four tasks per
+/// thread, none smaller than [`MIN_TASK`] elements. Results never depend on it: every
+/// output element is computed the same way whichever task holds it.
+pub fn rows_per_task(rows: usize, row_len: usize) -> usize {
+    let threads = rayon::current_num_threads().max(1);
+    let by_threads = rows.div_ceil(threads * 4);
+    let by_size = MIN_TASK.div_ceil(row_len.max(1));
+    by_threads.max(by_size).clamp(1, rows.max(1))
+}
+
+/// `out` split into chunks of whole rows, as `rows_per_task` sizes them.
+pub fn chunk_len(total: usize, row_len: usize) -> usize {
+    let rows = total / row_len.max(1);
+    (rows_per_task(rows, row_len) * row_len).max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn merges_contiguous_and_drops_ones() {
+        let shape = [2, 1, 3, 4];
+        let s = contiguous_strides(&shape);
+        let (d, st) = merge_dims(&shape, &[s]);
+        assert_eq!(d, vec![24]);
+        assert_eq!(st, vec![vec![1]]);
+    }
+
+    #[test]
+    fn bias_broadcast_keeps_two_dims() {
+        let out = [2, 3, 4];
+        let a = contiguous_strides(&out);
+        let b = broadcast_strides(&[4], &out);
+        assert_eq!(b, vec![0, 0, 1]);
+        let (d, st) = merge_dims(&out, &[a, b]);
+        assert_eq!(d, vec![6, 4]);
+        assert_eq!(st, vec![vec![4, 1], vec![0, 1]]);
+    }
+
+    #[test]
+    fn odometer_walks_rows() {
+        let dims = [2, 3, 5];
+        let s = [15usize, 5, 1];
+        let mut o = Odometer::new(&dims, [&s], 0);
+        for r in 0..6 {
+            assert_eq!(o.offs[0], r * 5);
+            o.advance();
+        }
+        let o = Odometer::new(&dims, [&s], 4);
+        assert_eq!(o.offs[0], 20);
+    }
+}
