@@ -349,7 +349,8 @@ pub fn cmd_run(a: &RunArgs) -> Result<()> {
     if a.json {
         println!(
             "{}",
-            json!({"batch": batch, "seconds": secs, "output": a.output, "target": l.manifest.target})
+            json!({"batch": batch, "seconds": secs, "min_seconds": min, "runs": times,
+                   "threads": a.threads, "output": a.output, "target": l.manifest.target})
         );
     } else {
         println!(
