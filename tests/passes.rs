@@ -187,3 +187,36 @@ fn ept_replaces_every_prompted_softmax() {
         "prompted layers 0 and 5 softmax over L + N = 297 columns"
     );
 }
+
+/// Frozen weights are memory-mapped from the checkpoint, not copied.
+#[test]
+fn frozen_weights_stay_memory_mapped() {
+    let path =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny_timm.safetensors");
+    let model = eptc_frontend::import(
+        &path,
+        &ImportOptions {
+            heads: Some(3),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let mapped = model.weights.iter().filter(|(_, t)| t.is_mapped()).count();
+    assert_eq!(
+        mapped,
+        model.weights.len(),
+        "every f32 weight of the fixture is mapped"
+    );
+    // A resized position table is computed, so it is owned.
+    let opts = ImportOptions {
+        heads: Some(3),
+        image_size: Some(48),
+        ..Default::default()
+    };
+    let model = eptc_frontend::import(&path, &opts).unwrap();
+    assert!(!model.weights.get("pos_embed").unwrap().is_mapped());
+    assert_eq!(
+        model.weights.get("pos_embed").unwrap().shape,
+        vec![1, 37, 48]
+    );
+}
