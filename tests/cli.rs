@@ -434,13 +434,18 @@ fn help_teaches() {
 #[test]
 fn ir_stages() {
     let m = fixture("tiny_timm.safetensors");
-    let e = eptc_err(&["ir", s(&m), "--heads", "3", "--stage", "optimized"]);
-    assert!(e.contains("issue #3"), "{e}");
+    let e = eptc_err(&["ir", s(&m), "--heads", "3", "--stage", "train"]);
+    assert!(e.contains("issue #4"), "{e}");
     // An artifact's stages print too, identical to the file.
     let d = tempfile::tempdir().unwrap();
     let art = compile_tiny(d.path(), &[]);
-    let out = eptc_ok(&["ir", s(&art), "--stage", "peft"]);
-    assert_eq!(out, std::fs::read_to_string(art.join("peft.eptc")).unwrap());
+    for stage in ["imported", "peft", "optimized"] {
+        let out = eptc_ok(&["ir", s(&art), "--stage", stage]);
+        assert_eq!(
+            out,
+            std::fs::read_to_string(art.join(format!("{stage}.eptc"))).unwrap()
+        );
+    }
 }
 
 #[test]

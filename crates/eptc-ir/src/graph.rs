@@ -8,7 +8,7 @@ use petgraph::Direction;
 
 use crate::error::{IrError, Result};
 use crate::infer::infer;
-use crate::op::{BinaryOp, Init, Op, ReduceOp, UnaryOp};
+use crate::op::{Activation, BinaryOp, Init, Op, ReduceOp, UnaryOp};
 use crate::types::{DType, Shape, TensorType};
 
 /// A node's handle.
@@ -45,6 +45,11 @@ impl Graph {
     /// Tag nodes added from now on with the inserting pass's name (`None`: imported).
     pub fn set_tag(&mut self, tag: Option<&str>) {
         self.tag = tag.map(str::to_owned);
+    }
+
+    /// The tag nodes added now get (see [`Graph::set_tag`]).
+    pub fn tag(&self) -> Option<&str> {
+        self.tag.as_deref()
     }
 
     // ---- building -------------------------------------------------------------------
@@ -188,6 +193,45 @@ impl Graph {
     }
     pub fn patchify(&mut self, a: NodeId, patch: usize) -> Result<NodeId> {
         self.add(Op::Patchify { patch }, &[a])
+    }
+
+    // ---- fused ops ------------------------------------------------------------------
+
+    pub fn softmax_sink(&mut self, s: NodeId, z: NodeId) -> Result<NodeId> {
+        self.add(Op::SoftmaxSink, &[s, z])
+    }
+    /// `attention(q, k, v[, z])`; `sink` is set iff `z` is given.
+    pub fn attention(
+        &mut self,
+        q: NodeId,
+        k: NodeId,
+        v: NodeId,
+        z: Option<NodeId>,
+        scale: f32,
+    ) -> Result<NodeId> {
+        let mut ops = vec![q, k, v];
+        ops.extend(z);
+        let sink = z.is_some();
+        self.add(Op::Attention { scale, sink }, &ops)
+    }
+    /// `linear(x, w[, b][, r])`; `bias` and `residual` are set iff `b` and `r` are given.
+    pub fn linear(
+        &mut self,
+        x: NodeId,
+        w: NodeId,
+        b: Option<NodeId>,
+        activation: Activation,
+        r: Option<NodeId>,
+    ) -> Result<NodeId> {
+        let mut ops = vec![x, w];
+        ops.extend(b);
+        ops.extend(r);
+        let op = Op::Linear {
+            bias: b.is_some(),
+            activation,
+            residual: r.is_some(),
+        };
+        self.add(op, &ops)
     }
 
     // ---- outputs --------------------------------------------------------------------
@@ -392,6 +436,13 @@ impl Graph {
                 o.1 = new;
             }
         }
+    }
+
+    /// Remove node `id` and its edges, returning it (`None` if it does not exist). Its
+    /// users are left without that operand and an output naming it dangles: redirect
+    /// them first ([`Graph::replace_uses`]).
+    pub fn remove_node(&mut self, id: NodeId) -> Option<Node> {
+        self.g.remove_node(id)
     }
 
     /// Remove every node no output depends on. Returns how many were removed.

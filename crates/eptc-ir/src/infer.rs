@@ -42,6 +42,15 @@ fn checked_symbolic_numel(s: &Shape) -> Option<(usize, usize)> {
     })
 }
 
+/// `s` with its last dimension replaced by `d` (`s` has rank >= 1).
+fn with_last(s: &Shape, d: Dim) -> Shape {
+    let mut v = s.0.clone();
+    if let Some(l) = v.last_mut() {
+        *l = d;
+    }
+    Shape(v)
+}
+
 fn axis_ok(axis: usize, rank: usize, what: &str) -> Result<(), String> {
     if axis >= rank {
         Err(format!("{what} {axis} out of range for rank {rank}"))
@@ -243,6 +252,82 @@ pub fn infer(op: &Op, operands: &[&TensorType]) -> Result<TensorType, String> {
                 return Err(format!("{x} does not broadcast to {shape}"));
             }
             shape.clone()
+        }
+        Op::SoftmaxSink => {
+            let z = &operands[1].shape;
+            if x.rank() == 0 {
+                return Err("softmax_sink of a scalar".into());
+            }
+            let rows = with_last(x, Dim::Fixed(1));
+            if !broadcasts_to(z, &rows) {
+                return Err(format!(
+                    "softmax_sink z {z} does not broadcast to {rows} (s {x} with the last dim 1)"
+                ));
+            }
+            x.clone()
+        }
+        Op::Attention { scale, sink } => {
+            if !scale.is_finite() {
+                return Err(format!("attention scale must be finite, got {scale}"));
+            }
+            let (q, k, v) = (x, &operands[1].shape, &operands[2].shape);
+            if q.rank() < 2 || k.rank() < 2 || v.rank() < 2 {
+                return Err(format!(
+                    "attention needs rank >= 2, got q {q}, k {k}, v {v}"
+                ));
+            }
+            let last2 = |s: &Shape| (s.0[s.rank() - 2], s.0[s.rank() - 1]);
+            let lead = |s: &Shape| Shape(s.0[..s.rank() - 2].to_vec());
+            let ((n, d), (m, dk), (mv, e)) = (last2(q), last2(k), last2(v));
+            if d != dk {
+                return Err(format!(
+                    "attention q and k feature dims differ: q {q}, k {k}"
+                ));
+            }
+            if m != mv {
+                return Err(format!(
+                    "attention k and v token counts differ: k {k}, v {v}"
+                ));
+            }
+            let l = broadcast_shapes(&broadcast_shapes(&lead(q), &lead(k))?, &lead(v))?;
+            if *sink {
+                let z = &operands[3].shape;
+                let mut rows = l.0.clone();
+                rows.extend([n, Dim::Fixed(1)]);
+                let rows = Shape(rows);
+                if !broadcasts_to(z, &rows) {
+                    return Err(format!("attention sink z {z} does not broadcast to {rows}"));
+                }
+            }
+            let mut out = l.0;
+            out.extend([n, e]);
+            Shape(out)
+        }
+        Op::Linear { bias, residual, .. } => {
+            let w = &operands[1].shape;
+            let kx = *x.0.last().ok_or("linear of a scalar x")?;
+            if w.rank() != 2 {
+                return Err(format!("linear w must be [out, in], got {w}"));
+            }
+            if w.0[1] != kx {
+                return Err(format!("linear inner dimensions differ: x {x}, w {w}"));
+            }
+            let out = with_last(x, w.0[0]);
+            let mut next = 2;
+            if *bias {
+                let b = &operands[next].shape;
+                if *b != Shape(vec![w.0[0]]) {
+                    return Err(format!("linear bias must be [{}], got {b}", w.0[0]));
+                }
+                next += 1;
+            }
+            if *residual {
+                let r = &operands[next].shape;
+                if *r != out {
+                    return Err(format!("linear residual must be {out}, got {r}"));
+                }
+            }
+            out
         }
     };
     Ok(TensorType::new(dtype, shape))

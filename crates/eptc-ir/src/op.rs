@@ -44,6 +44,30 @@ pub enum ReduceOp {
     LogSumExp,
 }
 
+/// The activation a fused `linear` applies to `x w^T + b` (before any residual add).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Activation {
+    None,
+    /// The exact GELU, as [`UnaryOp::Gelu`].
+    Gelu,
+}
+
+impl Activation {
+    pub const ALL: [Activation; 2] = [Activation::None, Activation::Gelu];
+
+    /// The name in the text format (`act=gelu`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Activation::None => "none",
+            Activation::Gelu => "gelu",
+        }
+    }
+
+    pub fn from_name(s: &str) -> Option<Self> {
+        Activation::ALL.into_iter().find(|a| a.name() == s)
+    }
+}
+
 /// How a parameter gets its initial value.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Init {
@@ -206,6 +230,26 @@ pub enum Op {
     Broadcast {
         shape: Shape,
     },
+    // ---- fused ops: produced by the optimizer, each with a decomposition into the
+    // primitives above (`crate::decompose`).
+    /// `softmax_sink(s, z)`: softmax along the last axis of `s` with one extra logit
+    /// `z_i` per row that takes part in the normalisation but is not output:
+    /// `out_ij = exp(s_ij) / (sum_j' exp(s_ij') + exp(z_i))`. `z` broadcasts to `s`'s
+    /// shape with the last dim 1.
+    SoftmaxSink,
+    /// `attention(q, k, v[, z])`: `softmax_sink(scale * q k^T, z) v` over the last two
+    /// axes, leading axes broadcast; plain softmax (no `z` operand) when `!sink`.
+    Attention {
+        scale: f32,
+        sink: bool,
+    },
+    /// `linear(x, w[, b][, r])`: `act(x w^T + b) + r`, with `w` `[out, in]` (PyTorch's
+    /// `nn.Linear` layout); `b` present iff `bias`, `r` iff `residual`.
+    Linear {
+        bias: bool,
+        activation: Activation,
+        residual: bool,
+    },
 }
 
 impl Op {
@@ -227,10 +271,26 @@ impl Op {
             Op::Concat { .. } => "concat",
             Op::Slice { .. } => "slice",
             Op::Broadcast { .. } => "broadcast",
+            Op::SoftmaxSink => "softmax_sink",
+            Op::Attention { .. } => "attention",
+            Op::Linear { .. } => "linear",
         }
     }
 
-    /// Every op name the IR knows, in a fixed order.
+    /// Whether the op is a fused op (one the optimizer makes; see [`Op::fused_kinds`]).
+    pub fn is_fused(&self) -> bool {
+        matches!(
+            self,
+            Op::SoftmaxSink | Op::Attention { .. } | Op::Linear { .. }
+        )
+    }
+
+    /// The names of the fused ops, in a fixed order (the tail of [`Op::all_kinds`]).
+    pub fn fused_kinds() -> Vec<&'static str> {
+        vec!["softmax_sink", "attention", "linear"]
+    }
+
+    /// Every op name the IR knows, in a fixed order: primitives, then the fused ops.
     pub fn all_kinds() -> Vec<&'static str> {
         let mut v = vec!["input", "param", "const", "patchify", "matmul"];
         v.extend(BinaryOp::ALL.iter().map(|b| b.name()));
@@ -245,11 +305,13 @@ impl Op {
             "slice",
             "broadcast",
         ]);
+        v.extend(Op::fused_kinds());
         v
     }
 
     /// The number of operands the op takes: `Some(n)` exactly, `None` for variadic
-    /// (at least two, `concat`).
+    /// (at least two, `concat`). The fused ops' optional operands count when their
+    /// attribute says they are present.
     pub fn arity(&self) -> Option<usize> {
         match self {
             Op::Input { .. } | Op::Param { .. } | Op::Const { .. } => Some(0),
@@ -261,7 +323,11 @@ impl Op {
             | Op::Permute { .. }
             | Op::Slice { .. }
             | Op::Broadcast { .. } => Some(1),
-            Op::MatMul { .. } | Op::Binary(_) => Some(2),
+            Op::MatMul { .. } | Op::Binary(_) | Op::SoftmaxSink => Some(2),
+            Op::Attention { sink, .. } => Some(3 + usize::from(*sink)),
+            Op::Linear { bias, residual, .. } => {
+                Some(2 + usize::from(*bias) + usize::from(*residual))
+            }
             Op::LayerNorm { .. } => Some(3),
             Op::Concat { .. } => None,
         }

@@ -16,7 +16,7 @@ use std::fmt::Write;
 
 use crate::error::{IrError, Result};
 use crate::graph::{Graph, NodeId};
-use crate::op::{BinaryOp, Init, Op, ReduceOp, UnaryOp};
+use crate::op::{Activation, BinaryOp, Init, Op, ReduceOp, UnaryOp};
 use crate::types::{DType, Dim, Shape, TensorType};
 
 /// The format's version, the first line of every file.
@@ -117,6 +117,27 @@ pub fn print(g: &Graph) -> Result<String> {
             Op::Permute { perm } => head.push(format!("perm={}", list(perm))),
             Op::Slice { axis, start, end } => {
                 head.push(format!("axis={axis} start={start} end={end}"))
+            }
+            Op::Attention { scale, sink } => {
+                head.push(format!("scale={}", float(*scale)));
+                if *sink {
+                    head.push("sink".into());
+                }
+            }
+            Op::Linear {
+                bias,
+                activation,
+                residual,
+            } => {
+                if *bias {
+                    head.push("bias".into());
+                }
+                if *residual {
+                    head.push("residual".into());
+                }
+                if *activation != Activation::None {
+                    head.push(format!("act={}", activation.name()));
+                }
             }
             _ => {}
         }
@@ -383,6 +404,8 @@ pub fn parse(text: &str) -> Result<Graph> {
             "layernorm" => (&[], &["eps"]),
             "permute" => (&[], &["perm"]),
             "slice" => (&[], &["axis", "start", "end"]),
+            "attention" => (&["sink"], &["scale"]),
+            "linear" => (&["bias", "residual"], &["act"]),
             k if k.starts_with("reduce_") => (&["keepdim"], &["axes"]),
             _ => (&[], &[]),
         };
@@ -426,7 +449,8 @@ pub fn parse(text: &str) -> Result<Graph> {
         }
         let mut attrs = Attrs::default();
         let mut lists: HashMap<String, Vec<usize>> = HashMap::new();
-        let mut eps = None;
+        let mut floats: HashMap<String, f32> = HashMap::new();
+        let mut act = None;
         while !c.eat(":") {
             if c.at_end() {
                 return c.err("expected `: type`");
@@ -441,7 +465,8 @@ pub fn parse(text: &str) -> Result<Graph> {
             if attrs.flags.contains(&key)
                 || attrs.values.contains_key(&key)
                 || lists.contains_key(&key)
-                || (key == "eps" && eps.is_some())
+                || floats.contains_key(&key)
+                || (key == "act" && act.is_some())
             {
                 return c.err(format!("attribute {key:?} given twice"));
             }
@@ -458,7 +483,17 @@ pub fn parse(text: &str) -> Result<Graph> {
                         let v = c.usize_list()?;
                         lists.insert(key, v);
                     }
-                    "eps" => eps = Some(c.f32()?),
+                    "eps" | "scale" => {
+                        let v = c.f32()?;
+                        floats.insert(key, v);
+                    }
+                    "act" => {
+                        let w = c.word()?;
+                        act = Some(Activation::from_name(w).map_or_else(
+                            || c.err(format!("unknown activation {w:?} (none or gelu)")),
+                            Ok,
+                        )?);
+                    }
                     _ => {
                         let v = c.usize()?;
                         attrs.values.insert(key, v);
@@ -484,6 +519,13 @@ pub fn parse(text: &str) -> Result<Graph> {
                 .copied()
                 .map_or_else(|| c.err(format!("{kind} needs {k}=")), Ok)
         };
+        let need_f32 = |c: &Cur, k: &str| -> Result<f32> {
+            floats
+                .get(k)
+                .copied()
+                .map_or_else(|| c.err(format!("{kind} needs {k}=")), Ok)
+        };
+        let flag = |f: &str| attrs.flags.iter().any(|x| x == f);
         let op = if let Some(op) = leaf {
             op
         } else if let Some(b) = BinaryOp::ALL.iter().find(|b| b.name() == kind) {
@@ -496,7 +538,7 @@ pub fn parse(text: &str) -> Result<Graph> {
                 axes: lists
                     .remove("axes")
                     .map_or_else(|| c.err("reduce needs axes="), Ok)?,
-                keepdim: attrs.flags.iter().any(|f| f == "keepdim"),
+                keepdim: flag("keepdim"),
             }
         } else {
             match kind {
@@ -504,14 +546,14 @@ pub fn parse(text: &str) -> Result<Graph> {
                     patch: need(&c, "patch")?,
                 },
                 "matmul" => Op::MatMul {
-                    transpose_a: attrs.flags.iter().any(|f| f == "transpose_a"),
-                    transpose_b: attrs.flags.iter().any(|f| f == "transpose_b"),
+                    transpose_a: flag("transpose_a"),
+                    transpose_b: flag("transpose_b"),
                 },
                 "softmax" => Op::Softmax {
                     axis: need(&c, "axis")?,
                 },
                 "layernorm" => Op::LayerNorm {
-                    eps: eps.map_or_else(|| c.err("layernorm needs eps="), Ok)?,
+                    eps: need_f32(&c, "eps")?,
                 },
                 "reshape" => Op::Reshape {
                     shape: ty.shape.clone(),
@@ -531,6 +573,16 @@ pub fn parse(text: &str) -> Result<Graph> {
                     axis: need(&c, "axis")?,
                     start: need(&c, "start")?,
                     end: need(&c, "end")?,
+                },
+                "softmax_sink" => Op::SoftmaxSink,
+                "attention" => Op::Attention {
+                    scale: need_f32(&c, "scale")?,
+                    sink: flag("sink"),
+                },
+                "linear" => Op::Linear {
+                    bias: flag("bias"),
+                    activation: act.unwrap_or(Activation::None),
+                    residual: flag("residual"),
                 },
                 _ => return c.err(format!("unknown op {kind:?}")),
             }

@@ -259,6 +259,84 @@ fn attributes() {
 }
 
 #[test]
+fn fused_attributes() {
+    // q, k, v all %0 ([B,4] read as [B tokens, 4 features]).
+    parse_err(
+        &doc(&["%1 = attention %0, %0, %0 : f32[B,4]"]),
+        3,
+        "attention needs scale=",
+    );
+    parse_err(
+        &doc(&["%1 = attention %0, %0, %0 scale=0.5 scale=0.5 : f32[B,4]"]),
+        3,
+        "attribute \"scale\" given twice",
+    );
+    parse_err(
+        &doc(&["%1 = attention %0, %0, %0 scale=half : f32[B,4]"]),
+        3,
+        "expected a float",
+    );
+    parse_err(
+        &doc(&["%1 = attention %0, %0, %0 scale=0.5 sink=1 : f32[B,4]"]),
+        3,
+        "sink is a flag",
+    );
+    parse_err(
+        &doc(&["%1 = attention %0, %0, %0 scale=0.5 bias : f32[B,4]"]),
+        3,
+        "attention has no attribute \"bias\"",
+    );
+    parse_err(
+        &doc(&["%1 = linear %0, %0 act=relu : f32[B,B]"]),
+        3,
+        "unknown activation \"relu\"",
+    );
+    parse_err(
+        &doc(&["%1 = linear %0, %0 act=gelu act=gelu : f32[B,B]"]),
+        3,
+        "attribute \"act\" given twice",
+    );
+    parse_err(
+        &doc(&["%1 = linear %0, %0 bias bias : f32[B,B]"]),
+        3,
+        "attribute \"bias\" given twice",
+    );
+    parse_err(
+        &doc(&["%1 = linear %0, %0 gelu : f32[B,B]"]),
+        3,
+        "linear has no attribute \"gelu\"",
+    );
+    parse_err(
+        &doc(&["%1 = softmax_sink %0, %0 axis=1 : f32[B,4]"]),
+        3,
+        "softmax_sink has no attribute \"axis\"",
+    );
+    // A flag without its operand is an operand-count error from the verifier.
+    match parse(&doc(&[
+        "%1 = attention %0, %0, %0 scale=0.5 sink : f32[B,4]",
+    ])) {
+        Err(IrError::Shape { msg, .. }) => {
+            assert!(msg.contains("attention takes 4 operand(s), got 3"), "{msg}")
+        }
+        r => panic!("expected a shape error, got {r:?}"),
+    }
+    // Attributes in any order; `act=none` is accepted and printed as nothing.
+    let g = parse(&doc(&[
+        "%1 = input \"w\" : f32[3,4]",
+        "%2 = linear %0, %1 act=none : f32[B,3]",
+        "%3 = linear %0, %1, %2 act=gelu residual : f32[B,3]",
+        "output \"y\" = %3",
+    ]))
+    .unwrap();
+    let text = print(&g).unwrap();
+    assert!(text.contains("%2 = linear %0, %1 : f32[B,3]\n"), "{text}");
+    assert!(
+        text.contains("%3 = linear %0, %1, %2 residual act=gelu : f32[B,3]\n"),
+        "{text}"
+    );
+}
+
+#[test]
 fn leaves() {
     parse_err(
         &doc(&["%1 = param \"w\" frozn checkpoint : f32[4]"]),

@@ -5,7 +5,8 @@ use std::collections::BTreeSet;
 
 use eptc_ir::text::{parse, print};
 use eptc_ir::{
-    verify, BinaryOp, DType, Dim, Graph, Init, NodeId, Op, ReduceOp, Shape, TensorType, UnaryOp,
+    lower_unsupported, verify, Activation, BinaryOp, DType, Dim, Graph, Init, NodeId, Op, ReduceOp,
+    Shape, TensorType, UnaryOp,
 };
 use rand::rngs::StdRng;
 use rand::seq::{IndexedRandom, SliceRandom};
@@ -130,6 +131,31 @@ impl Gen {
                 return v;
             }
         }
+    }
+
+    /// Any finite float (attention scales).
+    fn finite(&mut self) -> f32 {
+        loop {
+            let v = self.float();
+            if v.is_finite() {
+                return v;
+            }
+        }
+    }
+
+    /// `d` as an operand broadcasting to it: a suffix of it, some dims set to 1.
+    fn broadcastable(&mut self, d: &[Dim]) -> Vec<Dim> {
+        let keep = self.rng.random_range(0..=d.len());
+        d[d.len() - keep..]
+            .iter()
+            .map(|&x| {
+                if self.rng.random_bool(0.3) {
+                    Dim::Fixed(1)
+                } else {
+                    x
+                }
+            })
+            .collect()
     }
 
     fn set_random_tag(&mut self) {
@@ -498,6 +524,81 @@ impl Gen {
                 }
                 self.add(Op::Broadcast { shape: Shape(d) }, &[x])
             }
+            "softmax_sink" => {
+                let s = self.pick(
+                    |d| !d.is_empty() && d.len() <= MAX_RANK,
+                    |s| {
+                        let r = s.rng.random_range(1..=4);
+                        s.shape(r, true)
+                    },
+                );
+                let mut rows = self.dims(s);
+                *rows.last_mut().unwrap() = Dim::Fixed(1);
+                let zd = self.broadcastable(&rows);
+                let z = self.leaf(zd);
+                self.add(Op::SoftmaxSink, &[s, z])
+            }
+            "attention" => {
+                let q = self.pick(
+                    |d| (2..=MAX_RANK).contains(&d.len()),
+                    |s| {
+                        let r = s.rng.random_range(2..=4);
+                        s.shape(r, true)
+                    },
+                );
+                let dq = self.dims(q);
+                let r = dq.len();
+                let (lead, n, d) = (dq[..r - 2].to_vec(), dq[r - 2], dq[r - 1]);
+                let m = Dim::Fixed(self.dim());
+                let e = Dim::Fixed(self.dim());
+                let mut kd = self.broadcastable(&lead);
+                kd.extend([m, d]);
+                let mut vd = self.broadcastable(&lead);
+                vd.extend([m, e]);
+                let (k, v) = (self.leaf(kd), self.leaf(vd));
+                let sink = self.rng.random_bool(0.6);
+                let mut ops = vec![q, k, v];
+                if sink {
+                    let mut rows = lead.clone();
+                    rows.extend([n, Dim::Fixed(1)]);
+                    let zd = self.broadcastable(&rows);
+                    ops.push(self.leaf(zd));
+                }
+                let scale = self.finite();
+                self.add(Op::Attention { scale, sink }, &ops)
+            }
+            "linear" => {
+                let x = self.pick(
+                    |d| !d.is_empty() && d.len() <= MAX_RANK,
+                    |s| {
+                        let r = s.rng.random_range(1..=4);
+                        s.shape(r, true)
+                    },
+                );
+                let mut out = self.dims(x);
+                let k = *out.last().unwrap();
+                let o = Dim::Fixed(self.dim());
+                *out.last_mut().unwrap() = o;
+                let w = self.leaf(vec![o, k]);
+                let mut ops = vec![x, w];
+                let bias = self.rng.random_bool(0.5);
+                if bias {
+                    ops.push(self.leaf(vec![o]));
+                }
+                let residual = self.rng.random_bool(0.5);
+                if residual {
+                    ops.push(self.leaf(out));
+                }
+                let activation = *Activation::ALL.choose(&mut self.rng).unwrap();
+                self.add(
+                    Op::Linear {
+                        bias,
+                        activation,
+                        residual,
+                    },
+                    &ops,
+                )
+            }
             k => panic!("the generator does not know op {k:?}: teach it"),
         }
     }
@@ -591,6 +692,9 @@ fn same_op(a: &Op, b: &Op) -> bool {
             x.len() == y.len() && x.iter().zip(y).all(|(p, q)| p.to_bits() == q.to_bits())
         }
         (Op::LayerNorm { eps: x }, Op::LayerNorm { eps: y }) => x.to_bits() == y.to_bits(),
+        (Op::Attention { scale: x, sink: s }, Op::Attention { scale: y, sink: t }) => {
+            x.to_bits() == y.to_bits() && s == t
+        }
         (
             Op::Param {
                 name: n1,
@@ -801,4 +905,41 @@ fn print_order_does_not_depend_on_build_order() {
         "{tc}"
     );
     assert_eq!(print(&parse(&tc).unwrap()).unwrap(), tc);
+}
+
+#[test]
+fn random_graphs_decompose() {
+    let mut lowered = 0;
+    for seed in 0..SEEDS {
+        let mut g = Gen::new(seed).build();
+        let ctx = format!("seed {seed}");
+        let fused = g
+            .node_ids()
+            .into_iter()
+            .filter(|&id| g.node(id).op.is_fused())
+            .count();
+        let types: Vec<TensorType> = g.outputs().iter().map(|o| g.ty(o.1).clone()).collect();
+        match lower_unsupported(&mut g, &|_| false) {
+            Ok(n) => {
+                assert_eq!(n, fused, "{ctx}");
+                lowered += n;
+                verify(&g).unwrap_or_else(|e| panic!("{ctx}: {e}"));
+                assert!(
+                    g.node_ids().iter().all(|&id| !g.node(id).op.is_fused()),
+                    "{ctx}: fused nodes left"
+                );
+                let after: Vec<TensorType> =
+                    g.outputs().iter().map(|o| g.ty(o.1).clone()).collect();
+                assert_eq!(types, after, "{ctx}: output types changed");
+                let p = print(&g).unwrap();
+                assert_eq!(print(&parse(&p).unwrap()).unwrap(), p, "{ctx}");
+            }
+            // A softmax_sink whose last axis is the batch has no concat/slice form.
+            Err(e) => assert!(e.to_string().contains("batch axis"), "{ctx}: {e}"),
+        }
+    }
+    assert!(
+        lowered > SEEDS as usize,
+        "only {lowered} fused nodes lowered"
+    );
 }

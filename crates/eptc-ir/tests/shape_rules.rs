@@ -4,7 +4,8 @@
 use eptc_ir::infer::{broadcast_shapes, broadcasts_to, infer};
 use eptc_ir::text::{parse, print};
 use eptc_ir::{
-    verify, BinaryOp, DType, Dim, Graph, Init, IrError, Op, ReduceOp, Shape, TensorType, UnaryOp,
+    verify, Activation, BinaryOp, DType, Dim, Graph, Init, IrError, Op, ReduceOp, Shape,
+    TensorType, UnaryOp,
 };
 
 const B: Dim = Dim::Batch;
@@ -392,6 +393,263 @@ fn broadcast() {
         "does not broadcast to",
     );
     err(b(Shape::fixed(&[5])), &[tb(&[])], "does not broadcast to");
+}
+
+// ---- fused ----------------------------------------------------------------------------
+
+fn attn(scale: f32, sink: bool) -> Op {
+    Op::Attention { scale, sink }
+}
+
+fn lin(bias: bool, activation: Activation, residual: bool) -> Op {
+    Op::Linear {
+        bias,
+        activation,
+        residual,
+    }
+}
+
+#[test]
+fn softmax_sink() {
+    let s = || Op::SoftmaxSink;
+    let scores = tb(&[3, 17, 19]);
+    for z in [
+        tf(&[17, 1]),
+        tb(&[3, 17, 1]),
+        tf(&[3, 17, 1]),
+        tf(&[1]),
+        tf(&[]),
+        tf(&[1, 1, 17, 1]),
+        tb(&[1, 17, 1]),
+    ] {
+        assert_eq!(ok(s(), &[scores.clone(), z]), scores);
+    }
+    assert_eq!(ok(s(), &[tf(&[5]), tf(&[1])]), tf(&[5]));
+    err(
+        s(),
+        &[scores.clone(), tf(&[17, 19])],
+        "does not broadcast to",
+    );
+    err(s(), &[scores.clone(), tf(&[17])], "does not broadcast to");
+    err(
+        s(),
+        &[scores.clone(), tf(&[4, 17, 1])],
+        "does not broadcast to",
+    );
+    err(
+        s(),
+        &[scores.clone(), tf(&[2, 3, 17, 1])],
+        "does not broadcast to",
+    );
+    // More axes than s.
+    err(
+        s(),
+        &[scores.clone(), t(&[f(2), B, f(3), f(17), f(1)])],
+        "does not broadcast to",
+    );
+    err(s(), &[tf(&[]), tf(&[])], "scalar");
+    err(s(), std::slice::from_ref(&scores), "takes 2 operand");
+    err(
+        s(),
+        &[scores, TensorType::new(DType::F16, Shape::fixed(&[17, 1]))],
+        "mixed element types",
+    );
+}
+
+#[test]
+fn attention() {
+    // ViT: [B, H, N, d] q, k, v; a sink shared by heads and batch.
+    let (q, k, v) = (tb(&[3, 17, 16]), tb(&[3, 19, 16]), tb(&[3, 19, 8]));
+    assert_eq!(
+        ok(attn(0.25, false), &[q.clone(), k.clone(), v.clone()]),
+        tb(&[3, 17, 8])
+    );
+    for z in [tf(&[17, 1]), tb(&[3, 17, 1]), tf(&[1]), tf(&[3, 1, 1])] {
+        assert_eq!(
+            ok(attn(0.25, true), &[q.clone(), k.clone(), v.clone(), z]),
+            tb(&[3, 17, 8])
+        );
+    }
+    // Leading axes broadcast: k and v shared by the heads, q without the batch.
+    assert_eq!(
+        ok(
+            attn(1.0, false),
+            &[tf(&[3, 17, 16]), tb(&[1, 19, 16]), tb(&[1, 19, 8])]
+        ),
+        tb(&[3, 17, 8])
+    );
+    // z may use axes only v brings.
+    assert_eq!(
+        ok(
+            attn(1.0, true),
+            &[
+                tf(&[17, 16]),
+                tf(&[19, 16]),
+                tf(&[4, 19, 8]),
+                tf(&[4, 17, 1])
+            ]
+        ),
+        tf(&[4, 17, 8])
+    );
+    assert_eq!(
+        ok(attn(-0.0, false), &[tf(&[1, 2]), tf(&[3, 2]), tf(&[3, 0])]),
+        tf(&[1, 0])
+    );
+    err(
+        attn(0.25, false),
+        &[q.clone(), tb(&[3, 19, 15]), v.clone()],
+        "q and k feature dims differ",
+    );
+    err(
+        attn(0.25, false),
+        &[q.clone(), k.clone(), tb(&[3, 18, 8])],
+        "k and v token counts differ",
+    );
+    err(
+        attn(0.25, false),
+        &[q.clone(), tb(&[4, 19, 16]), v.clone()],
+        "do not broadcast",
+    );
+    err(
+        attn(0.25, false),
+        &[tf(&[16]), k.clone(), v.clone()],
+        "rank >= 2",
+    );
+    err(
+        attn(0.25, true),
+        &[q.clone(), k.clone(), v.clone(), tf(&[17, 8])],
+        "sink z [17,8] does not broadcast to [B,3,17,1]",
+    );
+    err(
+        attn(0.25, true),
+        &[q.clone(), k.clone(), v.clone(), tf(&[19, 1])],
+        "does not broadcast",
+    );
+    err(
+        attn(0.25, true),
+        &[q.clone(), k.clone(), v.clone()],
+        "attention takes 4 operand(s), got 3",
+    );
+    err(
+        attn(0.25, false),
+        &[q.clone(), k.clone(), v.clone(), tf(&[17, 1])],
+        "attention takes 3 operand(s), got 4",
+    );
+    for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+        err(
+            attn(bad, false),
+            &[q.clone(), k.clone(), v.clone()],
+            "scale must be finite",
+        );
+    }
+}
+
+#[test]
+fn linear() {
+    let (x, w, b) = (tb(&[17, 48]), tf(&[192, 48]), tf(&[192]));
+    let out = tb(&[17, 192]);
+    for act in Activation::ALL {
+        assert_eq!(ok(lin(false, act, false), &[x.clone(), w.clone()]), out);
+        assert_eq!(
+            ok(lin(true, act, false), &[x.clone(), w.clone(), b.clone()]),
+            out
+        );
+        assert_eq!(
+            ok(lin(false, act, true), &[x.clone(), w.clone(), out.clone()]),
+            out
+        );
+        assert_eq!(
+            ok(
+                lin(true, act, true),
+                &[x.clone(), w.clone(), b.clone(), out.clone()]
+            ),
+            out
+        );
+    }
+    // Any rank >= 1.
+    assert_eq!(
+        ok(
+            lin(false, Activation::None, false),
+            &[tf(&[4]), tf(&[3, 4])]
+        ),
+        tf(&[3])
+    );
+    let g = Activation::Gelu;
+    err(
+        lin(false, g, false),
+        &[x.clone(), tf(&[192, 47])],
+        "inner dimensions differ",
+    );
+    err(
+        lin(false, g, false),
+        &[x.clone(), tf(&[48])],
+        "w must be [out, in]",
+    );
+    err(
+        lin(false, g, false),
+        &[x.clone(), tf(&[1, 192, 48])],
+        "w must be [out, in]",
+    );
+    err(lin(false, g, false), &[tf(&[]), w.clone()], "scalar");
+    err(
+        lin(true, g, false),
+        &[x.clone(), w.clone(), tf(&[1, 192])],
+        "bias must be [192]",
+    );
+    err(
+        lin(true, g, false),
+        &[x.clone(), w.clone(), tf(&[48])],
+        "bias must be [192]",
+    );
+    // The residual must be exactly the output shape: no broadcasting.
+    err(
+        lin(false, g, true),
+        &[x.clone(), w.clone(), tf(&[192])],
+        "residual must be [B,17,192]",
+    );
+    err(
+        lin(true, g, true),
+        &[x.clone(), w.clone(), b.clone(), tb(&[1, 192])],
+        "residual must be",
+    );
+    // Operand counts follow the flags, and b comes before r.
+    err(
+        lin(true, g, true),
+        &[x.clone(), w.clone(), b.clone()],
+        "takes 4 operand",
+    );
+    err(
+        lin(false, g, false),
+        &[x.clone(), w.clone(), b.clone()],
+        "takes 2 operand",
+    );
+    err(
+        lin(true, g, true),
+        &[x.clone(), w.clone(), out.clone(), b.clone()],
+        "bias must be",
+    );
+}
+
+#[test]
+fn activation_names() {
+    for a in Activation::ALL {
+        assert_eq!(Activation::from_name(a.name()), Some(a));
+    }
+    assert_eq!(Activation::from_name("relu"), None);
+    assert_eq!(Activation::None.name(), "none");
+    assert_eq!(Activation::Gelu.name(), "gelu");
+}
+
+#[test]
+fn fused_kinds() {
+    assert_eq!(
+        Op::fused_kinds(),
+        vec!["softmax_sink", "attention", "linear"]
+    );
+    let all = Op::all_kinds();
+    for k in Op::fused_kinds() {
+        assert!(all.contains(&k), "{k}");
+    }
 }
 
 // ---- the graph API uses the rules -----------------------------------------------------

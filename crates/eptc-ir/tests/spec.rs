@@ -39,7 +39,7 @@ struct AttrSpec {
     meaning: String,
 }
 
-const CATEGORIES: [&str; 7] = [
+const CATEGORIES: [&str; 8] = [
     "leaf",
     "elementwise",
     "matmul",
@@ -47,6 +47,7 @@ const CATEGORIES: [&str; 7] = [
     "normalization",
     "shape",
     "vision",
+    "fused",
 ];
 
 fn spec_path() -> PathBuf {
@@ -132,11 +133,20 @@ fn entries_are_complete() {
                 assert!(!v.trim().is_empty(), "{n}: attribute with an empty {field}");
             }
         }
-        // Only the last operand may be variadic.
+        // Only the last operand may be variadic; optional operands come last, and only
+        // fused ops have them.
         for (i, op) in o.operands.iter().enumerate() {
             assert!(
                 !op.ends_with("...") || i + 1 == o.operands.len(),
                 "{n}: only the last operand may be variadic"
+            );
+            assert!(
+                !op.ends_with('?') || o.operands[i..].iter().all(|x| x.ends_with('?')),
+                "{n}: optional operands must come last"
+            );
+            assert!(
+                !op.ends_with('?') || o.category == "fused",
+                "{n}: only fused ops have optional operands"
             );
         }
         assert_eq!(
@@ -186,6 +196,7 @@ fn example_lines_parse_verify_and_print_back() {
         assert_eq!(op.kind(), n);
         let got = g.operands(node).len();
         let variadic = o.operands.last().is_some_and(|s| s.ends_with("..."));
+        // The example shows every optional operand.
         match op.arity() {
             Some(k) => {
                 assert!(
@@ -227,4 +238,69 @@ fn categories_match_the_op_enum() {
     for l in ["input", "param", "const"] {
         assert_eq!(cat.get(l), Some(&"leaf"), "{l}");
     }
+    for k in Op::all_kinds() {
+        assert_eq!(
+            cat.get(k) == Some(&"fused"),
+            Op::fused_kinds().contains(&k),
+            "{k}: category fused iff Op::fused_kinds() lists it"
+        );
+    }
+}
+
+#[test]
+fn optional_operands_follow_the_flags() {
+    // Each fused op's operand count without any optional operand is the spec's required
+    // count, and each flag adds one.
+    use eptc_ir::Activation;
+    let spec = load();
+    let required = |name: &str| {
+        let o = spec.op.iter().find(|o| o.name == name).unwrap();
+        o.operands.iter().filter(|x| !x.ends_with('?')).count()
+    };
+    let ops = [
+        (Op::SoftmaxSink, 0),
+        (
+            Op::Attention {
+                scale: 1.0,
+                sink: false,
+            },
+            0,
+        ),
+        (
+            Op::Attention {
+                scale: 1.0,
+                sink: true,
+            },
+            1,
+        ),
+        (
+            Op::Linear {
+                bias: false,
+                activation: Activation::Gelu,
+                residual: false,
+            },
+            0,
+        ),
+        (
+            Op::Linear {
+                bias: true,
+                activation: Activation::None,
+                residual: false,
+            },
+            1,
+        ),
+        (
+            Op::Linear {
+                bias: true,
+                activation: Activation::None,
+                residual: true,
+            },
+            2,
+        ),
+    ];
+    for (op, extra) in ops {
+        assert!(op.is_fused());
+        assert_eq!(op.arity(), Some(required(op.kind()) + extra), "{op:?}");
+    }
+    assert!(!Op::Softmax { axis: 0 }.is_fused());
 }

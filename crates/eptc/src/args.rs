@@ -33,6 +33,48 @@ impl ModelArgs {
     }
 }
 
+/// Bounds of the equality-saturation optimizer.
+#[derive(Args, Debug, Clone)]
+pub struct OptArgs {
+    /// Run the graph as the PEFT pass left it, without the optimizer
+    #[arg(long)]
+    pub no_optimize: bool,
+    /// Optimizer: most saturation iterations
+    #[arg(long, default_value_t = 30)]
+    pub opt_iter_limit: usize,
+    /// Optimizer: most e-graph nodes
+    #[arg(long, default_value_t = 200_000)]
+    pub opt_node_limit: usize,
+    /// Optimizer: most seconds of saturation
+    #[arg(long, default_value_t = 10.0)]
+    pub opt_time_limit: f64,
+}
+
+impl Default for OptArgs {
+    fn default() -> Self {
+        let l = eptc_opt::Limits::default();
+        OptArgs {
+            no_optimize: false,
+            opt_iter_limit: l.iterations,
+            opt_node_limit: l.nodes,
+            opt_time_limit: l.time.as_secs_f64(),
+        }
+    }
+}
+
+impl OptArgs {
+    pub fn limits(&self) -> Result<eptc_opt::Limits> {
+        if !(self.opt_time_limit.is_finite() && self.opt_time_limit > 0.0) {
+            bail!("--opt-time-limit must be a positive number of seconds");
+        }
+        Ok(eptc_opt::Limits {
+            iterations: self.opt_iter_limit,
+            nodes: self.opt_node_limit,
+            time: std::time::Duration::from_secs_f64(self.opt_time_limit),
+        })
+    }
+}
+
 /// The fine-tuning method and its options.
 #[derive(Args, Debug, Clone)]
 pub struct PeftArgs {

@@ -22,7 +22,7 @@ use sha2::{Digest, Sha256};
 pub const MANIFEST: &str = "manifest.json";
 pub const ADAPTER_INIT: &str = "adapter-init.safetensors";
 /// The stage the runtime executes.
-pub const RUN_STAGE: &str = "peft";
+pub const RUN_STAGE: &str = "optimized";
 pub const FORMAT: u32 = 1;
 
 #[derive(Serialize, Deserialize, Debug, Clone)]
@@ -71,11 +71,12 @@ impl From<&VitArch> for Architecture {
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone)]
-pub struct OptimizerSummary {
+pub struct OptimizerInfo {
     pub enabled: bool,
-    pub note: String,
-    pub nodes_before: usize,
-    pub nodes_after: usize,
+    pub iter_limit: usize,
+    pub node_limit: usize,
+    pub time_limit_s: f64,
+    pub summary: Option<eptc_opt::Summary>,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone)]
@@ -90,7 +91,7 @@ pub struct Manifest {
     pub frozen_params: usize,
     pub target: String,
     pub dtype: String,
-    pub optimizer: OptimizerSummary,
+    pub optimizer: OptimizerInfo,
     /// Stage name -> IR file in the artifact.
     pub stages: Vec<(String, String)>,
     pub plan: Option<String>,

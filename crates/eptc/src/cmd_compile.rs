@@ -11,9 +11,9 @@ use eptc_frontend::{write_tensors, ImportOptions, TensorFile};
 use eptc_ir::{Graph, HostTensor};
 use serde_json::json;
 
-use crate::args::{ModelArgs, PeftArgs};
+use crate::args::{ModelArgs, OptArgs, PeftArgs};
 use crate::artifact::{
-    self, Architecture, Manifest, OptimizerSummary, Source, ADAPTER_INIT, RUN_STAGE,
+    self, Architecture, Manifest, OptimizerInfo, Source, ADAPTER_INIT, RUN_STAGE,
 };
 use crate::pipeline;
 
@@ -25,6 +25,8 @@ pub struct CompileArgs {
     pub model_args: ModelArgs,
     #[command(flatten)]
     pub peft: PeftArgs,
+    #[command(flatten)]
+    pub opt: OptArgs,
     /// Backend: cpu (built in; `eptc plugins` lists the others)
     #[arg(long, default_value = "cpu")]
     pub target: String,
@@ -60,10 +62,10 @@ pub fn compile(a: &CompileArgs) -> Result<(PathBuf, Manifest)> {
         );
     }
     let (sha256, bytes) = artifact::hash_file(&a.model)?;
-    let c = pipeline::build(&a.model, &a.model_args, &a.peft, &a.target)?;
+    let c = pipeline::build(&a.model, &a.model_args, &a.peft, &a.opt, &a.target)?;
     // Compiling on the backend checks that it can run the graph with these weights.
     let weights = pipeline::weights_with(&c.model, &c.adapter);
-    pipeline::executable(&a.target, &c.peft, &weights, None)?;
+    pipeline::executable(&a.target, &c.optimized, &weights, None)?;
 
     let dir = a.output.clone().unwrap_or_else(|| {
         let stem = a
@@ -75,7 +77,11 @@ pub fn compile(a: &CompileArgs) -> Result<(PathBuf, Manifest)> {
     });
     fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let mut stages = Vec::new();
-    for (name, g) in [("imported", &c.imported), ("peft", &c.peft)] {
+    for (name, g) in [
+        ("imported", &c.imported),
+        ("peft", &c.peft),
+        ("optimized", &c.optimized),
+    ] {
         let file = format!("{name}.eptc");
         if a.emit.iter().any(|e| e == "ir") || name == RUN_STAGE {
             artifact::write_atomic(&dir.join(&file), eptc_ir::text::print(g)?.as_bytes())?;
@@ -85,7 +91,7 @@ pub fn compile(a: &CompileArgs) -> Result<(PathBuf, Manifest)> {
     let plan = if a.emit.iter().any(|e| e == "plan") {
         artifact::write_atomic(
             &dir.join("plan.json"),
-            serde_json::to_string_pretty(&plan_json(&c.peft, &a.target)?)?.as_bytes(),
+            serde_json::to_string_pretty(&plan_json(&c.optimized, &a.target)?)?.as_bytes(),
         )?;
         Some("plan.json".to_string())
     } else {
@@ -108,17 +114,18 @@ pub fn compile(a: &CompileArgs) -> Result<(PathBuf, Manifest)> {
         frozen_params: frozen_count(&c.peft),
         target: a.target.clone(),
         dtype: a.dtype.clone(),
-        optimizer: OptimizerSummary {
-            enabled: false,
-            note: "the equality-saturation optimizer is not built yet (issue #3): the peft stage runs as it is".into(),
-            nodes_before: c.peft.len(),
-            nodes_after: c.peft.len(),
+        optimizer: OptimizerInfo {
+            enabled: !a.opt.no_optimize,
+            iter_limit: a.opt.opt_iter_limit,
+            node_limit: a.opt.opt_node_limit,
+            time_limit_s: a.opt.opt_time_limit,
+            summary: c.opt_summary.clone(),
         },
         stages,
         plan,
         kernels: vec![],
         adapter_init: ADAPTER_INIT.into(),
-        outputs: c.peft.outputs().iter().map(|o| o.0.clone()).collect(),
+        outputs: c.optimized.outputs().iter().map(|o| o.0.clone()).collect(),
     };
     manifest.write(&dir)?;
     Ok((dir, manifest))
@@ -133,7 +140,7 @@ pub fn cmd_compile(a: &CompileArgs) -> Result<()> {
             "{}",
             json!({"artifact": dir, "trainable_params": m.trainable_params, "head_params": head,
                    "frozen_params": m.frozen_params, "target": m.target, "peft": m.peft,
-                   "seconds": t0.elapsed().as_secs_f64()})
+                   "optimizer": m.optimizer.summary, "seconds": t0.elapsed().as_secs_f64()})
         );
     } else {
         let ar = &m.architecture;
@@ -164,6 +171,28 @@ pub fn cmd_compile(a: &CompileArgs) -> Result<()> {
             m.peft.num_classes,
             fmt_count(m.frozen_params)
         );
+        match &m.optimizer.summary {
+            Some(o) => {
+                let fired: Vec<String> = o
+                    .rules_fired
+                    .iter()
+                    .map(|(r, n)| format!("{r} {n}"))
+                    .collect();
+                println!(
+                    "optimized: {} -> {} nodes in {:.2} s ({} iterations, {}); attention fused {} ({} with the EPT sink), linear fused {}; rules: {}",
+                    o.nodes_before,
+                    o.nodes_after,
+                    o.seconds,
+                    o.iterations,
+                    o.stop_reason,
+                    o.attention_fused,
+                    o.attention_with_sink,
+                    o.linear_fused,
+                    if fired.is_empty() { "none".to_string() } else { fired.join(", ") }
+                );
+            }
+            None => println!("not optimized (--no-optimize)"),
+        }
         println!(
             "target {} ({}), artifact {}",
             m.target,

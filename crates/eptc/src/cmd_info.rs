@@ -6,7 +6,7 @@ use anyhow::{bail, Result};
 use clap::Args;
 use serde_json::json;
 
-use crate::args::{ModelArgs, PeftArgs};
+use crate::args::{ModelArgs, OptArgs, PeftArgs};
 use crate::artifact::{Architecture, Manifest};
 use crate::cmd_compile::fmt_count;
 use crate::{backends, pipeline};
@@ -87,17 +87,21 @@ pub struct IrArgs {
     pub model_args: ModelArgs,
     #[command(flatten)]
     pub peft: PeftArgs,
+    #[command(flatten)]
+    pub opt: OptArgs,
+    /// Backend whose capabilities the optimized stage is extracted for
+    #[arg(long, default_value = "cpu")]
+    pub target: String,
     /// Stage to print: imported (the checkpoint as read), peft (after the PEFT pass),
-    /// train (with gradients), optimized (after equality saturation)
+    /// optimized (after equality saturation, for --target), train (with gradients)
     #[arg(long, default_value = "peft")]
     pub stage: String,
 }
 
 pub fn cmd_ir(a: &IrArgs) -> Result<()> {
     match a.stage.as_str() {
-        "imported" | "peft" => {}
+        "imported" | "peft" | "optimized" => {}
         "train" => bail!("--stage train: the autodiff pass is not built yet (issue #4)"),
-        "optimized" => bail!("--stage optimized: the optimizer is not built yet (issue #3)"),
         s => bail!("--stage {s:?}: expected imported, peft, train or optimized"),
     }
     let g = if a.model.is_dir() {
@@ -105,7 +109,12 @@ pub fn cmd_ir(a: &IrArgs) -> Result<()> {
     } else if a.stage == "imported" {
         eptc_frontend::import(&a.model, &a.model_args.import_options())?.graph
     } else {
-        pipeline::build(&a.model, &a.model_args, &a.peft, "cpu")?.peft
+        let c = pipeline::build(&a.model, &a.model_args, &a.peft, &a.opt, &a.target)?;
+        if a.stage == "peft" {
+            c.peft
+        } else {
+            c.optimized
+        }
     };
     print!("{}", eptc_ir::text::print(&g)?);
     Ok(())

@@ -13,7 +13,7 @@ use rand::rngs::StdRng;
 use rand::SeedableRng;
 use rand_distr::{Distribution, Normal};
 
-use crate::args::{ModelArgs, PeftArgs};
+use crate::args::{ModelArgs, OptArgs, PeftArgs};
 use crate::cmd_compile::{self, CompileArgs, RunArgs};
 
 #[derive(Args, Debug)]
@@ -150,6 +150,7 @@ pub fn cmd_demo(a: &DemoArgs) -> Result<()> {
             task: "multiclass".into(),
             seed: a.seed,
         },
+        opt: OptArgs::default(),
         target: target.clone(),
         dtype: "f32".into(),
         output: Some(dir.join("artifact")),
@@ -173,7 +174,7 @@ pub fn cmd_demo(a: &DemoArgs) -> Result<()> {
     cmd_compile::cmd_run(&run)?;
     report(&out, &labels)?;
     println!(
-        "done in {:.2} s. Look at {}/artifact/peft.eptc for the EPT graph.",
+        "done in {:.2} s. Look at {}/artifact/peft.eptc for the EPT graph and optimized.eptc for what runs.",
         t0.elapsed().as_secs_f64(),
         dir.display()
     );

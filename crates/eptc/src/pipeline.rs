@@ -10,7 +10,7 @@ use eptc_ir::{Graph, HostTensor, Op};
 use eptc_peft::ept::prompt_name;
 use eptc_peft::{PeftConfig, PromptInit};
 
-use crate::args::{ModelArgs, PeftArgs};
+use crate::args::{ModelArgs, OptArgs, PeftArgs};
 use crate::backends;
 
 /// The stages of one compilation.
@@ -18,13 +18,22 @@ pub struct Compiled {
     pub model: Model,
     pub imported: Graph,
     pub peft: Graph,
+    /// The graph the backend runs: optimized for it, or the PEFT stage with `--no-optimize`.
+    pub optimized: Graph,
+    pub opt_summary: Option<eptc_opt::Summary>,
     pub config: PeftConfig,
     /// Initial values of the trainable tensors.
     pub adapter: BTreeMap<String, HostTensor>,
 }
 
-/// Import `path` and apply the PEFT method.
-pub fn build(path: &Path, margs: &ModelArgs, pargs: &PeftArgs, target: &str) -> Result<Compiled> {
+/// Import `path`, apply the PEFT method and optimize for `target`.
+pub fn build(
+    path: &Path,
+    margs: &ModelArgs,
+    pargs: &PeftArgs,
+    oargs: &OptArgs,
+    target: &str,
+) -> Result<Compiled> {
     let model = eptc_frontend::import(path, &margs.import_options())?;
     let config = pargs
         .config(&model.arch)
@@ -54,10 +63,19 @@ pub fn build(path: &Path, margs: &ModelArgs, pargs: &PeftArgs, target: &str) -> 
             .expect("checked by PeftArgs::config");
         token_init(&model, &imported, &config, file, target, &mut adapter)?;
     }
+    let (optimized, opt_summary) = if oargs.no_optimize {
+        (peft.clone(), None)
+    } else {
+        let caps = backends::get(target)?.capabilities();
+        let (g, s) = eptc_opt::optimize(&peft, &|k| caps.supports(k), &oargs.limits()?)?;
+        (g, Some(s))
+    };
     Ok(Compiled {
         model,
         imported,
         peft,
+        optimized,
+        opt_summary,
         config,
         adapter,
     })
@@ -130,5 +148,9 @@ pub fn executable(
     threads: Option<usize>,
 ) -> Result<Box<dyn eptc_backend::Executable>> {
     let backend: Box<dyn Backend> = backends::get(target)?;
-    Ok(backend.compile(graph, weights, &CompileOptions { threads })?)
+    // Fused ops the backend lacks run as their decomposition.
+    let caps = backend.capabilities();
+    let mut g = graph.clone();
+    eptc_ir::decompose::lower_unsupported(&mut g, &|k| caps.supports(k))?;
+    Ok(backend.compile(&g, weights, &CompileOptions { threads })?)
 }

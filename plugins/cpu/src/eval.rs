@@ -5,7 +5,7 @@ use eptc_ir::infer::{broadcasts_to, infer};
 use eptc_ir::{Op, Shape, TensorType};
 
 use crate::value::Value;
-use crate::{elementwise, matmul, norm, reduce, shape_ops};
+use crate::{attention, elementwise, linear, matmul, norm, reduce, shape_ops};
 
 /// Evaluate the non-leaf `op` on `args`, with the batch bound to `batch`; `declared` is
 /// the node's declared output shape. Errors (as text) on operands the op cannot take.
@@ -50,6 +50,25 @@ pub fn eval(op: &Op, args: Vec<Value>, batch: usize, declared: &Shape) -> Result
         Op::Concat { .. } => unreachable!("handled above"),
         Op::Slice { axis, start, end } => shape_ops::slice(&next()?, *axis, *start, *end),
         Op::Broadcast { .. } => shape_ops::broadcast(&next()?, out_shape),
+        Op::SoftmaxSink => {
+            let (s, z) = (next()?, next()?);
+            attention::softmax_sink(s, &z)
+        }
+        Op::Attention { scale, sink } => {
+            let (q, k, v) = (next()?, next()?, next()?);
+            let z = if *sink { Some(next()?) } else { None };
+            attention::attention(&q, &k, &v, z.as_ref(), *scale, out_shape)
+        }
+        Op::Linear {
+            bias,
+            activation,
+            residual,
+        } => {
+            let (x, w) = (next()?, next()?);
+            let b = if *bias { Some(next()?) } else { None };
+            let r = if *residual { Some(next()?) } else { None };
+            linear::linear(&x, &w, b.as_ref(), r, *activation, out_shape)
+        }
     })
 }
 

@@ -171,7 +171,9 @@ macro_rules! multiversion {
 }
 
 multiversion!(fn gelu_in_place(xs: &mut [f32]) => gelu_slice);
+multiversion!(fn gelu_epilogue(row: &mut [f32], b: &[f32], r: &[f32]) => gelu_epilogue_generic);
 multiversion!(fn softmax_row(row: &mut [f32]) => softmax_row_generic);
+multiversion!(fn softmax_sink_row(row: &mut [f32], z: f32) => softmax_sink_row_generic);
 multiversion!(fn layernorm_row(row: &mut [f32], gamma: &[f32], beta: &[f32], eps: f32) => layernorm_row_generic);
 
 /// `sum f(x)` in f64 over 16 fixed lanes (vectorises; the order does not depend on
@@ -210,11 +212,66 @@ fn gelu_slice<const FMA: bool>(xs: &mut [f32]) {
     xs.iter_mut().for_each(|x| *x = gelu::<FMA>(*x));
 }
 
+/// A linear layer's epilogue in one pass, in place: `gelu(x + b) + r`, each of `b` (one
+/// value per element of `row`) and `r` skipped when empty. Rounds like the unfused ops:
+/// the sum `x + b` in f32, then the GELU, then the residual add.
+#[inline(always)]
+fn gelu_epilogue_generic<const FMA: bool>(row: &mut [f32], b: &[f32], r: &[f32]) {
+    match (b.is_empty(), r.is_empty()) {
+        (true, true) => row.iter_mut().for_each(|x| *x = gelu::<FMA>(*x)),
+        (false, true) => row
+            .iter_mut()
+            .zip(b)
+            .for_each(|(x, &b)| *x = gelu::<FMA>(*x + b)),
+        (true, false) => row
+            .iter_mut()
+            .zip(r)
+            .for_each(|(x, &r)| *x = gelu::<FMA>(*x) + r),
+        (false, false) => row
+            .iter_mut()
+            .zip(b)
+            .zip(r)
+            .for_each(|((x, &b), &r)| *x = gelu::<FMA>(*x + b) + r),
+    }
+}
+
 /// Softmax of a contiguous row in place: max, `exp(x - max)`, sum in f64 lanes, scale.
 /// Partial maxima and sums go over 16 fixed lanes so the loops vectorise and the result
 /// does not depend on how rows are split among threads.
 #[inline(always)]
 fn softmax_row_generic<const FMA: bool>(row: &mut [f32]) {
+    let m = max_lanes(row);
+    // A NaN or +inf anywhere makes the sum, hence every output, NaN (as the exact
+    // formula does); -inf entries (masks) give 0.
+    for v in row.iter_mut() {
+        *v = exp_nonpos_f32::<FMA>(*v - m);
+    }
+    let r = (1.0 / sum_lanes(row, |v| v)) as f32;
+    for v in row.iter_mut() {
+        *v *= r;
+    }
+}
+
+/// Softmax of a row with one extra logit `z` that is normalised with the row but not
+/// written: `exp(x_j - m) / (sum_j' exp(x_j' - m) + exp(z - m))`, `m = max(max x, z)`.
+/// The same arithmetic as [`softmax_row_generic`] on the row `[z, x...]`.
+#[inline(always)]
+fn softmax_sink_row_generic<const FMA: bool>(row: &mut [f32], z: f32) {
+    let m = max_lanes(row);
+    let m = if z > m { z } else { m };
+    for v in row.iter_mut() {
+        *v = exp_nonpos_f32::<FMA>(*v - m);
+    }
+    let ez = f64::from(exp_nonpos_f32::<FMA>(z - m));
+    let r = (1.0 / (sum_lanes(row, |v| v) + ez)) as f32;
+    for v in row.iter_mut() {
+        *v *= r;
+    }
+}
+
+/// The maximum of a row over 16 fixed lanes (NaN ignored; -inf for an empty row).
+#[inline(always)]
+fn max_lanes(row: &[f32]) -> f32 {
     const L: usize = 16;
     let mut lanes = [f32::NEG_INFINITY; L];
     let mut chunks = row.chunks_exact(L);
@@ -230,15 +287,7 @@ fn softmax_row_generic<const FMA: bool>(row: &mut [f32]) {
     for &l in &lanes {
         m = if l > m { l } else { m };
     }
-    // A NaN or +inf anywhere makes the sum, hence every output, NaN (as the exact
-    // formula does); -inf entries (masks) give 0.
-    for v in row.iter_mut() {
-        *v = exp_nonpos_f32::<FMA>(*v - m);
-    }
-    let r = (1.0 / sum_lanes(row, |v| v)) as f32;
-    for v in row.iter_mut() {
-        *v *= r;
-    }
+    m
 }
 
 #[cfg(test)]

@@ -1,9 +1,11 @@
 //! eptc's CPU reference backend: every op of the IR in f32, the reference every other
 //! backend is tested against, and fast enough to serve where there is no GPU.
 //!
-//! Matrix products go to the `gemm` crate; everything else is a rayon-parallel loop over
-//! rows, with the transcendental loops (GELU, softmax, layernorm) compiled per x86
-//! instruction set level. Each executable owns a rayon pool of `CompileOptions::threads`
+//! Matrix products go to the `gemm` crate, and so do the fused ops' GEMMs (`linear` with
+//! its bias / GELU / residual epilogue; `attention`, with or without the EPT sink, one
+//! batch-and-head entry per task without materialising the scores); everything else is
+//! a rayon-parallel loop over rows, with the transcendental loops (GELU, softmax,
+//! layernorm) compiled per x86 instruction set level. Each executable owns a rayon pool of `CompileOptions::threads`
 //! threads (default: all cores) and runs everything inside it; results do not depend on
 //! the thread count. Reshapes and contiguous slices are views, parameters are never
 //! copied, intermediates die after their last reader and their buffers are recycled by
@@ -24,11 +26,13 @@
 //! assert_eq!(out.unwrap()[0].1.data(), &[0.0, 0.5, 2.0]);
 //! ```
 
+mod attention;
 mod elementwise;
 mod eval;
 mod exec;
 mod fastmath;
 mod layout;
+mod linear;
 mod matmul;
 mod norm;
 mod pool;
@@ -99,8 +103,12 @@ impl Backend for CpuBackend {
 
     fn capabilities(&self) -> Capabilities {
         Capabilities {
-            ops: Op::all_kinds().into_iter().map(str::to_owned).collect(),
-            fused_ops: vec![],
+            ops: Op::all_kinds()
+                .into_iter()
+                .filter(|k| !Op::fused_kinds().contains(k))
+                .map(str::to_owned)
+                .collect(),
+            fused_ops: Op::fused_kinds().into_iter().map(str::to_owned).collect(),
             dtypes: vec![DType::F32],
         }
     }

@@ -13,9 +13,42 @@ use crate::value::Value;
 
 /// How to read one matrix operand: element `(i, j)` lives at `i * rs + j * cs`.
 #[derive(Clone, Copy)]
-struct Mat {
-    rs: isize,
-    cs: isize,
+pub(crate) struct Mat {
+    pub rs: isize,
+    pub cs: isize,
+}
+
+impl Mat {
+    /// A row-major `[rows, cols]` matrix read as is.
+    pub fn rows(cols: usize) -> Mat {
+        Mat {
+            rs: cols as isize,
+            cs: 1,
+        }
+    }
+
+    /// A row-major `[rows, cols]` matrix read transposed.
+    pub fn transposed(cols: usize) -> Mat {
+        Mat {
+            rs: 1,
+            cs: cols as isize,
+        }
+    }
+}
+
+/// What a GEMM does with its destination: `dst = acc * dst + scale * a @ b`, with
+/// `acc` 1 (accumulate into what is there) or 0 (overwrite).
+#[derive(Clone, Copy)]
+pub(crate) struct Epilogue {
+    pub accumulate: bool,
+    pub scale: f32,
+}
+
+impl Epilogue {
+    pub const OVERWRITE: Epilogue = Epilogue {
+        accumulate: false,
+        scale: 1.0,
+    };
 }
 
 /// `a @ b` over the last two axes with leading axes broadcast. Shapes are already
@@ -77,6 +110,7 @@ pub fn matmul(a: &Value, b: &Value, ta: bool, tb: bool, out_shape: Vec<usize>) -
                 bv.as_ptr(),
                 lb,
                 Parallelism::Rayon(threads),
+                Epilogue::OVERWRITE,
             )
         };
         return Value::new(out_shape, out);
@@ -122,6 +156,7 @@ pub fn matmul(a: &Value, b: &Value, ta: bool, tb: bool, out_shape: Vec<usize>) -
                 bv.as_ptr().add(off[1]),
                 lb,
                 par,
+                Epilogue::OVERWRITE,
             )
         }
     };
@@ -137,13 +172,15 @@ pub fn matmul(a: &Value, b: &Value, ta: bool, tb: bool, out_shape: Vec<usize>) -
     Value::new(out_shape, out)
 }
 
-/// `dst[m, n] = a[m, k] @ b[k, n]` with `dst` row-major and contiguous.
+/// `dst[m, n] = a[m, k] @ b[k, n]` (or as `epi` says) with `dst` row-major and
+/// contiguous. gemm blocks `k` the same way whatever the parallelism, so every element is
+/// summed in the same order on any number of threads.
 ///
 /// # Safety
 /// `a` and `b` must point at matrices readable through the given strides for the given
 /// sizes, and `dst` must hold `m * n` values.
 #[allow(clippy::too_many_arguments)]
-unsafe fn gemm_one(
+pub(crate) unsafe fn gemm_one(
     m: usize,
     n: usize,
     k: usize,
@@ -153,9 +190,11 @@ unsafe fn gemm_one(
     b: *const f32,
     lb: Mat,
     par: Parallelism,
+    epi: Epilogue,
 ) {
     debug_assert_eq!(dst.len(), m * n);
-    // gemm computes dst = alpha*dst + beta*lhs*rhs; read_dst = false ignores dst.
+    // gemm computes dst = alpha*dst + beta*lhs*rhs; read_dst = false ignores dst (and
+    // k = 0 then writes zeros).
     gemm::gemm(
         m,
         n,
@@ -163,15 +202,15 @@ unsafe fn gemm_one(
         dst.as_mut_ptr(),
         1,
         n as isize,
-        false,
+        epi.accumulate,
         a,
         la.cs,
         la.rs,
         b,
         lb.cs,
         lb.rs,
-        0.0f32,
-        1.0f32,
+        if epi.accumulate { 1.0f32 } else { 0.0 },
+        epi.scale,
         false,
         false,
         false,

@@ -35,11 +35,24 @@ pub fn softmax(x: Value, axis: usize) -> Value {
 /// buffer when nothing else holds it, else row by row into a new buffer (each row copied
 /// first, so it is in L1 when `f` works on it).
 fn rows_in_place(x: Value, len: usize, f: impl Fn(&mut [f32]) + Sync) -> Vec<f32> {
+    rows_in_place_at(x, len, |_, row| f(row))
+}
+
+/// [`rows_in_place`] with `f` also given the row's index (`x` not empty, `len > 0`).
+pub(crate) fn rows_in_place_at(
+    x: Value,
+    len: usize,
+    f: impl Fn(usize, &mut [f32]) + Sync,
+) -> Vec<f32> {
     let chunk = chunk_len(x.numel(), len);
+    let per = chunk / len;
     match x.into_unique() {
         Ok(mut buf) => {
-            buf.par_chunks_mut(chunk)
-                .for_each(|c| c.chunks_mut(len).for_each(&f));
+            buf.par_chunks_mut(chunk).enumerate().for_each(|(c, ch)| {
+                for (i, row) in ch.chunks_mut(len).enumerate() {
+                    f(c * per + i, row);
+                }
+            });
             buf
         }
         Err(x) => {
@@ -47,10 +60,11 @@ fn rows_in_place(x: Value, len: usize, f: impl Fn(&mut [f32]) + Sync) -> Vec<f32
             let mut out = pool::alloc(src.len());
             out.par_chunks_mut(chunk)
                 .zip(src.par_chunks(chunk))
-                .for_each(|(o, s)| {
-                    for (o, s) in o.chunks_mut(len).zip(s.chunks(len)) {
+                .enumerate()
+                .for_each(|(c, (o, s))| {
+                    for (i, (o, s)) in o.chunks_mut(len).zip(s.chunks(len)).enumerate() {
                         o.copy_from_slice(s);
-                        f(o);
+                        f(c * per + i, o);
                     }
                 });
             out

@@ -152,3 +152,29 @@ pub fn run(
 pub fn shape(r: &mut StdRng, rank: usize, max: usize) -> Vec<usize> {
     (0..rank).map(|_| r.random_range(1..=max)).collect()
 }
+
+/// `‖a − b‖ / ‖b‖`.
+pub fn rel_err(a: &HostTensor, b: &HostTensor) -> f64 {
+    assert_eq!(a.shape, b.shape);
+    let (mut num, mut den) = (0.0f64, 0.0f64);
+    for (&x, &y) in a.data().iter().zip(b.data()) {
+        let (x, y) = (f64::from(x), f64::from(y));
+        num += (x - y) * (x - y);
+        den += y * y;
+    }
+    (num / den.max(1e-300)).sqrt()
+}
+
+/// A graph of inputs `x0..` with one fused node made by `f`, output "y".
+pub fn graph_of(shapes: &[Vec<usize>], f: impl FnOnce(&mut Graph, &[NodeId]) -> NodeId) -> Graph {
+    let mut g = Graph::new("fused");
+    let ids: Vec<NodeId> = shapes
+        .iter()
+        .enumerate()
+        .map(|(i, s)| g.input(&format!("x{i}"), TensorType::f32(Shape::fixed(s))))
+        .collect();
+    let y = f(&mut g, &ids);
+    g.set_output("y", y);
+    eptc_ir::verify(&g).unwrap();
+    g
+}

@@ -1,0 +1,96 @@
+//! The extraction cost: bytes moved plus flops, from the IR types, with the batch bound
+//! to 1. An op the backend does not support costs infinity, so it is never extracted.
+
+use egg::{CostFunction, Id, Language, SymbolLang};
+use eptc_ir::{Op, TensorType};
+
+use crate::lang::{self, decode};
+
+/// Flops per byte at which compute costs as much as memory traffic (a rough machine
+/// balance; any value > 0 ranks the fusions the same way).
+const FLOPS_PER_BYTE: f64 = 8.0;
+
+pub struct Cost<'a> {
+    pub eg: &'a lang::Graph,
+    pub supports: &'a dyn Fn(&str) -> bool,
+}
+
+fn elems(t: &TensorType) -> f64 {
+    t.shape.numel(1) as f64
+}
+
+fn bytes(t: &TensorType) -> f64 {
+    elems(t) * t.dtype.size_bytes() as f64
+}
+
+/// Bytes moved and flops of one op, given its operand and output types.
+pub fn op_cost(op: &Op, ins: &[&TensorType], out: &TensorType) -> f64 {
+    let n_out = elems(out);
+    let io: f64 = ins.iter().map(|t| bytes(t)).sum::<f64>() + bytes(out);
+    let flops = match op {
+        // Views cost (almost) nothing on any backend.
+        Op::Reshape { .. } => return 1.0,
+        Op::MatMul { transpose_a, .. } => {
+            let a = ins[0].shape.dims();
+            let k = a[if *transpose_a {
+                a.len() - 2
+            } else {
+                a.len() - 1
+            }]
+            .resolve(1) as f64;
+            2.0 * n_out * k
+        }
+        Op::Linear { .. } => {
+            let k = ins[0].shape.dims().last().map_or(1, |d| d.resolve(1)) as f64;
+            2.0 * n_out * k + 20.0 * n_out
+        }
+        Op::Attention { .. } => {
+            // q [.., N, d], k [.., M, d], v [.., M, e]: two products and a softmax of N x M.
+            let (q, k) = (ins[0].shape.dims(), ins[1].shape.dims());
+            let d = q[q.len() - 1].resolve(1) as f64;
+            let m = k[k.len() - 2].resolve(1) as f64;
+            let e = out.shape.dims()[out.rank() - 1].resolve(1) as f64;
+            let rows = n_out / e;
+            2.0 * rows * m * (d + e) + 5.0 * rows * m
+        }
+        Op::Softmax { .. } | Op::SoftmaxSink => 5.0 * n_out,
+        Op::LayerNorm { .. } => 8.0 * n_out,
+        Op::Unary(_) => 10.0 * n_out,
+        Op::Reduce { .. } => ins.iter().map(|t| elems(t)).sum::<f64>() * 3.0,
+        _ => n_out,
+    };
+    io + flops / FLOPS_PER_BYTE
+}
+
+impl CostFunction<SymbolLang> for Cost<'_> {
+    type Cost = f64;
+
+    fn cost<C>(&mut self, enode: &SymbolLang, mut costs: C) -> f64
+    where
+        C: FnMut(Id) -> f64,
+    {
+        if enode.children.is_empty() {
+            return 0.0;
+        }
+        if enode.op.as_str() == "outputs" {
+            return enode.fold(0.0, |s, c| s + costs(c));
+        }
+        let Some((op, operands)) = decode(self.eg, enode) else {
+            return f64::INFINITY;
+        };
+        if !(self.supports)(op.kind()) {
+            return f64::INFINITY;
+        }
+        let ins: Option<Vec<&TensorType>> =
+            operands.iter().map(|&o| lang::ty(self.eg, o)).collect();
+        let out = operands.first().and_then(|_| {
+            let refs = ins.clone()?;
+            eptc_ir::infer::infer(&op, &refs).ok()
+        });
+        let (Some(ins), Some(out)) = (ins, out) else {
+            return f64::INFINITY;
+        };
+        let own = op_cost(&op, &ins, &out);
+        enode.fold(own, |s, c| s + costs(c))
+    }
+}
