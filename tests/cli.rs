@@ -458,3 +458,76 @@ fn demo_runs_end_to_end() {
     assert_eq!(shape, vec![8, 2]);
     assert!(logits.iter().all(|v| v.is_finite()));
 }
+
+#[test]
+fn bench_times_the_forward_pass() {
+    let d = tempfile::tempdir().unwrap();
+    let art = compile_tiny(d.path(), &[]);
+    let out = eptc_ok(&[
+        "bench",
+        s(&art),
+        "--batch",
+        "2",
+        "--iters",
+        "3",
+        "--warmup",
+        "1",
+        "--json",
+    ]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["times_s"].as_array().unwrap().len(), 3);
+    let (min, med, max) = (
+        v["min_s"].as_f64().unwrap(),
+        v["median_s"].as_f64().unwrap(),
+        v["max_s"].as_f64().unwrap(),
+    );
+    assert!(0.0 < min && min <= med && med <= max, "{v}");
+    assert!(v["images_per_s"].as_f64().unwrap() > 0.0);
+    let e = eptc_err(&["bench", s(&art), "--train"]);
+    assert!(e.contains("issue #4"), "{e}");
+}
+
+#[test]
+fn compile_reports_the_optimizer() {
+    let d = tempfile::tempdir().unwrap();
+    let art = d.path().join("art");
+    let m = fixture("tiny_timm.safetensors");
+    let out = eptc_ok(&[
+        "compile",
+        s(&m),
+        "--heads",
+        "3",
+        "--num-classes",
+        "5",
+        "--prompt-len",
+        "6",
+        "-o",
+        s(&art),
+        "--json",
+    ]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["optimizer"]["attention_with_sink"], 2, "{v}");
+    assert!(v["optimizer"]["nodes_after"].as_u64() < v["optimizer"]["nodes_before"].as_u64());
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(art.join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(manifest["optimizer"]["enabled"], true);
+    assert_eq!(
+        manifest["optimizer"]["summary"]["rules_fired"]["ept-sink"],
+        2
+    );
+    assert!(art.join("optimized.eptc").exists());
+    // Old artifacts are refused with a clear message.
+    let mut old = manifest.clone();
+    old["format"] = 1.into();
+    std::fs::write(art.join("manifest.json"), old.to_string()).unwrap();
+    let inp = fixture("input_b1.safetensors");
+    let e = eptc_err(&[
+        "run",
+        s(&art),
+        "--input",
+        s(&inp),
+        "--output",
+        s(&d.path().join("o.safetensors")),
+    ]);
+    assert!(e.contains("recompile"), "{e}");
+}

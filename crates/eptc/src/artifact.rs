@@ -23,7 +23,8 @@ pub const MANIFEST: &str = "manifest.json";
 pub const ADAPTER_INIT: &str = "adapter-init.safetensors";
 /// The stage the runtime executes.
 pub const RUN_STAGE: &str = "optimized";
-pub const FORMAT: u32 = 1;
+/// Version of the artifact layout; 2 added the optimized stage.
+pub const FORMAT: u32 = 2;
 
 #[derive(Serialize, Deserialize, Debug, Clone)]
 pub struct Source {
@@ -109,15 +110,16 @@ impl Manifest {
                 dir.display()
             )
         })?;
-        let m: Manifest = serde_json::from_str(&text)
-            .with_context(|| format!("{}: malformed manifest", p.display()))?;
-        if m.format != FORMAT {
+        let bad = || format!("{}: malformed manifest", p.display());
+        let v: serde_json::Value = serde_json::from_str(&text).with_context(bad)?;
+        let format = v["format"].as_u64().unwrap_or(0);
+        if format != FORMAT as u64 {
             bail!(
-                "{}: artifact format {}, this eptc reads {FORMAT}: recompile",
-                p.display(),
-                m.format
+                "{}: artifact format {format}, this eptc reads {FORMAT}: recompile the model",
+                p.display()
             );
         }
+        let m: Manifest = serde_json::from_value(v).with_context(bad)?;
         Ok(m)
     }
 

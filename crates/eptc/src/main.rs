@@ -3,6 +3,7 @@
 mod args;
 mod artifact;
 mod backends;
+mod cmd_bench;
 mod cmd_compile;
 mod cmd_info;
 mod demo;
@@ -36,6 +37,9 @@ enum Command {
     Compile(cmd_compile::CompileArgs),
     /// Run a compiled artifact on a tensor file: pixel_values in, logits and features out
     Run(cmd_compile::RunArgs),
+    /// Time a compiled artifact's forward pass on its backend (median, spread, images/s,
+    /// peak memory)
+    Bench(cmd_bench::BenchArgs),
     /// Print the IR of a compilation stage
     Ir(cmd_info::IrArgs),
     /// List backends, built in and loaded, and whether each is available here
@@ -54,6 +58,7 @@ fn main() -> ExitCode {
         Command::Inspect(a) => cmd_info::cmd_inspect(a),
         Command::Compile(a) => cmd_compile::cmd_compile(a),
         Command::Run(a) => cmd_compile::cmd_run(a),
+        Command::Bench(a) => cmd_bench::cmd_bench(a),
         Command::Ir(a) => cmd_info::cmd_ir(a),
         Command::Plugins(a) => cmd_info::cmd_plugins(a),
         Command::Demo(a) => demo::cmd_demo(a),

@@ -1,0 +1,112 @@
+//! `eptc bench`: time a compiled artifact's forward pass on its backend.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Result};
+use clap::Args;
+use eptc_ir::HostTensor;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde_json::json;
+
+use crate::cmd_compile::load;
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    /// Artifact folder written by `eptc compile`
+    pub artifact: PathBuf,
+    /// Images per batch (random pixel values)
+    #[arg(long, default_value_t = 8)]
+    pub batch: usize,
+    /// Timed iterations, after warm-up
+    #[arg(long, default_value_t = 10)]
+    pub iters: usize,
+    /// Untimed warm-up iterations (page faults on the weights, buffer pools, caches)
+    #[arg(long, default_value_t = 2)]
+    pub warmup: usize,
+    /// Worker threads [default: all cores]
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Time a training step instead of the forward pass
+    #[arg(long)]
+    pub train: bool,
+    /// Print one JSON object
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Peak resident memory of this process (Linux `VmHWM`), in bytes.
+fn peak_rss() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+pub fn cmd_bench(a: &BenchArgs) -> Result<()> {
+    if a.train {
+        bail!("--train: training graphs come with the autodiff pass (issue #4); this eptc times the forward pass");
+    }
+    if a.batch == 0 || a.iters == 0 {
+        bail!("--batch and --iters must be at least 1");
+    }
+    let mut l = load(&a.artifact, None, a.threads)?;
+    let ar = &l.manifest.architecture;
+    let shape = vec![a.batch, ar.in_chans, ar.image_size, ar.image_size];
+    let n: usize = shape.iter().product();
+    let mut rng = StdRng::seed_from_u64(0);
+    let x = HostTensor::new(
+        shape,
+        (0..n).map(|_| rng.random_range(-2.0f32..2.0)).collect(),
+    );
+    for _ in 0..a.warmup {
+        l.exe.run(&[("pixel_values", x.clone())])?;
+    }
+    let mut times = Vec::with_capacity(a.iters);
+    for _ in 0..a.iters {
+        let t0 = Instant::now();
+        l.exe.run(&[("pixel_values", x.clone())])?;
+        times.push(t0.elapsed().as_secs_f64());
+    }
+    let mut sorted = times.clone();
+    sorted.sort_by(f64::total_cmp);
+    let q = |p: f64| sorted[((sorted.len() - 1) as f64 * p).round() as usize];
+    let (median, p10, p90) = (q(0.5), q(0.1), q(0.9));
+    let peak = peak_rss();
+    let m = &l.manifest;
+    if a.json {
+        println!(
+            "{}",
+            json!({"artifact": a.artifact, "target": m.target, "batch": a.batch, "iters": a.iters,
+                   "warmup": a.warmup, "threads": a.threads, "median_s": median, "p10_s": p10, "p90_s": p90,
+                   "min_s": sorted[0], "max_s": sorted[sorted.len() - 1], "images_per_s": a.batch as f64 / median,
+                   "peak_rss_bytes": peak, "times_s": times})
+        );
+    } else {
+        println!(
+            "{} on {}, batch {}, {} iterations after {} warm-up:",
+            a.artifact.display(),
+            m.target,
+            a.batch,
+            a.iters,
+            a.warmup
+        );
+        println!(
+            "  median {:.2} ms (p10 {:.2}, p90 {:.2}, min {:.2}, max {:.2}); {:.2} images/s",
+            median * 1e3,
+            p10 * 1e3,
+            p90 * 1e3,
+            sorted[0] * 1e3,
+            sorted[sorted.len() - 1] * 1e3,
+            a.batch as f64 / median
+        );
+        if let Some(p) = peak {
+            println!(
+                "  peak resident memory {:.1} MiB (memory-mapped weights included)",
+                p as f64 / (1 << 20) as f64
+            );
+        }
+    }
+    Ok(())
+}
