@@ -62,6 +62,27 @@ pub fn op_cost(op: &Op, ins: &[&TensorType], out: &TensorType) -> f64 {
     io + flops / FLOPS_PER_BYTE
 }
 
+impl Cost<'_> {
+    /// Work a folded form saves: a LayerNorm without affine (gamma 1, beta 0 constants)
+    /// skips a multiply and an add per element; an attention with scale 1 skips the
+    /// scaling of its logits.
+    fn savings(&self, op: &Op, operands: &[Id], out: &TensorType) -> f64 {
+        let is_const = |id: Id, v: f32| matches!(lang::ir_leaf(self.eg, id), Some((Op::Const { values }, _, _)) if values.iter().all(|&x| x == v));
+        match op {
+            Op::LayerNorm { .. } if is_const(operands[1], 1.0) && is_const(operands[2], 0.0) => {
+                2.0 * elems(out) / FLOPS_PER_BYTE
+            }
+            Op::Attention { scale, .. } if *scale == 1.0 => {
+                let k = operands.get(1).and_then(|&k| lang::ty(self.eg, k));
+                let m = k.map_or(1.0, |k| k.shape.dims()[k.rank() - 2].resolve(1) as f64);
+                let e = out.shape.dims()[out.rank() - 1].resolve(1) as f64;
+                elems(out) / e * m / FLOPS_PER_BYTE
+            }
+            _ => 0.0,
+        }
+    }
+}
+
 impl CostFunction<SymbolLang> for Cost<'_> {
     type Cost = f64;
 
@@ -78,6 +99,10 @@ impl CostFunction<SymbolLang> for Cost<'_> {
         let Some((op, operands)) = decode(self.eg, enode) else {
             return f64::INFINITY;
         };
+        // Built from frozen weights only: computed once at compile time (`fold`).
+        if operands.iter().all(|&o| lang::is_constant(self.eg, o)) {
+            return enode.fold(0.0, |s, c| s + costs(c));
+        }
         if !(self.supports)(op.kind()) {
             return f64::INFINITY;
         }
@@ -90,7 +115,8 @@ impl CostFunction<SymbolLang> for Cost<'_> {
         let (Some(ins), Some(out)) = (ins, out) else {
             return f64::INFINITY;
         };
-        let own = op_cost(&op, &ins, &out);
+        let mut own = op_cost(&op, &ins, &out);
+        own -= self.savings(&op, &operands, &out);
         enode.fold(own, |s, c| s + costs(c))
     }
 }

@@ -193,43 +193,97 @@ pub fn decode(eg: &Graph, n: &SymbolLang) -> Option<(Op, Vec<Id>)> {
     Some((decoded, operands))
 }
 
+/// What the analysis knows of an e-class: the IR type of its value (`None` for attribute
+/// leaves) and whether it is a compile-time constant (built only from frozen params and
+/// consts, so the optimizer may fold it into new frozen weights).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Info {
+    pub ty: Option<TensorType>,
+    pub constant: bool,
+}
+
 impl Analysis<SymbolLang> for Types {
-    type Data = Option<TensorType>;
+    type Data = Info;
 
     fn make(eg: &mut Graph, n: &SymbolLang, _id: Id) -> Self::Data {
         if n.children.is_empty() {
             let s = n.op.as_str();
-            let k: usize = s.strip_prefix('$')?.parse().ok()?;
-            return eg.analysis.table.leaves.get(k).map(|l| l.1.clone());
+            let leaf = s
+                .strip_prefix('$')
+                .and_then(|k| k.parse::<usize>().ok())
+                .and_then(|k| eg.analysis.table.leaves.get(k));
+            return match leaf {
+                Some((op, ty, _)) => Info {
+                    ty: Some(ty.clone()),
+                    constant: matches!(
+                        op,
+                        Op::Param {
+                            trainable: false,
+                            ..
+                        } | Op::Const { .. }
+                    ),
+                },
+                // An attribute.
+                None => Info {
+                    ty: None,
+                    constant: true,
+                },
+            };
         }
-        let (op, operands) = decode(eg, n)?;
-        let tys: Vec<TensorType> = operands
-            .iter()
-            .map(|&o| eg[o].data.clone())
-            .collect::<Option<_>>()?;
+        let untyped = Info {
+            ty: None,
+            constant: false,
+        };
+        let Some((op, operands)) = decode(eg, n) else {
+            return untyped;
+        };
+        let constant = operands.iter().all(|&o| eg[o].data.constant);
+        let tys: Option<Vec<TensorType>> =
+            operands.iter().map(|&o| eg[o].data.ty.clone()).collect();
+        let Some(tys) = tys else {
+            return untyped;
+        };
         let refs: Vec<&TensorType> = tys.iter().collect();
-        eptc_ir::infer::infer(&op, &refs).ok()
+        let ty = eptc_ir::infer::infer(&op, &refs).ok();
+        // A value with the batch dimension is per run, whatever it is made of.
+        let constant = constant && ty.as_ref().is_some_and(|t| !t.shape.has_batch());
+        Info { ty, constant }
     }
 
     fn merge(&mut self, a: &mut Self::Data, b: Self::Data) -> DidMerge {
-        match (a.as_ref(), b) {
-            (None, Some(b)) => {
-                *a = Some(b);
-                DidMerge(true, false)
+        let mut changed_a = false;
+        let changed_b;
+        match (a.ty.as_ref(), b.ty) {
+            (None, Some(t)) => {
+                a.ty = Some(t);
+                changed_a = true;
+                changed_b = false;
             }
             (Some(x), Some(y)) if *x != y => {
                 self.conflicts += 1;
-                DidMerge(false, true)
+                changed_b = true;
             }
-            (Some(_), Some(_)) => DidMerge(false, false),
-            (_, None) => DidMerge(false, a.is_some()),
+            (Some(_), Some(_)) => changed_b = false,
+            (_, None) => changed_b = a.ty.is_some(),
         }
+        // A value is a compile-time constant if any of its forms is.
+        let b_const = b.constant;
+        if b_const && !a.constant {
+            a.constant = true;
+            changed_a = true;
+        }
+        DidMerge(changed_a, changed_b || (a.constant && !b_const))
     }
 }
 
 /// The type of an e-class's value.
 pub fn ty(eg: &Graph, id: Id) -> Option<&TensorType> {
-    eg[id].data.as_ref()
+    eg[id].data.ty.as_ref()
+}
+
+/// Whether an e-class is a compile-time constant.
+pub fn is_constant(eg: &Graph, id: Id) -> bool {
+    eg[id].data.constant
 }
 
 /// The IR leaf behind an e-class, if it is one.

@@ -8,6 +8,7 @@
 
 pub mod convert;
 pub mod cost;
+pub mod fold;
 pub mod lang;
 pub mod rules;
 
@@ -55,6 +56,10 @@ pub struct Summary {
     pub attention_fused: usize,
     pub attention_with_sink: usize,
     pub linear_fused: usize,
+    /// Frozen weights computed at compile time by [`fold::split_constants`] (set by the
+    /// caller that folds).
+    #[serde(default)]
+    pub folded_weights: usize,
     pub iterations: usize,
     pub egraph_nodes: usize,
     pub egraph_classes: usize,
@@ -120,6 +125,7 @@ pub fn optimize(
         attention_fused: count(&|o| matches!(o, Op::Attention { .. })),
         attention_with_sink: count(&|o| matches!(o, Op::Attention { sink: true, .. })),
         linear_fused: count(&|o| matches!(o, Op::Linear { .. })),
+        folded_weights: 0,
         iterations,
         egraph_nodes,
         egraph_classes,

@@ -11,7 +11,13 @@
 //! | `linear-bias` | `x Wᵀ + b = linear(x, W, b)` |
 //! | `linear-gelu` | `gelu(linear(x, W, b)) = linear_gelu(x, W, b)` |
 //! | `linear-residual`, `linear-residual-r` | `r + linear(..) = linear(.., r)` |
+//! | `layernorm-affine-fold[-residual]` | `linear(LN_{g,β}(x), W, b) = linear(LN_{1,0}(x), W·diag(g), b + Wβ)` |
+//! | `scale-fold-qkv[-sink]`, `scale-fold-q[-sink]` | `attention_c(Q, K, V) = attention_1(cQ, K, V)`, `c` folded into the frozen query weights and bias (fused qkv rows `0..D`, or a separate query projection) |
+//! | `scale-fold-qkv-scores`, `scale-fold-q-scores` | `c · Q Kᵀ = (cQ) Kᵀ` with the same folded projection, for graphs that read the logits (multi-cat) |
 //! | `reshape-reshape`, `reshape-id`, `broadcast-id`, `permute-permute` | layout simplifications |
+//!
+//! Folds leave expressions over frozen weights only; `fold::split_constants` computes
+//! them once at compile time.
 
 use egg::{
     rewrite as rw, Applier, Condition, ConditionalApplier, Id, Pattern, PatternAst, Rewrite, Subst,
@@ -90,6 +96,204 @@ fn attention(eg: &mut G, s: &Subst, sink: bool) -> Option<Id> {
         children.push(s[var("?z")]);
     }
     Some(eg.add(SymbolLang::new("attention", children)))
+}
+
+/// A constant leaf (added to the leaf table once per distinct value).
+fn constant(eg: &mut G, values: Vec<f32>, shape: &[usize]) -> Id {
+    let ty = eptc_ir::TensorType::f32(Shape::fixed(shape));
+    let table = &mut eg.analysis.table.leaves;
+    let k = match table.iter().position(|(op, t, _)| {
+        *t == ty && matches!(op, eptc_ir::Op::Const { values: v } if *v == values)
+    }) {
+        Some(k) => k,
+        None => {
+            table.push((
+                eptc_ir::Op::Const { values },
+                ty,
+                Some(crate::convert::TAG.to_string()),
+            ));
+            table.len() - 1
+        }
+    };
+    eg.add(SymbolLang::leaf(format!("${k}")))
+}
+
+/// A frozen param of the checkpoint (not a constant the optimizer made).
+fn frozen_param(eg: &G, id: Id) -> bool {
+    matches!(
+        lang::ir_leaf(eg, id),
+        Some((
+            eptc_ir::Op::Param {
+                trainable: false,
+                ..
+            },
+            _,
+            _
+        ))
+    )
+}
+
+fn node(eg: &mut G, op: &str, children: Vec<Id>) -> Id {
+    eg.add(SymbolLang::new(op, children))
+}
+
+/// LayerNorm's affine folded into the next linear layer (frozen weights only):
+/// `linear(LN_{g,β}(x), W, b) = linear(LN_{1,0}(x), W·diag(g), b + W β)`.
+fn fold_layernorm(eg: &mut G, s: &Subst, residual: bool) -> Option<Id> {
+    let (g, beta, w, b) = (s[var("?g")], s[var("?beta")], s[var("?w")], s[var("?b")]);
+    // g, β: the checkpoint's own (so a folded LayerNorm is not folded again); W, b: any
+    // compile-time constant (e.g. already scaled).
+    if !(frozen_param(eg, g)
+        && frozen_param(eg, beta)
+        && lang::is_constant(eg, w)
+        && lang::is_constant(eg, b))
+    {
+        return None;
+    }
+    let wt = ty(eg, w)?.shape.as_fixed()?;
+    let (out, inp) = (wt[0], wt[1]);
+    let ones = constant(eg, vec![1.0; inp], &[inp]);
+    let zeros = constant(eg, vec![0.0; inp], &[inp]);
+    let ln = node(
+        eg,
+        "layernorm",
+        vec![s[var("?eps")], s[var("?x")], ones, zeros],
+    );
+    let w2 = node(eg, "mul", vec![w, g]);
+    let col = attr(eg, format!("s:{inp},1"));
+    let beta_col = node(eg, "reshape", vec![col, beta]);
+    let (f, t) = (attr(eg, "0"), attr(eg, "0"));
+    let wb = node(eg, "matmul", vec![f, t, w, beta_col]);
+    let flat = attr(eg, format!("s:{out}"));
+    let wb = node(eg, "reshape", vec![flat, wb]);
+    let b2 = node(eg, "add", vec![b, wb]);
+    let mut children = vec![s[var("?spec")], ln, w2, b2];
+    if residual {
+        children.push(s[var("?r")]);
+    }
+    Some(node(eg, "linear", children))
+}
+
+/// The scale of an attention's `f:` attribute.
+fn scale_attr(eg: &G, id: Id) -> Option<f32> {
+    lang::leaf_symbol(eg, id)?
+        .as_str()
+        .strip_prefix("f:")?
+        .parse()
+        .ok()
+}
+
+/// The fused qkv projection (`[3D, dim]`, rows `0..D` the queries, as timm and mmcls lay
+/// them out) with its query rows scaled by `c`: the new `permute(reshape(linear))` value.
+fn scaled_qkv(eg: &mut G, s: &Subst, c: f32) -> Option<Id> {
+    let (w, b) = (s[var("?w")], s[var("?b")]);
+    if c == 1.0 || !lang::is_constant(eg, w) || !lang::is_constant(eg, b) {
+        return None;
+    }
+    // reshape to [.., N, 3, H, hd], permute [2,0,3,1,4]: the leading 3 is q, k, v.
+    let s5 = shape_of_attr(eg, s[var("?s5")])?;
+    let perm: Vec<usize> = lang::leaf_symbol(eg, s[var("?p")])?
+        .as_str()
+        .strip_prefix("p:")?
+        .split(',')
+        .map(|x| x.parse().ok())
+        .collect::<Option<_>>()?;
+    if s5.rank() != 5 || s5.dims()[2] != Dim::Fixed(3) || perm != [2, 0, 3, 1, 4] {
+        return None;
+    }
+    let rows = ty(eg, w)?.shape.as_fixed()?[0];
+    let d = rows / 3;
+    let cc = constant(eg, vec![c], &[]);
+    let scaled = |eg: &mut G, t: Id| {
+        let (z, a0, dd, rr) = (
+            attr(eg, "0"),
+            attr(eg, "0"),
+            attr(eg, d.to_string()),
+            attr(eg, rows.to_string()),
+        );
+        let q = node(eg, "slice", vec![z, a0, dd, t]);
+        let q = node(eg, "mul", vec![q, cc]);
+        let kv = node(eg, "slice", vec![z, dd, rr, t]);
+        node(eg, "concat", vec![z, q, kv])
+    };
+    let (w2, b2) = (scaled(eg, w), scaled(eg, b));
+    let lin = node(eg, "linear", vec![s[var("?spec")], s[var("?x")], w2, b2]);
+    let t5 = node(eg, "reshape", vec![s[var("?s5")], lin]);
+    Some(node(eg, "permute", vec![s[var("?p")], t5]))
+}
+
+/// `reshape(slice(t, j..j+1))`: the j-th of q, k, v from a `[3, ..]` value.
+fn qkv_part(eg: &mut G, t: Id, j: usize, shape: Id) -> Id {
+    let (ax, a, e) = (
+        attr(eg, "0"),
+        attr(eg, j.to_string()),
+        attr(eg, (j + 1).to_string()),
+    );
+    let sl = node(eg, "slice", vec![ax, a, e, t]);
+    node(eg, "reshape", vec![shape, sl])
+}
+
+/// `attention_c(Q, K, V) = attention_1(c Q, K, V)` with `c` folded into the frozen query
+/// rows of a fused qkv projection.
+fn fold_scale_fused(eg: &mut G, s: &Subst, sink: bool) -> Option<Id> {
+    let c = scale_attr(eg, s[var("?c")])?;
+    let t = scaled_qkv(eg, s, c)?;
+    let (q, k, v) = (
+        qkv_part(eg, t, 0, s[var("?sq")]),
+        qkv_part(eg, t, 1, s[var("?sk")]),
+        qkv_part(eg, t, 2, s[var("?sv")]),
+    );
+    let one = attr(eg, float_attr(1.0));
+    let mut children = vec![one, q, k, v];
+    if sink {
+        children.push(s[var("?z")]);
+    }
+    Some(node(eg, "attention", children))
+}
+
+/// The same fold for the scaled logits `c · Q Kᵀ` themselves (multi-cat reads them), so
+/// the original projection is not kept alive beside the folded one.
+fn fold_scale_scores(eg: &mut G, s: &Subst) -> Option<Id> {
+    let c = scalar_const(eg, s[var("?c")])?;
+    let t = scaled_qkv(eg, s, c)?;
+    let (q, k) = (
+        qkv_part(eg, t, 0, s[var("?sq")]),
+        qkv_part(eg, t, 1, s[var("?sk")]),
+    );
+    let (f, tb) = (attr(eg, "0"), attr(eg, "1"));
+    Some(node(eg, "matmul", vec![f, tb, q, k]))
+}
+
+/// The attention scale folded into a separate frozen query projection (Hugging Face):
+/// the new query `permute(reshape(linear(x, c W, c b)))`.
+fn scaled_q(eg: &mut G, s: &Subst, c: f32) -> Option<Id> {
+    let (w, b) = (s[var("?w")], s[var("?b")]);
+    if c == 1.0 || !lang::is_constant(eg, w) || !lang::is_constant(eg, b) {
+        return None;
+    }
+    let cc = constant(eg, vec![c], &[]);
+    let (w2, b2) = (node(eg, "mul", vec![w, cc]), node(eg, "mul", vec![b, cc]));
+    let lin = node(eg, "linear", vec![s[var("?spec")], s[var("?x")], w2, b2]);
+    let r = node(eg, "reshape", vec![s[var("?s")], lin]);
+    Some(node(eg, "permute", vec![s[var("?p")], r]))
+}
+
+fn fold_scale_split(eg: &mut G, s: &Subst, sink: bool) -> Option<Id> {
+    let c = scale_attr(eg, s[var("?c")])?;
+    let q = scaled_q(eg, s, c)?;
+    let one = attr(eg, float_attr(1.0));
+    let mut children = vec![one, q, s[var("?k")], s[var("?v")]];
+    if sink {
+        children.push(s[var("?z")]);
+    }
+    Some(node(eg, "attention", children))
+}
+
+fn fold_scale_split_scores(eg: &mut G, s: &Subst) -> Option<Id> {
+    let c = scalar_const(eg, s[var("?c")])?;
+    let q = scaled_q(eg, s, c)?;
+    let (f, tb) = (attr(eg, "0"), attr(eg, "1"));
+    Some(node(eg, "matmul", vec![f, tb, q, s[var("?k")]]))
 }
 
 /// `?ax` is the last axis of `?x`.
@@ -246,6 +450,74 @@ pub fn rules() -> Vec<Rw> {
         }
     }
 
+    // Folds into frozen weights (computed once at compile time, see `fold`).
+    for (name, res) in [
+        ("layernorm-affine-fold", false),
+        ("layernorm-affine-fold-residual", true),
+    ] {
+        let lhs = if res {
+            "(linear ?spec (layernorm ?eps ?x ?g ?beta) ?w ?b ?r)"
+        } else {
+            "(linear ?spec (layernorm ?eps ?x ?g ?beta) ?w ?b)"
+        };
+        r.push(
+            Rewrite::new(
+                name,
+                pat(lhs),
+                Build(move |eg: &mut G, _: Id, s: &Subst| fold_layernorm(eg, s, res)),
+            )
+            .expect("valid rule"),
+        );
+    }
+    let t = "(permute ?p (reshape ?s5 (linear ?spec ?x ?w ?b)))";
+    for (name, sink) in [("scale-fold-qkv", false), ("scale-fold-qkv-sink", true)] {
+        let z = if sink { " ?z" } else { "" };
+        let lhs = format!(
+            "(attention ?c (reshape ?sq (slice 0 0 1 {t})) (reshape ?sk (slice 0 1 2 {t})) (reshape ?sv (slice 0 2 3 {t})){z})"
+        );
+        r.push(
+            Rewrite::new(
+                name,
+                pat(&lhs),
+                Build(move |eg: &mut G, _: Id, s: &Subst| fold_scale_fused(eg, s, sink)),
+            )
+            .expect("valid rule"),
+        );
+    }
+    let lhs = format!(
+        "(mul (matmul 0 1 (reshape ?sq (slice 0 0 1 {t})) (reshape ?sk (slice 0 1 2 {t}))) ?c)"
+    );
+    r.push(
+        Rewrite::new(
+            "scale-fold-qkv-scores",
+            pat(&lhs),
+            Build(|eg: &mut G, _: Id, s: &Subst| fold_scale_scores(eg, s)),
+        )
+        .expect("valid rule"),
+    );
+    let q = "(permute ?p (reshape ?s (linear ?spec ?x ?w ?b)))";
+    for (name, sink) in [("scale-fold-q", false), ("scale-fold-q-sink", true)] {
+        let z = if sink { " ?z" } else { "" };
+        let lhs = format!("(attention ?c {q} ?k ?v{z})");
+        r.push(
+            Rewrite::new(
+                name,
+                pat(&lhs),
+                Build(move |eg: &mut G, _: Id, s: &Subst| fold_scale_split(eg, s, sink)),
+            )
+            .expect("valid rule"),
+        );
+    }
+    let lhs = format!("(mul (matmul 0 1 {q} ?k) ?c)");
+    r.push(
+        Rewrite::new(
+            "scale-fold-q-scores",
+            pat(&lhs),
+            Build(|eg: &mut G, _: Id, s: &Subst| fold_scale_split_scores(eg, s)),
+        )
+        .expect("valid rule"),
+    );
+
     // Layout simplifications.
     r.push(rw!("reshape-reshape"; "(reshape ?a (reshape ?b ?x))" => "(reshape ?a ?x)"));
     r.push(
@@ -299,7 +571,11 @@ pub fn rules() -> Vec<Rw> {
 }
 
 fn parse_target(eg: &G, s: &Subst) -> Option<Shape> {
-    let sym = lang::leaf_symbol(eg, s[var("?sh")])?;
+    shape_of_attr(eg, s[var("?sh")])
+}
+
+fn shape_of_attr(eg: &G, id: Id) -> Option<Shape> {
+    let sym = lang::leaf_symbol(eg, id)?;
     let body = sym.as_str().strip_prefix("s:")?;
     if body.is_empty() {
         return Some(Shape(vec![]));

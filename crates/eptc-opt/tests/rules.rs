@@ -295,3 +295,197 @@ fn sharing_is_preserved_and_output_is_deterministic() {
         eptc_ir::text::print(&o2).unwrap()
     );
 }
+
+/// Random values for every param and input of `g` (batch 2), drawn by name.
+fn values(g: &Graph, seed: u64) -> (WeightStore, Vec<(String, HostTensor)>) {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut w = WeightStore::new();
+    let mut inputs = Vec::new();
+    let mut ids = g.node_ids();
+    ids.sort_by_key(|&id| match &g.node(id).op {
+        Op::Param { name, .. } | Op::Input { name } => name.clone(),
+        _ => String::new(),
+    });
+    for id in ids {
+        let shape = g.ty(id).shape.resolve(2);
+        match &g.node(id).op {
+            Op::Param { name, .. } => w.insert(name.clone(), random(&shape, &mut rng)),
+            Op::Input { name } => inputs.push((name.clone(), random(&shape, &mut rng))),
+            _ => {}
+        }
+    }
+    (w, inputs)
+}
+
+fn run_with(
+    g: &Graph,
+    w: &WeightStore,
+    inputs: &[(String, HostTensor)],
+) -> Vec<(String, HostTensor)> {
+    let mut exe = CpuBackend::new()
+        .compile(g, w, &CompileOptions::default())
+        .unwrap();
+    let refs: Vec<(&str, HostTensor)> = inputs
+        .iter()
+        .map(|(n, t)| (n.as_str(), t.clone()))
+        .collect();
+    exe.run(&refs).unwrap()
+}
+
+/// Optimize, cut the constants out, compute them, and run: same results as `g`.
+fn check_folded(g: &Graph) -> (Graph, Summary) {
+    let (o, s) = optimize(g, &all, &Limits::default()).unwrap();
+    let f = eptc_opt::fold::split_constants(&o).unwrap();
+    let (mut w, inputs) = values(g, 5);
+    let want = run_with(g, &w, &inputs);
+    for (name, t) in run_with(&f.constants, &w, &[]) {
+        w.insert(name, t);
+    }
+    let got = run_with(&f.graph, &w, &inputs);
+    for ((n, a), (_, b)) in want.iter().zip(&got) {
+        let e = rel(b.data(), a.data());
+        assert!(
+            e <= 1e-5,
+            "{n}: folded graph differs by {e:e}\n{}",
+            eptc_ir::text::print(&f.graph).unwrap()
+        );
+    }
+    // What remains reads folded params, not expressions over frozen weights.
+    assert!(
+        f.graph.params().iter().any(|p| p.1.starts_with("folded.")),
+        "nothing folded"
+    );
+    (f.graph, s)
+}
+
+fn frozen(g: &mut Graph, name: &str, shape: &[usize]) -> NodeId {
+    g.param(
+        name,
+        false,
+        Init::Checkpoint,
+        TensorType::f32(Shape::fixed(shape)),
+    )
+}
+
+#[test]
+fn layernorm_affine_folds_into_the_next_linear() {
+    let mut g = Graph::new("t");
+    let x = g.input("x", TensorType::f32(Shape::batched(&[3, 6])));
+    let (gamma, beta) = (frozen(&mut g, "g", &[6]), frozen(&mut g, "beta", &[6]));
+    let (w, b) = (frozen(&mut g, "w", &[4, 6]), frozen(&mut g, "b", &[4]));
+    let n = g.layernorm(x, gamma, beta, 1e-6).unwrap();
+    let y = g.matmul(n, w, false, true).unwrap();
+    let y = g.binary(BinaryOp::Add, y, b).unwrap();
+    g.set_output("y", y);
+    let (o, s) = check_folded(&g);
+    assert_eq!(s.rules_fired["layernorm-affine-fold"], 1);
+    // The LayerNorm left has gamma 1 and beta 0.
+    let ln = o
+        .node_ids()
+        .into_iter()
+        .find(|&id| matches!(o.node(id).op, Op::LayerNorm { .. }))
+        .unwrap();
+    let ops = o.operands(ln);
+    assert!(matches!(&o.node(ops[1]).op, Op::Const { values } if values.iter().all(|&v| v == 1.0)));
+    assert!(matches!(&o.node(ops[2]).op, Op::Const { values } if values.iter().all(|&v| v == 0.0)));
+}
+
+/// A timm-style block: fused qkv `[3D, D]`, reshape, permute, slices, scaled logits.
+fn fused_qkv_attention(g: &mut Graph) -> NodeId {
+    let (n, h, hd) = (5, 2, 4);
+    let d = h * hd;
+    let x = g.input("x", TensorType::f32(Shape::batched(&[n, d])));
+    let (w, b) = (
+        frozen(g, "qkv.w", &[3 * d, d]),
+        frozen(g, "qkv.b", &[3 * d]),
+    );
+    let y = g.matmul(x, w, false, true).unwrap();
+    let y = g.binary(BinaryOp::Add, y, b).unwrap();
+    let y = g.reshape(y, Shape::batched(&[n, 3, h, hd])).unwrap();
+    let t = g.permute(y, &[2, 0, 3, 1, 4]).unwrap();
+    let mut parts = Vec::new();
+    for j in 0..3 {
+        let s = g.slice(t, 0, j, j + 1).unwrap();
+        parts.push(g.reshape(s, Shape::batched(&[h, n, hd])).unwrap());
+    }
+    let qk = g.matmul(parts[0], parts[1], false, true).unwrap();
+    let c = g.scalar(0.35);
+    let s = g.binary(BinaryOp::Mul, qk, c).unwrap();
+    let p = g.softmax(s, 3).unwrap();
+    let o = g.matmul(p, parts[2], false, false).unwrap();
+    g.set_output("o", o);
+    s
+}
+
+#[test]
+fn attention_scale_folds_into_fused_query_rows() {
+    let mut g = Graph::new("t");
+    fused_qkv_attention(&mut g);
+    let (o, s) = check_folded(&g);
+    assert_eq!(s.rules_fired["scale-fold-qkv"], 1);
+    assert_eq!(
+        count(
+            &o,
+            |op| matches!(op, Op::Attention { scale, .. } if *scale == 1.0)
+        ),
+        1
+    );
+    assert_eq!(
+        count(&o, |op| matches!(op, Op::Linear { .. })),
+        1,
+        "one qkv projection"
+    );
+}
+
+/// When the scaled logits are also read (multi-cat's alpha), they use the folded
+/// projection too: still one qkv projection.
+#[test]
+fn scale_fold_keeps_one_projection_when_logits_are_read() {
+    let mut g = Graph::new("t");
+    let s = fused_qkv_attention(&mut g);
+    let m = g.reduce(eptc_ir::ReduceOp::Max, s, &[3], true).unwrap();
+    g.set_output("m", m);
+    let (o, sum) = check_folded(&g);
+    assert_eq!(sum.rules_fired["scale-fold-qkv-scores"], 1);
+    assert_eq!(
+        count(&o, |op| matches!(op, Op::Linear { .. })),
+        1,
+        "{}",
+        eptc_ir::text::print(&o).unwrap()
+    );
+}
+
+#[test]
+fn attention_scale_folds_into_a_separate_query_projection() {
+    let mut g = Graph::new("t");
+    let (n, h, hd) = (5, 2, 4);
+    let d = h * hd;
+    let x = g.input("x", TensorType::f32(Shape::batched(&[n, d])));
+    let mut heads = Vec::new();
+    for name in ["q", "k", "v"] {
+        let (w, b) = (
+            frozen(&mut g, &format!("{name}.w"), &[d, d]),
+            frozen(&mut g, &format!("{name}.b"), &[d]),
+        );
+        let y = g.matmul(x, w, false, true).unwrap();
+        let y = g.binary(BinaryOp::Add, y, b).unwrap();
+        let y = g.reshape(y, Shape::batched(&[n, h, hd])).unwrap();
+        heads.push(g.permute(y, &[0, 2, 1, 3]).unwrap());
+    }
+    let qk = g.matmul(heads[0], heads[1], false, true).unwrap();
+    let c = g.scalar(0.35);
+    let s = g.binary(BinaryOp::Mul, qk, c).unwrap();
+    let p = g.softmax(s, 3).unwrap();
+    let o = g.matmul(p, heads[2], false, false).unwrap();
+    g.set_output("o", o);
+    let (o, sum) = check_folded(&g);
+    assert_eq!(sum.rules_fired["scale-fold-q"], 1);
+    assert_eq!(
+        count(
+            &o,
+            |op| matches!(op, Op::Attention { scale, .. } if *scale == 1.0)
+        ),
+        1
+    );
+    assert_eq!(count(&o, |op| matches!(op, Op::Linear { .. })), 3);
+}

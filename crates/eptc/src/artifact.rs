@@ -21,6 +21,8 @@ use sha2::{Digest, Sha256};
 
 pub const MANIFEST: &str = "manifest.json";
 pub const ADAPTER_INIT: &str = "adapter-init.safetensors";
+/// Frozen weights the optimizer folded, computed at compile time.
+pub const FOLDED: &str = "folded.safetensors";
 /// The stage the runtime executes.
 pub const RUN_STAGE: &str = "optimized";
 /// Version of the artifact layout; 2 added the optimized stage.
@@ -98,6 +100,8 @@ pub struct Manifest {
     pub plan: Option<String>,
     pub kernels: Vec<String>,
     pub adapter_init: String,
+    /// The optimizer's folded weights, when it folded any.
+    pub folded: Option<String>,
     pub outputs: Vec<String>,
 }
 

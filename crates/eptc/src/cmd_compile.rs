@@ -64,7 +64,7 @@ pub fn compile(a: &CompileArgs) -> Result<(PathBuf, Manifest)> {
     let (sha256, bytes) = artifact::hash_file(&a.model)?;
     let c = pipeline::build(&a.model, &a.model_args, &a.peft, &a.opt, &a.target)?;
     // Compiling on the backend checks that it can run the graph with these weights.
-    let weights = pipeline::weights_with(&c.model, &c.adapter);
+    let weights = pipeline::weights_with(&c.model, &c.folded, &c.adapter);
     pipeline::executable(&a.target, &c.optimized, &weights, None)?;
 
     let dir = a.output.clone().unwrap_or_else(|| {
@@ -98,6 +98,14 @@ pub fn compile(a: &CompileArgs) -> Result<(PathBuf, Manifest)> {
         None
     };
     write_adapter(&dir.join(ADAPTER_INIT), &c.adapter, &c.config)?;
+    let folded = if c.folded.is_empty() {
+        None
+    } else {
+        let refs: Vec<(&str, &HostTensor)> =
+            c.folded.iter().map(|(k, v)| (k.as_str(), v)).collect();
+        write_tensors(&dir.join(artifact::FOLDED), &refs, None)?;
+        Some(artifact::FOLDED.to_string())
+    };
     let trainable = c.peft.trainable_count();
     let manifest = Manifest {
         format: artifact::FORMAT,
@@ -125,6 +133,7 @@ pub fn compile(a: &CompileArgs) -> Result<(PathBuf, Manifest)> {
         plan,
         kernels: vec![],
         adapter_init: ADAPTER_INIT.into(),
+        folded,
         outputs: c.optimized.outputs().iter().map(|o| o.0.clone()).collect(),
     };
     manifest.write(&dir)?;
@@ -179,7 +188,7 @@ pub fn cmd_compile(a: &CompileArgs) -> Result<()> {
                     .map(|(r, n)| format!("{r} {n}"))
                     .collect();
                 println!(
-                    "optimized: {} -> {} nodes in {:.2} s ({} iterations, {}); attention fused {} ({} with the EPT sink), linear fused {}; rules: {}",
+                    "optimized: {} -> {} nodes in {:.2} s ({} iterations, {}); attention fused {} ({} with the EPT sink), linear fused {}, weights folded {}; rules: {}",
                     o.nodes_before,
                     o.nodes_after,
                     o.seconds,
@@ -188,6 +197,7 @@ pub fn cmd_compile(a: &CompileArgs) -> Result<()> {
                     o.attention_fused,
                     o.attention_with_sink,
                     o.linear_fused,
+                    o.folded_weights,
                     if fired.is_empty() { "none".to_string() } else { fired.join(", ") }
                 );
             }
@@ -337,7 +347,11 @@ pub fn load(dir: &Path, adapter: Option<&Path>, threads: Option<usize>) -> Resul
     }
     let values =
         eptc_peft::adapter::from_file(&graph, &file.tensors, &apath.display().to_string())?;
-    let weights = pipeline::weights_with(&model, &values);
+    let folded = match &m.folded {
+        Some(f) => TensorFile::read(&dir.join(f))?.tensors,
+        None => Default::default(),
+    };
+    let weights = pipeline::weights_with(&model, &folded, &values);
     let exe = pipeline::executable(&m.target, &graph, &weights, threads)?;
     Ok(Loaded { manifest: m, exe })
 }

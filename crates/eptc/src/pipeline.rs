@@ -21,6 +21,8 @@ pub struct Compiled {
     /// The graph the backend runs: optimized for it, or the PEFT stage with `--no-optimize`.
     pub optimized: Graph,
     pub opt_summary: Option<eptc_opt::Summary>,
+    /// Frozen weights the optimizer folded (`folded.<k>`), computed at compile time.
+    pub folded: BTreeMap<String, HostTensor>,
     pub config: PeftConfig,
     /// Initial values of the trainable tensors.
     pub adapter: BTreeMap<String, HostTensor>,
@@ -63,12 +65,16 @@ pub fn build(
             .expect("checked by PeftArgs::config");
         token_init(&model, &imported, &config, file, target, &mut adapter)?;
     }
-    let (optimized, opt_summary) = if oargs.no_optimize {
-        (peft.clone(), None)
+    let (optimized, opt_summary, folded) = if oargs.no_optimize {
+        (peft.clone(), None, BTreeMap::new())
     } else {
         let caps = backends::get(target)?.capabilities();
-        let (g, s) = eptc_opt::optimize(&peft, &|k| caps.supports(k), &oargs.limits()?)?;
-        (g, Some(s))
+        let (g, mut s) = eptc_opt::optimize(&peft, &|k| caps.supports(k), &oargs.limits()?)?;
+        let f = eptc_opt::fold::split_constants(&g)?;
+        let folded = fold_weights(&f.constants, &model)?;
+        s.nodes_after = f.graph.len();
+        s.folded_weights = folded.len();
+        (f.graph, Some(s), folded)
     };
     Ok(Compiled {
         model,
@@ -76,9 +82,19 @@ pub fn build(
         peft,
         optimized,
         opt_summary,
+        folded,
         config,
         adapter,
     })
+}
+
+/// Compute the optimizer's folded weights once, on the CPU reference backend.
+fn fold_weights(constants: &Graph, model: &Model) -> Result<BTreeMap<String, HostTensor>> {
+    if constants.outputs().is_empty() {
+        return Ok(BTreeMap::new());
+    }
+    let mut exe = executable("cpu", constants, &model.weights, None)?;
+    Ok(exe.run(&[])?.into_iter().collect())
 }
 
 /// Fill the prompts from the mean token embedding of a batch (`--prompt-init token`).
@@ -131,10 +147,15 @@ pub fn read_pixels(path: &Path) -> Result<HostTensor> {
     Ok(t.clone())
 }
 
-/// A weight store holding the checkpoint's weights plus the adapter's values.
-pub fn weights_with(model: &Model, adapter: &BTreeMap<String, HostTensor>) -> eptc_ir::WeightStore {
+/// A weight store holding the checkpoint's weights, the folded ones and the adapter's
+/// values.
+pub fn weights_with(
+    model: &Model,
+    folded: &BTreeMap<String, HostTensor>,
+    adapter: &BTreeMap<String, HostTensor>,
+) -> eptc_ir::WeightStore {
     let mut w = model.weights.clone();
-    for (k, v) in adapter {
+    for (k, v) in folded.iter().chain(adapter) {
         w.insert(k.clone(), v.clone());
     }
     w
