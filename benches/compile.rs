@@ -1,6 +1,6 @@
 //! Compile time of ViT-B/16 + EPT (cat, deep, L = 100): from a safetensors file in timm
-//! layout (random weights, written by the bench) to the optimized IR, and with lowering
-//! onto the CPU backend. `cargo bench --bench compile`.
+//! layout (random weights, written by the bench) to the optimized IR, and with the
+//! frozen-weight folds computed and the graph lowered onto the CPU backend. `cargo bench --bench compile`.
 
 mod common;
 
@@ -42,14 +42,20 @@ fn bench(c: &mut Criterion) {
     let mut group = c.benchmark_group("compile_vit_b16_ept");
     group.sample_size(10);
     group.bench_function("safetensors_to_optimized_ir", |b| b.iter(to_ir));
-    group.bench_function("with_cpu_lowering", |b| {
+    group.bench_function("with_folding_and_cpu_lowering", |b| {
         b.iter(|| {
             let (model, o, adapter) = to_ir();
+            // Frozen-weight folds computed once (as `eptc compile` does), then lowering.
+            let f = eptc_opt::fold::split_constants(&o).unwrap();
             let mut w = model.weights.clone();
-            for (k, v) in adapter {
+            let mut consts = cpu
+                .compile(&f.constants, &w, &CompileOptions::default())
+                .unwrap();
+            for (k, v) in consts.run(&[]).unwrap().into_iter().chain(adapter) {
                 w.insert(k, v);
             }
-            cpu.compile(&o, &w, &CompileOptions::default()).unwrap()
+            cpu.compile(&f.graph, &w, &CompileOptions::default())
+                .unwrap()
         })
     });
     group.finish();
