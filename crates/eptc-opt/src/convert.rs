@@ -130,6 +130,15 @@ pub fn extract(l: &Loaded, choose: &dyn Fn(Id) -> SymbolLang) -> IrResult<Graph>
         let id = g.add_typed(op, &ins, ty)?;
         built.insert(class, id);
     }
+    // Inputs no output reads any more still bind the batch size: keep them.
+    for (op, ty, tag) in &eg.analysis.table.leaves {
+        if let eptc_ir::Op::Input { name } = op {
+            if g.find_input(name).is_none() {
+                g.set_tag(tag.as_deref());
+                g.add_typed(op.clone(), &[], ty.clone())?;
+            }
+        }
+    }
     g.set_tag(None);
     for (name, &c) in l.outputs.iter().zip(&root.children) {
         g.set_output(name, built[&eg.find(c)]);

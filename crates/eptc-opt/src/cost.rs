@@ -1,5 +1,7 @@
 //! The extraction cost: bytes moved plus flops, from the IR types, with the batch bound
-//! to 1. An op the backend does not support costs infinity, so it is never extracted.
+//! to 1. An op the backend does not support costs infinity, so it is never extracted —
+//! except in expressions over frozen weights only, which cost nothing: they are computed
+//! once at compile time (`fold`).
 
 use egg::{CostFunction, Id, Language, SymbolLang};
 use eptc_ir::{Op, TensorType};

@@ -311,7 +311,8 @@ pub fn is_frozen_leaf(eg: &Graph, id: Id) -> bool {
 /// The value of a scalar constant e-class.
 pub fn scalar_const(eg: &Graph, id: Id) -> Option<f32> {
     match ir_leaf(eg, id)? {
-        (Op::Const { values }, _, _) if values.len() == 1 => Some(values[0]),
+        // Rank 0 only: a one-element `[1, 1]` would broadcast the value it scales.
+        (Op::Const { values }, ty, _) if values.len() == 1 && ty.rank() == 0 => Some(values[0]),
         _ => None,
     }
 }

@@ -68,13 +68,20 @@ pub struct Summary {
 }
 
 /// Optimize `g` for a backend that supports the op kinds `supports` accepts.
+///
+/// Expressions over frozen weights only (what the folds leave) are extracted whatever
+/// their ops, since they are computed once at compile time: cut them out with
+/// [`fold::split_constants`] and compute them before running the graph.
 pub fn optimize(
     g: &Graph,
     supports: &dyn Fn(&str) -> bool,
     limits: &Limits,
 ) -> Result<(Graph, Summary), OptError> {
     let t0 = Instant::now();
-    let loaded = convert::load(g)?;
+    // Fused ops the backend lacks enter as their decompositions.
+    let mut input = g.clone();
+    eptc_ir::decompose::lower_unsupported(&mut input, supports)?;
+    let loaded = convert::load(&input)?;
     let root = loaded.root;
     let runner = Runner::default()
         .with_egraph(loaded.egraph)

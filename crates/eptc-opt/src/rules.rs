@@ -174,6 +174,12 @@ fn fold_layernorm(eg: &mut G, s: &Subst, residual: bool) -> Option<Id> {
     Some(node(eg, "linear", children))
 }
 
+/// `?spec` is a linear with bias and nothing after it (a scale commutes with it, not with
+/// an activation or a residual).
+fn plain_linear(eg: &G, s: &Subst) -> bool {
+    lang::leaf_symbol(eg, s[var("?spec")]).is_some_and(|sym| sym.as_str() == "lin:1:none:0")
+}
+
 /// The scale of an attention's `f:` attribute.
 fn scale_attr(eg: &G, id: Id) -> Option<f32> {
     lang::leaf_symbol(eg, id)?
@@ -187,10 +193,11 @@ fn scale_attr(eg: &G, id: Id) -> Option<f32> {
 /// them out) with its query rows scaled by `c`: the new `permute(reshape(linear))` value.
 fn scaled_qkv(eg: &mut G, s: &Subst, c: f32) -> Option<Id> {
     let (w, b) = (s[var("?w")], s[var("?b")]);
-    if c == 1.0 || !lang::is_constant(eg, w) || !lang::is_constant(eg, b) {
+    if c == 1.0 || !plain_linear(eg, s) || !lang::is_constant(eg, w) || !lang::is_constant(eg, b) {
         return None;
     }
-    // reshape to [.., N, 3, H, hd], permute [2,0,3,1,4]: the leading 3 is q, k, v.
+    // reshape [B, N, 3D] to [B, N, 3, H, hd] (features only), permute [2,0,3,1,4]: the
+    // leading 3 is q, k, v.
     let s5 = shape_of_attr(eg, s[var("?s5")])?;
     let perm: Vec<usize> = lang::leaf_symbol(eg, s[var("?p")])?
         .as_str()
@@ -198,10 +205,20 @@ fn scaled_qkv(eg: &mut G, s: &Subst, c: f32) -> Option<Id> {
         .split(',')
         .map(|x| x.parse().ok())
         .collect::<Option<_>>()?;
-    if s5.rank() != 5 || s5.dims()[2] != Dim::Fixed(3) || perm != [2, 0, 3, 1, 4] {
+    let rows = ty(eg, w)?.shape.as_fixed()?[0];
+    let x = ty(eg, s[var("?x")])?.shape.clone();
+    let split_features = x.rank() == 3
+        && s5.rank() == 5
+        && s5.dims()[..2] == x.dims()[..2]
+        && s5.dims()[2] == Dim::Fixed(3)
+        && s5.dims()[2..]
+            .iter()
+            .map(|d| d.fixed().unwrap_or(0))
+            .product::<usize>()
+            == rows;
+    if !split_features || perm != [2, 0, 3, 1, 4] {
         return None;
     }
-    let rows = ty(eg, w)?.shape.as_fixed()?[0];
     let d = rows / 3;
     let cc = constant(eg, vec![c], &[]);
     let scaled = |eg: &mut G, t: Id| {
@@ -268,7 +285,7 @@ fn fold_scale_scores(eg: &mut G, s: &Subst) -> Option<Id> {
 /// the new query `permute(reshape(linear(x, c W, c b)))`.
 fn scaled_q(eg: &mut G, s: &Subst, c: f32) -> Option<Id> {
     let (w, b) = (s[var("?w")], s[var("?b")]);
-    if c == 1.0 || !lang::is_constant(eg, w) || !lang::is_constant(eg, b) {
+    if c == 1.0 || !plain_linear(eg, s) || !lang::is_constant(eg, w) || !lang::is_constant(eg, b) {
         return None;
     }
     let cc = constant(eg, vec![c], &[]);
@@ -375,8 +392,15 @@ pub fn rules() -> Vec<Rw> {
             pat("(matmul 0 0 (softmax ?ax (mul (matmul 0 1 ?q ?k) ?c)) ?v)"),
             ConditionalApplier {
                 condition: If(
-                    |eg: &G, s: &Subst| last_axis(eg, s, "?q"),
-                    vec![var("?ax"), var("?q")],
+                    |eg: &G, s: &Subst| {
+                        // The logits `c · Q Kᵀ` have the broadcast rank of Q and K (c is a
+                        // rank-0 scalar).
+                        let rank = ty(eg, s[var("?q")])?
+                            .rank()
+                            .max(ty(eg, s[var("?k")])?.rank());
+                        Some(int_of(eg, s[var("?ax")])? + 1 == rank)
+                    },
+                    vec![var("?ax"), var("?q"), var("?k")],
                 ),
                 applier: Build(|eg: &mut G, _: Id, s: &Subst| attention(eg, s, false)),
             },
