@@ -95,7 +95,10 @@ pub fn optimize(
             *rules_fired.entry(name.to_string()).or_insert(0) += n;
         }
     }
-    let stop_reason = format!("{:?}", runner.stop_reason);
+    let stop_reason = match &runner.stop_reason {
+        Some(r) => format!("{r:?}"),
+        None => "none".to_string(),
+    };
     let iterations = runner.iterations.len();
     let egraph = runner.egraph;
     if egraph.analysis.conflicts > 0 {
