@@ -31,12 +31,14 @@ fn int_list(v: &[usize]) -> String {
         .join(",")
 }
 
-fn shape_str(s: &Shape) -> String {
+/// Attribute symbol of a shape: `s:B,17,48`.
+pub fn shape_str(s: &Shape) -> String {
     let d: Vec<String> = s.dims().iter().map(|d| d.to_string()).collect();
     format!("s:{}", d.join(","))
 }
 
-fn parse_shape(s: &str) -> Option<Shape> {
+/// The shape of an `s:` attribute symbol.
+pub fn parse_shape(s: &str) -> Option<Shape> {
     let body = s.strip_prefix("s:")?;
     if body.is_empty() {
         return Some(Shape(vec![]));
@@ -53,7 +55,8 @@ fn parse_shape(s: &str) -> Option<Shape> {
         .map(Shape)
 }
 
-fn parse_list(s: &str) -> Option<Vec<usize>> {
+/// A comma-separated list of integers.
+pub fn parse_list(s: &str) -> Option<Vec<usize>> {
     s.split(',').map(|x| x.parse().ok()).collect()
 }
 

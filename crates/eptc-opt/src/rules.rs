@@ -47,11 +47,6 @@ fn int_of(eg: &G, id: Id) -> Option<usize> {
     lang::leaf_symbol(eg, id)?.as_str().parse().ok()
 }
 
-fn shape_attr(s: &Shape) -> String {
-    let d: Vec<String> = s.dims().iter().map(|d| d.to_string()).collect();
-    format!("s:{}", d.join(","))
-}
-
 /// A condition written as a closure over the e-graph and the match.
 struct If<F>(F, Vec<Var>);
 
@@ -199,12 +194,7 @@ fn scaled_qkv(eg: &mut G, s: &Subst, c: f32) -> Option<Id> {
     // reshape [B, N, 3D] to [B, N, 3, H, hd] (features only), permute [2,0,3,1,4]: the
     // leading 3 is q, k, v.
     let s5 = shape_of_attr(eg, s[var("?s5")])?;
-    let perm: Vec<usize> = lang::leaf_symbol(eg, s[var("?p")])?
-        .as_str()
-        .strip_prefix("p:")?
-        .split(',')
-        .map(|x| x.parse().ok())
-        .collect::<Option<_>>()?;
+    let perm = perm_of(eg, s[var("?p")])?;
     let rows = ty(eg, w)?.shape.as_fixed()?[0];
     let x = ty(eg, s[var("?x")])?.shape.clone();
     let split_features = x.rank() == 3
@@ -374,7 +364,7 @@ pub fn rules() -> Vec<Rw> {
                     "reduce_logsumexp",
                     vec![axes, keep, s[var("?p")]],
                 ));
-                let sh = attr(eg, shape_attr(&out.shape));
+                let sh = attr(eg, lang::shape_str(&out.shape));
                 Some(eg.add(SymbolLang::new("broadcast", vec![sh, inner])))
             }),
         )
@@ -544,34 +534,25 @@ pub fn rules() -> Vec<Rw> {
 
     // Layout simplifications.
     r.push(rw!("reshape-reshape"; "(reshape ?a (reshape ?b ?x))" => "(reshape ?a ?x)"));
-    r.push(
-        Rewrite::new(
-            "reshape-id",
-            pat("(reshape ?sh ?x)"),
-            ConditionalApplier {
-                condition: If(
-                    |eg: &G, s: &Subst| Some(ty(eg, s[var("?x")])?.shape == parse_target(eg, s)?),
-                    vec![var("?x"), var("?sh")],
-                ),
-                applier: pat("?x"),
-            },
-        )
-        .expect("valid rule"),
-    );
-    r.push(
-        Rewrite::new(
-            "broadcast-id",
-            pat("(broadcast ?sh ?x)"),
-            ConditionalApplier {
-                condition: If(
-                    |eg: &G, s: &Subst| Some(ty(eg, s[var("?x")])?.shape == parse_target(eg, s)?),
-                    vec![var("?x"), var("?sh")],
-                ),
-                applier: pat("?x"),
-            },
-        )
-        .expect("valid rule"),
-    );
+    // A reshape or broadcast to the shape the value already has is the value.
+    for (name, op) in [("reshape-id", "reshape"), ("broadcast-id", "broadcast")] {
+        r.push(
+            Rewrite::new(
+                name,
+                pat(&format!("({op} ?sh ?x)")),
+                ConditionalApplier {
+                    condition: If(
+                        |eg: &G, s: &Subst| {
+                            Some(ty(eg, s[var("?x")])?.shape == shape_of_attr(eg, s[var("?sh")])?)
+                        },
+                        vec![var("?x"), var("?sh")],
+                    ),
+                    applier: pat("?x"),
+                },
+            )
+            .expect("valid rule"),
+        );
+    }
     r.push(
         Rewrite::new(
             "permute-permute",
@@ -594,33 +575,10 @@ pub fn rules() -> Vec<Rw> {
     r
 }
 
-fn parse_target(eg: &G, s: &Subst) -> Option<Shape> {
-    shape_of_attr(eg, s[var("?sh")])
-}
-
 fn shape_of_attr(eg: &G, id: Id) -> Option<Shape> {
-    let sym = lang::leaf_symbol(eg, id)?;
-    let body = sym.as_str().strip_prefix("s:")?;
-    if body.is_empty() {
-        return Some(Shape(vec![]));
-    }
-    body.split(',')
-        .map(|d| {
-            if d == "B" {
-                Some(Dim::Batch)
-            } else {
-                d.parse().ok().map(Dim::Fixed)
-            }
-        })
-        .collect::<Option<Vec<_>>>()
-        .map(Shape)
+    lang::parse_shape(lang::leaf_symbol(eg, id)?.as_str())
 }
 
 fn perm_of(eg: &G, id: Id) -> Option<Vec<usize>> {
-    let sym = lang::leaf_symbol(eg, id)?;
-    sym.as_str()
-        .strip_prefix("p:")?
-        .split(',')
-        .map(|x| x.parse().ok())
-        .collect()
+    lang::parse_list(lang::leaf_symbol(eg, id)?.as_str().strip_prefix("p:")?)
 }

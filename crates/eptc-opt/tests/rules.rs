@@ -24,31 +24,8 @@ fn random(shape: &[usize], rng: &mut StdRng) -> HostTensor {
 
 /// Run `g` on random inputs and params (batch 2), returning the outputs.
 fn run(g: &Graph, seed: u64) -> Vec<(String, HostTensor)> {
-    let mut rng = StdRng::seed_from_u64(seed);
-    let mut w = WeightStore::new();
-    let mut inputs = Vec::new();
-    let mut ids = g.node_ids();
-    // Draw values in a stable order: by name.
-    ids.sort_by_key(|&id| match &g.node(id).op {
-        Op::Param { name, .. } | Op::Input { name } => name.clone(),
-        _ => String::new(),
-    });
-    for id in ids {
-        let shape = g.ty(id).shape.resolve(2);
-        match &g.node(id).op {
-            Op::Param { name, .. } => w.insert(name.clone(), random(&shape, &mut rng)),
-            Op::Input { name } => inputs.push((name.clone(), random(&shape, &mut rng))),
-            _ => {}
-        }
-    }
-    let mut exe = CpuBackend::new()
-        .compile(g, &w, &CompileOptions::default())
-        .unwrap();
-    let refs: Vec<(&str, HostTensor)> = inputs
-        .iter()
-        .map(|(n, t)| (n.as_str(), t.clone()))
-        .collect();
-    exe.run(&refs).unwrap()
+    let (w, inputs) = values(g, seed);
+    run_with(g, &w, &inputs)
 }
 
 fn rel(a: &[f32], b: &[f32]) -> f64 {
