@@ -1,4 +1,5 @@
-//! eptc's runtime. For now: the evaluation metrics of the MedFMC protocol ([`metrics`]).
-//! Data loading and the training loop come with issue #4.
+//! eptc's runtime. For now: the evaluation metrics of the MedFMC protocol ([`metrics`])
+//! and MedFMC data loading ([`data`]). The training loop comes with issue #4.
 
+pub mod data;
 pub mod metrics;
