@@ -1,5 +1,7 @@
-//! eptc's runtime. For now: the evaluation metrics of the MedFMC protocol ([`metrics`])
-//! and MedFMC data loading ([`data`]). The training loop comes with issue #4.
+//! eptc's runtime. For now: the evaluation metrics of the MedFMC protocol ([`metrics`]),
+//! MedFMC data loading ([`data`]), and the optimizers and schedule ([`optim`]). The
+//! training loop comes with issue #4.
 
 pub mod data;
 pub mod metrics;
+pub mod optim;
