@@ -116,6 +116,13 @@ fn optimized_matches_pytorch() {
     }
 }
 
+/// Lines of fused attention ops in printed IR, with or without the EPT sink.
+fn attention_lines(ir: &str, sink: bool) -> usize {
+    ir.lines()
+        .filter(|l| l.contains("= attention ") && l.contains(" sink ") == sink)
+        .count()
+}
+
 fn optimized_ir(args: &[&str]) -> String {
     let m = fixture("tiny_timm.safetensors");
     let mut a = vec![
@@ -135,41 +142,22 @@ fn optimized_ir(args: &[&str]) -> String {
 #[test]
 fn snapshot_optimized_cat() {
     let ir = optimized_ir(&["--prompt-len", "6"]);
-    assert_eq!(
-        ir.matches("= attention ").filter(|_| true).count(),
-        2,
-        "{ir}"
-    );
-    assert_eq!(
-        ir.lines()
-            .filter(|l| l.contains("= attention ") && l.contains(" sink "))
-            .count(),
-        2
-    );
+    assert_eq!(ir.matches("= attention ").count(), 2, "{ir}");
+    assert_eq!(attention_lines(&ir, true), 2, "{ir}");
     insta::assert_snapshot!(ir);
 }
 
 #[test]
 fn snapshot_optimized_multi_cat() {
     let ir = optimized_ir(&["--ept-mode", "multi-cat", "--prompt-len", "6"]);
-    assert_eq!(
-        ir.lines()
-            .filter(|l| l.contains("= attention ") && l.contains(" sink "))
-            .count(),
-        2
-    );
+    assert_eq!(attention_lines(&ir, true), 2, "{ir}");
     insta::assert_snapshot!(ir);
 }
 
 #[test]
 fn snapshot_optimized_no_peft() {
     let ir = optimized_ir(&["--peft", "none"]);
-    assert_eq!(
-        ir.lines()
-            .filter(|l| l.contains("= attention ") && !l.contains(" sink "))
-            .count(),
-        2
-    );
+    assert_eq!(attention_lines(&ir, false), 2, "{ir}");
     insta::assert_snapshot!(ir);
 }
 

@@ -109,7 +109,12 @@ pub fn cmd_ir(a: &IrArgs) -> Result<()> {
     } else if a.stage == "imported" {
         eptc_frontend::import(&a.model, &a.model_args.import_options())?.graph
     } else {
-        let c = pipeline::build(&a.model, &a.model_args, &a.peft, &a.opt, &a.target)?;
+        // The PEFT stage needs no optimizer run (nor its weight folds).
+        let opt = OptArgs {
+            no_optimize: a.stage == "peft",
+            ..a.opt.clone()
+        };
+        let c = pipeline::build(&a.model, &a.model_args, &a.peft, &opt, &a.target)?;
         if a.stage == "peft" {
             c.peft
         } else {
