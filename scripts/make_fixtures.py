@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 import timm
 from timm.models.vision_transformer import VisionTransformer
@@ -398,6 +398,160 @@ def check_hf(hf_sd: dict, hfcls_sd: dict, cfg: dict, pixels: torch.Tensor,
 
 
 # ---------------------------------------------------------------------------------------
+# Gradients (`eptc grad`): loss and gradients of the trainable tensors on one batch
+# ---------------------------------------------------------------------------------------
+
+TASKS = ("multilabel", "multiclass")
+# Fixed labels for the 3 images of input_b3: multi-hot rows with several 1s, one row all
+# zeros; class ids for the multi-class case. The prompt is shared by the batch, so the
+# samples' prompt gradients can cancel: with ids [2, 0, 4] layer 1 of cat/deep kept only
+# 1.2e-3 (layer 0: 1.8e-2); [2, 1, 4] keeps every prompted layer above 1e-2.
+MULTILABEL_TARGETS = [[1, 0, 1, 1, 0], [0, 0, 0, 0, 0], [0, 1, 0, 0, 1]]
+MULTICLASS_TARGETS = [2, 1, 4]
+TRAINABLE = ("ept.prompts", "head.weight", "head.bias")
+
+
+def task_loss(logits: torch.Tensor, labels: torch.Tensor, task: str) -> torch.Tensor:
+    """The loss the official EPT code trains with, as mmcls 0.25 computes it.
+
+    Both heads call their loss with `avg_factor = num_samples` (B) and the default
+    reduction 'mean', and `weight_reduce_loss` then returns `loss.sum() / avg_factor`:
+      multilabel (MultiLabelLinearClsHead, CrossEntropyLoss(use_sigmoid=True)):
+          sum over all B x C elements of BCE-with-logits, divided by B (not B*C);
+      multiclass (LinearClsHead, CrossEntropyLoss()): sum of per-sample CE / B, i.e.
+          F.cross_entropy's mean.
+    """
+    B = logits.shape[0]
+    if task == "multilabel":
+        # mmcls maps "difficult" labels (-1) to positives with abs(); ours are 0/1.
+        target = labels.abs().to(logits.dtype)
+        return F.binary_cross_entropy_with_logits(logits, target, reduction="sum") / B
+    assert task == "multiclass", task
+    return F.cross_entropy(logits, labels.long(), reduction="sum") / B
+
+
+def ept_loss(model: VisionTransformer, dtype, eps: float, trainable: dict, layers, mode: str,
+             pixels: torch.Tensor, labels: torch.Tensor, task: str):
+    """(loss, logits) with the frozen model in `dtype` at LayerNorm `eps`; autograd-ready.
+
+    `trainable` holds `ept.prompts`, `head.weight`, `head.bias` already in `dtype` (leaves
+    that require grad, or plain tensors for finite differences).
+    """
+    m = set_ln_eps_(copy.deepcopy(model).to(dtype), eps).eval()
+    for p in m.parameters():
+        p.requires_grad_(False)
+    m = with_ept(m, trainable["ept.prompts"], layers, mode)
+    feats = m.forward_head(m.forward_features(pixels.to(dtype)), pre_logits=True)
+    logits = F.linear(feats, trainable["head.weight"], trainable["head.bias"])
+    loss = task_loss(logits, labels, task)
+    assert torch.isfinite(loss) and torch.isfinite(logits).all(), "NaN/Inf in loss"
+    return loss, logits
+
+
+def ept_grads(model, dtype, eps, adapter, layers, mode, pixels, labels, task):
+    """(loss, logits, {name: grad}) for the adapter's trainable tensors in `dtype`."""
+    params = {k: adapter[k].detach().to(dtype).clone().requires_grad_(True) for k in TRAINABLE}
+    loss, logits = ept_loss(model, dtype, eps, params, layers, mode, pixels, labels, task)
+    grads = torch.autograd.grad(loss, [params[k] for k in TRAINABLE])
+    return loss.detach(), logits.detach(), dict(zip(TRAINABLE, grads))
+
+
+def make_grads(out: Path, model: VisionTransformer, x: torch.Tensor, tokens: int, D: int) -> None:
+    """Batch files and `grad_{mode}_{depth}_{task}` (see tests/fixtures/README.md)."""
+    print("gradients (eptc grad):")
+    batches = {
+        "multilabel": torch.tensor(MULTILABEL_TARGETS, dtype=torch.float32),
+        "multiclass": torch.tensor(MULTICLASS_TARGETS, dtype=torch.float32),
+    }
+    for task, labels in batches.items():
+        save(out / f"batch_{task}.safetensors", {"pixel_values": x, "labels": labels})
+
+    eps = EPS["ln6"]
+    report = []
+    for mode in MODES:
+        for depth_name, layers in DEPTHS.items():
+            name = f"adapter_{mode}_{depth_name}"
+            # The committed adapter, regenerated from its own seed (same bytes).
+            adapter, _ = make_adapter(name, mode, layers, tokens, PROMPT_LEN, NUM_CLASSES, D, 1.0)
+            for task in TASKS:
+                labels = batches[task]
+                loss, logits, grads = ept_grads(model, torch.float64, eps, adapter, layers, mode,
+                                                x, labels, task)
+                tag = f"{mode}_{depth_name}_{task}"
+                tensors = {"loss": loss, "logits": logits}
+                tensors.update({f"grad.{k}": g for k, g in grads.items()})
+                # One metadata key: safetensors writes metadata from a hash map, so several
+                # keys would come out in a random order and the file would not be stable.
+                meta = {"grad": json.dumps({"adapter": name, "input": f"batch_{task}",
+                                            "task": task, "ln_eps": 1e-6, "computed": "float64"},
+                                           sort_keys=True)}
+                save(out / f"grad_{tag}.safetensors", tensors, meta)
+
+                # Same logits as the forward fixture (same adapter, input and eps).
+                if task == TASKS[0]:
+                    ref = load_file(str(out / f"expected_{mode}_{depth_name}_ln6.safetensors"))
+                    d = rel_diff(logits.float(), ref["logits"])
+                    assert d < 1e-6, f"{tag}: logits differ from expected_*_ln6 ({d:.1e})"
+                if task == "multiclass":
+                    ref_loss = F.cross_entropy(logits, labels.long())  # mean over the batch
+                    assert abs(float(loss - ref_loss)) < 1e-12, (float(loss), float(ref_loss))
+
+                # float32 run of the same thing.
+                loss32, _, grads32 = ept_grads(model, torch.float32, eps, adapter, layers, mode,
+                                               x, labels, task)
+                f32 = {k: rel_diff(grads32[k].double(), grads[k]) for k in TRAINABLE}
+                f32["loss"] = abs(float(loss32) - float(loss)) / abs(float(loss))
+
+                # Central finite differences in float64 on a few prompt entries: per
+                # prompted layer its largest-|grad| entry, a median-|grad| one and a fixed
+                # one. Some entries have gradients near 1e-7, so the error is measured
+                # against the largest |grad| of the prompts.
+                gp = grads["ept.prompts"]
+                entries = []
+                for j in range(len(layers)):
+                    order = gp[j].abs().flatten().argsort()
+                    for flat in (int(order[-1]), int(order[len(order) // 2])):
+                        entries.append((j, flat // PROMPT_LEN, flat % PROMPT_LEN))
+                    entries.append((j, 5, 2))
+                h = 1e-4
+                fd_err = 0.0
+                for idx in entries:
+                    vals = []
+                    for sign in (1.0, -1.0):
+                        pert = {k: adapter[k].double().clone() for k in TRAINABLE}
+                        pert["ept.prompts"][idx] += sign * h
+                        with torch.no_grad():
+                            vals.append(ept_loss(model, torch.float64, eps, pert, layers, mode,
+                                                 x, labels, task)[0])
+                    fd = float(vals[0] - vals[1]) / (2 * h)
+                    fd_err = max(fd_err, abs(fd - float(gp[idx])) / float(gp.abs().max()))
+                norms = [float(gp[j].norm()) for j in range(len(layers))]
+                # In the last block only the CLS query row reaches the head: the prompt rows
+                # of the patch tokens there get exactly zero gradient.
+                last = TINY["depth"] - 1
+                if last in layers:
+                    assert torch.equal(gp[layers.index(last), 1:], torch.zeros_like(gp[0, 1:]))
+                    assert float(gp[layers.index(last), 0].norm()) > 0
+                report.append((tag, float(loss), norms, float(grads["head.weight"].norm()),
+                               float(grads["head.bias"].norm()), f32, fd_err, entries))
+
+    print("sanity: loss, gradient L2 norms (prompt per layer), f32 vs f64 rel L2 diff, "
+          "central FD (h=1e-4) vs autograd on prompt entries (max |fd-ag| / max|g.prompts|)")
+    print("  (deep: the last block's prompt gradient is exactly zero outside the CLS row)")
+    for tag, loss, norms, nw, nb, f32, fd_err, entries in report:
+        pn = " ".join(f"{n:.3e}" for n in norms)
+        print(f"  {tag:28s} loss {loss:.6f}  |g.prompts| [{pn}]  |g.head.w| {nw:.3e}  "
+              f"|g.head.b| {nb:.3e}")
+        print(f"  {'':28s} f32 vs f64: loss {f32['loss']:.1e}  prompts {f32['ept.prompts']:.1e}  "
+              f"head.w {f32['head.weight']:.1e}  head.b {f32['head.bias']:.1e}  "
+              f"FD {fd_err:.1e} on {entries}")
+        # Every prompted layer must get a gradient a test can see (loss is of order 1).
+        assert min(norms) > 5e-3 and min(norms) > 0.1 * max(norms), f"{tag}: tiny prompt grad"
+        assert max(f32.values()) < 1e-5, f"{tag}: f32 and f64 disagree"
+        assert fd_err < 1e-6, f"{tag}: finite differences disagree with autograd"
+
+
+# ---------------------------------------------------------------------------------------
 # The tiny fixtures (committed)
 # ---------------------------------------------------------------------------------------
 
@@ -482,6 +636,9 @@ def make_tiny(out: Path) -> None:
 
     # Prove the HF layout with transformers itself, when it is installed.
     print(check_hf(hf_sd, hfcls_sd, TINY, x, plain["ln12"][1], plain["ln12"][0]))
+
+    # Loss and gradients for `eptc grad` (after everything above; own fixed labels).
+    make_grads(out, model, x, tokens, D)
 
 
 # ---------------------------------------------------------------------------------------

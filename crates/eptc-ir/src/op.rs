@@ -14,6 +14,8 @@ pub enum BinaryOp {
     Div,
     Maximum,
     Minimum,
+    /// `1.0` where `a == b`, else `0.0` (a mask; its gradient is zero).
+    Equal,
 }
 
 /// Element-wise unary operations.
@@ -31,6 +33,10 @@ pub enum UnaryOp {
     Relu,
     /// The exact GELU, `x * Phi(x)` with the error function (PyTorch's default).
     Gelu,
+    /// `-1`, `0` or `1` by the sign of `x` (NaN stays NaN); the derivative of `abs`.
+    Sign,
+    /// The derivative of the exact GELU, `Phi(x) + x * phi(x)` (its backward).
+    GeluDeriv,
 }
 
 /// Reductions over a set of axes.
@@ -87,13 +93,14 @@ pub enum Init {
 }
 
 impl BinaryOp {
-    pub const ALL: [BinaryOp; 6] = [
+    pub const ALL: [BinaryOp; 7] = [
         BinaryOp::Add,
         BinaryOp::Sub,
         BinaryOp::Mul,
         BinaryOp::Div,
         BinaryOp::Maximum,
         BinaryOp::Minimum,
+        BinaryOp::Equal,
     ];
     pub fn name(self) -> &'static str {
         match self {
@@ -103,6 +110,7 @@ impl BinaryOp {
             BinaryOp::Div => "div",
             BinaryOp::Maximum => "maximum",
             BinaryOp::Minimum => "minimum",
+            BinaryOp::Equal => "equal",
         }
     }
     pub fn apply(self, a: f32, b: f32) -> f32 {
@@ -113,12 +121,13 @@ impl BinaryOp {
             BinaryOp::Div => a / b,
             BinaryOp::Maximum => a.max(b),
             BinaryOp::Minimum => a.min(b),
+            BinaryOp::Equal => f32::from(u8::from(a == b)),
         }
     }
 }
 
 impl UnaryOp {
-    pub const ALL: [UnaryOp; 11] = [
+    pub const ALL: [UnaryOp; 13] = [
         UnaryOp::Neg,
         UnaryOp::Exp,
         UnaryOp::Log,
@@ -130,6 +139,8 @@ impl UnaryOp {
         UnaryOp::Sigmoid,
         UnaryOp::Relu,
         UnaryOp::Gelu,
+        UnaryOp::Sign,
+        UnaryOp::GeluDeriv,
     ];
     pub fn name(self) -> &'static str {
         match self {
@@ -144,6 +155,8 @@ impl UnaryOp {
             UnaryOp::Sigmoid => "sigmoid",
             UnaryOp::Relu => "relu",
             UnaryOp::Gelu => "gelu",
+            UnaryOp::Sign => "sign",
+            UnaryOp::GeluDeriv => "gelu_deriv",
         }
     }
 }

@@ -100,6 +100,8 @@ fn unary_range(op: UnaryOp, lo: f64, hi: f64) -> (f64, f64) {
         UnaryOp::Sigmoid => (sigmoid(lo), sigmoid(hi)),
         UnaryOp::Relu => (lo.max(0.0), hi.max(0.0)),
         UnaryOp::Gelu => (-0.17, hi.max(0.0)),
+        UnaryOp::Sign => (lo.signum().min(0.0), hi.signum().max(0.0)),
+        UnaryOp::GeluDeriv => (-0.13, 1.13),
     }
 }
 
@@ -119,6 +121,7 @@ fn binary_range(op: BinaryOp, a: V, b: V) -> (f64, f64) {
         BinaryOp::Div => product_range((a.lo, a.hi), (1.0 / b.hi, 1.0 / b.lo)),
         BinaryOp::Maximum => (a.lo.max(b.lo), a.hi.max(b.hi)),
         BinaryOp::Minimum => (a.lo.min(b.lo), a.hi.min(b.hi)),
+        BinaryOp::Equal => (0.0, 1.0),
     }
 }
 

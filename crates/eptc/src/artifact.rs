@@ -4,6 +4,8 @@
 //! ARTIFACT/
 //!   manifest.json              what was compiled, from what, for which target
 //!   imported.eptc  peft.eptc   the IR of each stage (text format, ir-specs/)
+//!   optimized.eptc             what `run`, `eval` and `infer` execute
+//!   train.eptc                 what `grad` and `train` execute (loss and gradients)
 //!   plan.json                  the execution plan (schedule of the backend)
 //!   adapter-init.safetensors   initial trainable tensors
 //! ```
@@ -25,8 +27,10 @@ pub const ADAPTER_INIT: &str = "adapter-init.safetensors";
 pub const FOLDED: &str = "folded.safetensors";
 /// The stage the runtime executes.
 pub const RUN_STAGE: &str = "optimized";
-/// Version of the artifact layout; 2 added the optimized stage.
-pub const FORMAT: u32 = 2;
+/// The stage training executes (forward, loss, gradients).
+pub const TRAIN_STAGE: &str = "train";
+/// Version of the artifact layout; 2 added the optimized stage, 3 the train stage.
+pub const FORMAT: u32 = 3;
 
 #[derive(Serialize, Deserialize, Debug, Clone)]
 pub struct Source {

@@ -13,7 +13,7 @@ use serde_json::json;
 
 use crate::args::{ModelArgs, OptArgs, PeftArgs};
 use crate::artifact::{
-    self, Architecture, Manifest, OptimizerInfo, Source, ADAPTER_INIT, RUN_STAGE,
+    self, Architecture, Manifest, OptimizerInfo, Source, ADAPTER_INIT, RUN_STAGE, TRAIN_STAGE,
 };
 use crate::pipeline;
 
@@ -66,6 +66,8 @@ pub fn compile(a: &CompileArgs) -> Result<(PathBuf, Manifest)> {
     // Compiling on the backend checks that it can run the graph with these weights.
     let weights = pipeline::weights_with(&c.model, &c.folded, &c.adapter);
     pipeline::executable(&a.target, &c.optimized, &weights, None)?;
+    pipeline::executable(&a.target, &c.train, &weights, None)
+        .context("the backend cannot run the training graph")?;
 
     let dir = a.output.clone().unwrap_or_else(|| {
         let stem = a
@@ -81,9 +83,10 @@ pub fn compile(a: &CompileArgs) -> Result<(PathBuf, Manifest)> {
         ("imported", &c.imported),
         ("peft", &c.peft),
         ("optimized", &c.optimized),
+        ("train", &c.train),
     ] {
         let file = format!("{name}.eptc");
-        if a.emit.iter().any(|e| e == "ir") || name == RUN_STAGE {
+        if a.emit.iter().any(|e| e == "ir") || name == RUN_STAGE || name == TRAIN_STAGE {
             artifact::write_atomic(&dir.join(&file), eptc_ir::text::print(g)?.as_bytes())?;
         }
         stages.push((name.to_string(), file));
@@ -292,14 +295,37 @@ pub struct RunArgs {
     pub json: bool,
 }
 
-/// An artifact loaded for execution.
-pub struct Loaded {
+/// An artifact's parts on the host: manifest, model, folded weights and adapter values.
+pub struct Parts {
     pub manifest: Manifest,
-    pub exe: Box<dyn eptc_backend::Executable>,
+    pub model: eptc_frontend::Model,
+    pub folded: BTreeMap<String, HostTensor>,
+    /// The trainable tensors by graph param name (`ept.prompts.<j>`, `head.*`).
+    pub values: BTreeMap<String, HostTensor>,
+    /// Where the values came from.
+    pub adapter_path: PathBuf,
 }
 
-/// Load an artifact with an adapter (or its initial one) and compile it on its target.
-pub fn load(dir: &Path, adapter: Option<&Path>, threads: Option<usize>) -> Result<Loaded> {
+impl Parts {
+    pub fn weights(&self) -> eptc_ir::WeightStore {
+        pipeline::weights_with(&self.model, &self.folded, &self.values)
+    }
+
+    /// Compile stage `stage` of the artifact on its target.
+    pub fn executable(
+        &self,
+        dir: &Path,
+        stage: &str,
+        threads: Option<usize>,
+    ) -> Result<Box<dyn eptc_backend::Executable>> {
+        let graph = self.manifest.stage_graph(dir, stage)?;
+        pipeline::executable(&self.manifest.target, &graph, &self.weights(), threads)
+    }
+}
+
+/// Read an artifact: its manifest, the model it was compiled from (checked unchanged),
+/// its folded weights and an adapter (or its initial one), checked against the artifact.
+pub fn load_parts(dir: &Path, adapter: Option<&Path>) -> Result<Parts> {
     let m = Manifest::read(dir)?;
     let graph = m.stage_graph(dir, RUN_STAGE)?;
     let src = &m.source.path;
@@ -327,7 +353,27 @@ pub fn load(dir: &Path, adapter: Option<&Path>, threads: Option<usize>) -> Resul
     let apath = adapter
         .map(Path::to_path_buf)
         .unwrap_or_else(|| dir.join(ADAPTER_INIT));
-    let file = TensorFile::read(&apath)?;
+    let values = read_adapter(&apath, &graph, &m)?;
+    let folded = match &m.folded {
+        Some(f) => TensorFile::read(&dir.join(f))?.tensors,
+        None => Default::default(),
+    };
+    Ok(Parts {
+        manifest: m,
+        model,
+        folded,
+        values,
+        adapter_path: apath,
+    })
+}
+
+/// Read an adapter file and check it was made for this artifact.
+pub fn read_adapter(
+    apath: &Path,
+    graph: &Graph,
+    m: &Manifest,
+) -> Result<BTreeMap<String, HostTensor>> {
+    let file = TensorFile::read(apath)?;
     if let Some(cfg) = file.metadata.get("peft") {
         let cfg: eptc_peft::PeftConfig = serde_json::from_str(cfg)
             .with_context(|| format!("{}: malformed `peft` metadata", apath.display()))?;
@@ -345,15 +391,27 @@ pub fn load(dir: &Path, adapter: Option<&Path>, threads: Option<usize>) -> Resul
             );
         }
     }
-    let values =
-        eptc_peft::adapter::from_file(&graph, &file.tensors, &apath.display().to_string())?;
-    let folded = match &m.folded {
-        Some(f) => TensorFile::read(&dir.join(f))?.tensors,
-        None => Default::default(),
-    };
-    let weights = pipeline::weights_with(&model, &folded, &values);
-    let exe = pipeline::executable(&m.target, &graph, &weights, threads)?;
-    Ok(Loaded { manifest: m, exe })
+    Ok(eptc_peft::adapter::from_file(
+        graph,
+        &file.tensors,
+        &apath.display().to_string(),
+    )?)
+}
+
+/// An artifact loaded for execution.
+pub struct Loaded {
+    pub manifest: Manifest,
+    pub exe: Box<dyn eptc_backend::Executable>,
+}
+
+/// Load an artifact with an adapter (or its initial one) and compile it on its target.
+pub fn load(dir: &Path, adapter: Option<&Path>, threads: Option<usize>) -> Result<Loaded> {
+    let parts = load_parts(dir, adapter)?;
+    let exe = parts.executable(dir, RUN_STAGE, threads)?;
+    Ok(Loaded {
+        manifest: parts.manifest,
+        exe,
+    })
 }
 
 pub fn cmd_run(a: &RunArgs) -> Result<()> {

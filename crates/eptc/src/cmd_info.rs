@@ -100,8 +100,7 @@ pub struct IrArgs {
 
 pub fn cmd_ir(a: &IrArgs) -> Result<()> {
     match a.stage.as_str() {
-        "imported" | "peft" | "optimized" => {}
-        "train" => bail!("--stage train: the autodiff pass is not built yet (issue #4)"),
+        "imported" | "peft" | "optimized" | "train" => {}
         s => bail!("--stage {s:?}: expected imported, peft, train or optimized"),
     }
     let g = if a.model.is_dir() {
@@ -115,10 +114,10 @@ pub fn cmd_ir(a: &IrArgs) -> Result<()> {
             ..a.opt.clone()
         };
         let c = pipeline::build(&a.model, &a.model_args, &a.peft, &opt, &a.target)?;
-        if a.stage == "peft" {
-            c.peft
-        } else {
-            c.optimized
+        match a.stage.as_str() {
+            "peft" => c.peft,
+            "train" => c.train,
+            _ => c.optimized,
         }
     };
     print!("{}", eptc_ir::text::print(&g)?);

@@ -6,6 +6,7 @@ mod backends;
 mod cmd_bench;
 mod cmd_compile;
 mod cmd_info;
+mod cmd_train;
 mod demo;
 mod pipeline;
 
@@ -22,6 +23,9 @@ use clap::{Parser, Subcommand};
 ///   eptc inspect vit_b16.safetensors
 ///   eptc compile vit_b16.safetensors --peft ept --num-classes 19 --target cpu -o vit-ept
 ///   eptc run vit-ept --input batch.safetensors --output out.safetensors
+///   eptc train vit-ept --data DIR --train train.txt --val val.txt -o run1
+///   eptc eval vit-ept --adapter run1/best.safetensors --data DIR --ann test.txt
+///   eptc infer vit-ept --adapter run1/best.safetensors --data DIR --ann test.txt -o preds.csv
 #[derive(Parser, Debug)]
 #[command(name = "eptc", version, about, long_about, verbatim_doc_comment)]
 struct Cli {
@@ -37,6 +41,16 @@ enum Command {
     Compile(cmd_compile::CompileArgs),
     /// Run a compiled artifact on a tensor file: pixel_values in, logits and features out
     Run(cmd_compile::RunArgs),
+    /// Loss and gradients of every trainable tensor on one batch file
+    Grad(cmd_train::GradArgs),
+    /// Few-shot training of the trainable tensors on MedFMC-layout data
+    Train(cmd_train::TrainArgs),
+    /// mAP, AUC and accuracy of an adapter on an annotated data set, as JSON
+    Eval(cmd_train::EvalArgs),
+    /// Score images with an adapter and write the MedFMC submission CSV
+    Infer(cmd_train::InferArgs),
+    /// Generate a small few-shot image data set (MedFMC layout) to try every command on
+    GenData(cmd_train::GenDataArgs),
     /// Time a compiled artifact's forward pass on its backend (median, spread, images/s,
     /// peak memory)
     Bench(cmd_bench::BenchArgs),
@@ -58,6 +72,11 @@ fn main() -> ExitCode {
         Command::Inspect(a) => cmd_info::cmd_inspect(a),
         Command::Compile(a) => cmd_compile::cmd_compile(a),
         Command::Run(a) => cmd_compile::cmd_run(a),
+        Command::Grad(a) => cmd_train::cmd_grad(a),
+        Command::Train(a) => cmd_train::cmd_train(a),
+        Command::Eval(a) => cmd_train::cmd_eval(a),
+        Command::Infer(a) => cmd_train::cmd_infer(a),
+        Command::GenData(a) => cmd_train::cmd_gen_data(a),
         Command::Bench(a) => cmd_bench::cmd_bench(a),
         Command::Ir(a) => cmd_info::cmd_ir(a),
         Command::Plugins(a) => cmd_info::cmd_plugins(a),

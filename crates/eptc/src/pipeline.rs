@@ -21,6 +21,9 @@ pub struct Compiled {
     /// The graph the backend runs: optimized for it, or the PEFT stage with `--no-optimize`.
     pub optimized: Graph,
     pub opt_summary: Option<eptc_opt::Summary>,
+    /// The training graph: the run graph plus the loss and the gradients of the trainable
+    /// tensors (`grad.<name>`), made by the autodiff pass.
+    pub train: Graph,
     /// Frozen weights the optimizer folded (`folded.<k>`), computed at compile time.
     pub folded: BTreeMap<String, HostTensor>,
     pub config: PeftConfig,
@@ -76,16 +79,36 @@ pub fn build(
         s.folded_weights = folded.len();
         (f.graph, Some(s), folded)
     };
+    let train = training_graph(&optimized, config.task)?;
     Ok(Compiled {
         model,
         imported,
         peft,
         optimized,
+        train,
         opt_summary,
         folded,
         config,
         adapter,
     })
+}
+
+/// The training graph of a run graph: the task's loss on `logits` (input `labels`
+/// `[B, C]`), then the autodiff pass. It is derived from the optimized forward graph, so
+/// the fused ops (attention with the EPT sink, linear epilogues) keep their own backward.
+pub fn training_graph(run: &Graph, task: eptc_peft::Task) -> Result<Graph> {
+    use eptc_autodiff::loss::{add_loss, Loss, LOSS};
+    let mut g = run.clone();
+    let loss = match task {
+        eptc_peft::Task::Multilabel => Loss::BinaryCrossEntropy,
+        eptc_peft::Task::Multiclass => Loss::CrossEntropy,
+    };
+    add_loss(&mut g, "logits", loss)?;
+    // Training reads the loss, the logits (for its running metrics) and the gradients.
+    g.remove_output("features");
+    let mut t = eptc_autodiff::differentiate(&g, LOSS)?;
+    t.name = format!("{}-train", run.name);
+    Ok(t)
 }
 
 /// Compute the optimizer's folded weights once, on the CPU reference backend.

@@ -22,6 +22,7 @@ pub fn binary(op: BinaryOp, a: Value, b: Value, out_shape: Vec<usize>) -> Value 
         BinaryOp::Div => binary_with(|x, y| x / y, a, b, out_shape),
         BinaryOp::Maximum => binary_with(f32::max, a, b, out_shape),
         BinaryOp::Minimum => binary_with(f32::min, a, b, out_shape),
+        BinaryOp::Equal => binary_with(|x, y| f32::from(u8::from(x == y)), a, b, out_shape),
     }
 }
 
@@ -184,6 +185,17 @@ pub fn unary(op: UnaryOp, x: Value) -> Value {
             let shape = x.shape().to_vec();
             Value::new(shape, map_slices(x, fastmath::gelu_in_place))
         }
+        // `v > 0` and `v < 0` are both false for NaN and for +-0.
+        UnaryOp::Sign => map(x, |v| {
+            if v > 0.0 {
+                1.0
+            } else if v < 0.0 {
+                -1.0
+            } else {
+                v * 0.0
+            }
+        }),
+        UnaryOp::GeluDeriv => map(x, fastmath::gelu_deriv),
     }
 }
 

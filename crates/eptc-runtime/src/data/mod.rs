@@ -1,16 +1,19 @@
-//! Data loading for the MedFMC layout (DESIGN.md §6): annotation files, image decoding
-//! and the train / evaluation transforms (DESIGN.md §7 defaults).
-//!
-//! This step is single-threaded: there are no worker threads and no prefetching yet.
+//! Data loading for the MedFMC layout (DESIGN.md §6): annotation files, image decoding,
+//! the train / evaluation transforms (DESIGN.md §7 defaults), a batched loader on worker
+//! threads with prefetch ([`epoch`]), and a generator of small synthetic few-shot data
+//! sets in the same layout ([`synth`]).
 
 mod annotations;
 mod image;
+mod loader;
+pub mod synth;
 mod transform;
 
 use std::path::{Path, PathBuf};
 
 pub use self::annotations::{parse_annotations, read_annotations, Entry, Label, Task};
 pub use self::image::{load_entry_image, load_image, Image};
+pub use self::loader::{epoch, Batch, Dataset, Loader, LoaderConfig};
 pub use self::transform::{
     eval_transform, hflip, resize, to_chw_normalized, train_transform, CropParams, Normalize,
     RandomResizedCrop,
@@ -94,6 +97,14 @@ pub enum DataError {
         #[source]
         source: ::image::ImageError,
     },
+    #[error("cannot write {}: {source}", path.display())]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid synthetic data set specification: {0}")]
+    InvalidSpec(String),
 }
 
 fn listed_at(listed: &Option<(PathBuf, usize)>) -> String {
@@ -114,7 +125,10 @@ impl DataError {
             DataError::ImageMissing { listed, .. }
             | DataError::ImageIo { listed, .. }
             | DataError::ImageDecode { listed, .. } => listed.as_ref().map(|(_, l)| *l),
-            DataError::Io { .. } | DataError::Empty { .. } => None,
+            DataError::Io { .. }
+            | DataError::Empty { .. }
+            | DataError::Write { .. }
+            | DataError::InvalidSpec(_) => None,
         }
     }
 }
