@@ -84,3 +84,25 @@ fn ept_cat_layers_reversed_uniform() {
 fn none_keeps_checkpoint_head() {
     insta::assert_snapshot!(ir("tiny_timm.safetensors", &["--peft", "none"]));
 }
+
+/// The autodiff pass on the optimized graph: loss (`@loss`), backward (`@autodiff`) and
+/// the gradient outputs, for EPT cat on layer 1 only with a multi-label head. Nothing
+/// before layer 1's attention is differentiated except what its sink needs.
+#[test]
+fn train_stage_cat_layer_1_multilabel() {
+    insta::assert_snapshot!(ir(
+        "tiny_timm.safetensors",
+        &[
+            "--stage",
+            "train",
+            "--layers",
+            "1",
+            "--prompt-len",
+            "4",
+            "--num-classes",
+            "3",
+            "--task",
+            "multilabel",
+        ]
+    ));
+}

@@ -11,6 +11,7 @@ pub mod error;
 pub mod graph;
 pub mod infer;
 pub mod op;
+pub mod reference;
 pub mod text;
 pub mod types;
 pub mod verify;

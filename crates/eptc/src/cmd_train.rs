@@ -379,6 +379,9 @@ struct RunState {
 
 const STATE: &str = "state.safetensors";
 
+/// Named f32 vectors (parameters, optimizer buffers).
+type Named = BTreeMap<String, Vec<f32>>;
+
 fn save_state(
     dir: &Path,
     st: &RunState,
@@ -405,13 +408,7 @@ fn save_state(
     Ok(())
 }
 
-fn load_state(
-    dir: &Path,
-) -> Result<(
-    RunState,
-    BTreeMap<String, Vec<f32>>,
-    BTreeMap<String, Vec<f32>>,
-)> {
+fn load_state(dir: &Path) -> Result<(RunState, Named, Named)> {
     let path = dir.join(STATE);
     if !path.exists() {
         bail!(
@@ -488,7 +485,7 @@ pub fn cmd_train(a: &TrainArgs) -> Result<()> {
         );
     }
     let mut train_cfg = LoaderConfig::train(a.batch_size, size, a.seed);
-    train_cfg.norm = norm.clone();
+    train_cfg.norm = norm;
     train_cfg.augment = !a.no_augment;
     train_cfg.workers = a.data.workers;
     let mut val_cfg = LoaderConfig::eval(a.eval_batch_size, size);
@@ -743,6 +740,24 @@ fn forward_on(
 }
 
 pub fn cmd_eval(a: &EvalArgs) -> Result<()> {
+    let out = eval_json(a)?;
+    println!("{out}");
+    Ok(())
+}
+
+/// Evaluate and write the JSON to `--output`; returns the headline figure (mAP or
+/// accuracy), for the demo.
+pub fn eval_to(a: &EvalArgs) -> Result<f64> {
+    let out = eval_json(a)?;
+    let key = if out["task"] == "multilabel" {
+        "map"
+    } else {
+        "accuracy"
+    };
+    Ok(out["metrics"][key].as_f64().unwrap_or(f64::NAN))
+}
+
+fn eval_json(a: &EvalArgs) -> Result<serde_json::Value> {
     if a.batch_size == 0 {
         bail!("--batch-size must be at least 1");
     }
@@ -768,11 +783,10 @@ pub fn cmd_eval(a: &EvalArgs) -> Result<()> {
         "adapter": parts.adapter_path, "annotations": a.ann, "seconds": t0.elapsed().as_secs_f64(),
         "metrics": met,
     });
-    println!("{out}");
     if let Some(o) = &a.output {
         artifact::write_atomic(o, format!("{out}\n").as_bytes())?;
     }
-    Ok(())
+    Ok(out)
 }
 
 // ---- eptc infer ------------------------------------------------------------------------

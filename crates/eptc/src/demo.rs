@@ -1,8 +1,9 @@
-//! `eptc demo`: the whole pipeline on an embedded default — a small generated ViT and
-//! generated images — compiled with EPT for the best available backend and run.
+//! `eptc demo`: the whole pipeline on an embedded default — a small generated ViT and a
+//! generated few-shot data set — compiled with EPT for the best available backend,
+//! trained, evaluated and used for inference.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
@@ -14,7 +15,8 @@ use rand::SeedableRng;
 use rand_distr::{Distribution, Normal};
 
 use crate::args::{ModelArgs, OptArgs, PeftArgs};
-use crate::cmd_compile::{self, CompileArgs, RunArgs};
+use crate::cmd_compile::{self, CompileArgs};
+use crate::cmd_train::{self, gen_data, DataArgs, EvalArgs, GenDataArgs, InferArgs, TrainArgs};
 
 #[derive(Args, Debug)]
 pub struct DemoArgs {
@@ -31,7 +33,7 @@ const PATCH: usize = 16;
 const DIM: usize = 96;
 const DEPTH: usize = 4;
 const HEADS: usize = 3;
-const CLASSES: usize = 2;
+const CLASSES: usize = 3;
 
 /// A small timm-layout ViT with random, non-trivial weights.
 pub fn tiny_vit(rng: &mut StdRng) -> Vec<(String, HostTensor)> {
@@ -77,35 +79,6 @@ pub fn tiny_vit(rng: &mut StdRng) -> Vec<(String, HostTensor)> {
     out
 }
 
-/// Generated "few-shot" images: class 0 has horizontal stripes, class 1 vertical ones,
-/// plus noise; ImageNet-normalised. Returns `(pixel_values, labels)`.
-pub fn images(rng: &mut StdRng, per_class: usize) -> (HostTensor, Vec<usize>) {
-    let noise = Normal::new(0.0f32, 0.15).expect("finite std");
-    let mean = [0.485f32, 0.456, 0.406];
-    let std = [0.229f32, 0.224, 0.225];
-    let mut data = Vec::new();
-    let mut labels = Vec::new();
-    for i in 0..CLASSES * per_class {
-        let class = i % CLASSES;
-        labels.push(class);
-        let period = 4.0 + (i / CLASSES) as f32;
-        for c in 0..3 {
-            for y in 0..IMG {
-                for x in 0..IMG {
-                    let u = if class == 0 { y } else { x } as f32;
-                    let v =
-                        0.5 + 0.4 * (u * std::f32::consts::TAU / period).sin() + noise.sample(rng);
-                    data.push((v.clamp(0.0, 1.0) - mean[c]) / std[c]);
-                }
-            }
-        }
-    }
-    (
-        HostTensor::new(vec![CLASSES * per_class, 3, IMG, IMG], data),
-        labels,
-    )
-}
-
 pub fn cmd_demo(a: &DemoArgs) -> Result<()> {
     let dir = &a.output;
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
@@ -120,18 +93,29 @@ pub fn cmd_demo(a: &DemoArgs) -> Result<()> {
         &refs,
         Some(HashMap::from([("format".into(), "pt".into())])),
     )?;
-    println!("1. generated a ViT ({DEPTH} layers, width {DIM}, {HEADS} heads, {PATCH}px patches, {IMG}px images) -> {}", model_path.display());
+    println!("1. generated a ViT with random weights ({DEPTH} layers, width {DIM}, {HEADS} heads, {PATCH}px patches, {IMG}px images) -> {}", model_path.display());
 
-    let (pixels, labels) = images(&mut rng, 4);
-    let input = dir.join("images.safetensors");
-    write_tensors(&input, &[("pixel_values", &pixels)], None)?;
+    let data_dir = dir.join("data");
+    let gen = GenDataArgs {
+        output: data_dir.clone(),
+        task: "multiclass".into(),
+        classes: CLASSES,
+        image_size: IMG as u32,
+        shots: 16,
+        val_per_class: 16,
+        test_per_class: 16,
+        seed: a.seed,
+    };
+    let synth = gen_data(&gen)?;
     println!(
-        "2. generated {} images of {CLASSES} classes (horizontal / vertical stripes) -> {}",
-        labels.len(),
-        input.display()
+        "2. generated a few-shot data set: {} images of {CLASSES} classes ({}), 16 per class in each of train / val / test -> {}",
+        synth.images,
+        synth.class_names.join(", "),
+        data_dir.display()
     );
 
     let target = best_target();
+    let artifact = dir.join("artifact");
     let compile = CompileArgs {
         model: model_path.clone(),
         model_args: ModelArgs {
@@ -153,52 +137,88 @@ pub fn cmd_demo(a: &DemoArgs) -> Result<()> {
         opt: OptArgs::default(),
         target: target.clone(),
         dtype: "f32".into(),
-        output: Some(dir.join("artifact")),
+        output: Some(artifact.clone()),
         emit: vec!["ir".into(), "plan".into()],
         json: false,
     };
     print!("3. ");
     cmd_compile::cmd_compile(&compile)?;
 
-    let out = dir.join("outputs.safetensors");
-    let run = RunArgs {
-        artifact: dir.join("artifact"),
-        input: input.clone(),
-        output: out.clone(),
-        adapter: None,
+    let data = DataArgs {
+        data: data_dir.clone(),
+        mean: vec![0.485, 0.456, 0.406],
+        std: vec![0.229, 0.224, 0.225],
+        workers: 2,
         threads: None,
-        repeat: 1,
-        json: false,
     };
-    print!("4. ");
-    cmd_compile::cmd_run(&run)?;
-    report(&out, &labels)?;
+    let eval = |adapter: Option<PathBuf>, out: &str| -> Result<f64> {
+        let o = dir.join(out);
+        cmd_train::eval_to(&EvalArgs {
+            artifact: artifact.clone(),
+            adapter,
+            data: data.clone(),
+            ann: synth.test.clone(),
+            batch_size: 16,
+            output: Some(o),
+        })
+    };
+    let before = eval(None, "eval-untrained.json")?;
+    println!("4. test accuracy before training (random prompts and head): {before:.1}%");
+
+    let run = dir.join("run");
+    if run.exists() {
+        std::fs::remove_dir_all(&run).with_context(|| format!("cannot clear {}", run.display()))?;
+    }
+    println!("5. training EPT prompts + head (SGD, cosine lr, RandomResizedCrop + flip):");
+    cmd_train::cmd_train(&TrainArgs {
+        artifact: artifact.clone(),
+        data: data.clone(),
+        train: synth.train.clone(),
+        val: synth.val.clone(),
+        output: run.clone(),
+        adapter: None,
+        epochs: 20,
+        batch_size: 4,
+        lr: 0.05,
+        optimizer: "sgd".into(),
+        momentum: 0.9,
+        weight_decay: 1e-4,
+        schedule: "cosine".into(),
+        warmup: 0,
+        seed: a.seed,
+        no_augment: false,
+        resume: false,
+        stop_after: None,
+        eval_batch_size: 16,
+    })?;
+    let best = run.join("best.safetensors");
+    let after = eval(Some(best.clone()), "eval-trained.json")?;
+    println!("6. test accuracy after training (best epoch on val): {after:.1}% (was {before:.1}%)");
+
+    let preds = dir.join("predictions.csv");
+    cmd_train::cmd_infer(&InferArgs {
+        artifact: artifact.clone(),
+        adapter: Some(best),
+        data: data_dir.clone(),
+        ann: Some(synth.test_unlabeled.clone()),
+        images: vec![],
+        output: preds.clone(),
+        batch_size: 16,
+        mean: data.mean.clone(),
+        std: data.std.clone(),
+        workers: 2,
+        threads: None,
+    })
+    .map(|_| ())?;
     println!(
-        "done in {:.2} s. Look at {}/artifact/peft.eptc for the EPT graph and optimized.eptc for what runs.",
+        "7. wrote the MedFMC-style submission CSV {}",
+        preds.display()
+    );
+    println!(
+        "done in {:.1} s. Files: {1}/artifact (train.eptc is the training graph, optimized.eptc what inference runs), {1}/run (adapters, metrics.jsonl, train.log), {1}/eval-*.json.",
         t0.elapsed().as_secs_f64(),
         dir.display()
     );
-    println!("(Training the prompts comes with `eptc train`, not built yet: issue #4. The head is untrained, so predictions are chance.)");
-    Ok(())
-}
-
-fn report(out: &Path, labels: &[usize]) -> Result<()> {
-    let f = eptc_frontend::TensorFile::read(out)?;
-    let logits = f.get("logits", "[B, C]")?;
-    let c = logits.shape[1];
-    for (i, row) in logits.data().chunks_exact(c).enumerate() {
-        let pred = row
-            .iter()
-            .enumerate()
-            .fold(0, |b, (j, v)| if *v > row[b] { j } else { b });
-        println!(
-            "   image {i}: class {} logits {:?} -> predicted {pred}",
-            labels[i],
-            row.iter()
-                .map(|v| (v * 1e4).round() / 1e4)
-                .collect::<Vec<_>>()
-        );
-    }
     Ok(())
 }
 
