@@ -6,6 +6,8 @@ Everything here is deterministic (fixed seeds, CPU only, nothing downloaded).
     python scripts/make_fixtures.py --out tests/fixtures     # tiny, committed fixtures
     python scripts/make_fixtures.py --vit-b16 DIR            # ViT-B/16 parity set (not committed)
     python scripts/make_fixtures.py --bench-torch            # PyTorch EPT timing, JSON on stdout
+    python scripts/make_fixtures.py --vit-b16-grad DIR       # + ViT-B/16 gradients (after --vit-b16)
+    python scripts/make_fixtures.py --bench-torch-train      # PyTorch EPT training step timing
 
 Requirements: torch, timm (1.0.x), safetensors; transformers is optional (when present,
 the Hugging Face key layout is proved by loading the files into ViTModel /
@@ -732,6 +734,58 @@ def bench_torch(batch: int = 8, threads: int = 2, runs: int = 3) -> dict:
     }
 
 
+def make_vit_b16_grad(out: Path) -> None:
+    """ViT-B/16 gradient parity set (needs --vit-b16 DIR first): a multi-class batch of
+    input_b2 and the float64 loss and gradients of the cat/deep adapter."""
+    from safetensors.torch import load_file
+    model = vit_b16()
+    layers = list(range(len(model.blocks)))
+    adapter = load_file(str(out / "adapter_cat_deep.safetensors"))
+    x = load_file(str(out / "input_b2.safetensors"))["pixel_values"]
+    labels = torch.tensor([3.0, 7.0])
+    save(out / "batch_b2_multiclass.safetensors", {"pixel_values": x, "labels": labels})
+    loss, logits, grads = ept_grads(model, torch.float64, EPS["ln6"], adapter, layers, "cat", x,
+                                    labels, "multiclass")
+    save(out / "grad_cat_deep_multiclass.safetensors",
+         {"loss": loss.float(), "logits": logits.float().contiguous(),
+          **{f"grad.{k}": v.float().contiguous() for k, v in grads.items()}})
+    norms = " ".join(f"{float(grads['ept.prompts'][j].norm()):.2e}" for j in layers)
+    print(f"ViT-B/16 grad: loss {float(loss):.6f}, |g.prompts| per layer {norms}")
+
+
+def bench_torch_train(batch: int = 4, threads: int = 2, runs: int = 3) -> dict:
+    """Mean wall time of a float32 EPT training step (forward, loss, backward of the
+    prompts and head; the optimizer update is not included) of ViT-B/16, cat, deep, L=100."""
+    torch.set_num_threads(threads)
+    model = vit_b16()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    layers = list(range(len(model.blocks)))
+    tensors, _ = make_adapter("bench", "cat", layers, model.patch_embed.num_patches + 1,
+                              B16_PROMPT_LEN, B16_CLASSES, model.embed_dim, 0.5)
+    params = {k: tensors[k].clone().requires_grad_(True) for k in TRAINABLE}
+    x = torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(SEED_INPUT))
+    labels = torch.arange(batch, dtype=torch.float32) % B16_CLASSES
+
+    def step():
+        m = with_ept(model, params["ept.prompts"], layers, "cat")
+        feats = m.forward_head(m.forward_features(x), pre_logits=True)
+        loss = task_loss(F.linear(feats, params["head.weight"], params["head.bias"]), labels,
+                         "multiclass")
+        torch.autograd.grad(loss, [params[k] for k in TRAINABLE])
+
+    step()  # warm-up
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    return {"bench": "torch_vit_b16_ept_train_step", "batch": batch, "threads": threads,
+            "dtype": "f32", "runs": runs, "mean_s": sum(times) / runs, "min_s": min(times),
+            "times_s": times, "images_per_s": batch / (sum(times) / runs),
+            "torch": torch.__version__, "timm": timm.__version__}
+
+
 # ---------------------------------------------------------------------------------------
 
 
@@ -742,22 +796,32 @@ def main() -> int:
                     help="write the ViT-B/16 parity set (about 700 MB) here; not committed")
     ap.add_argument("--bench-torch", action="store_true",
                     help="time PyTorch ViT-B/16 + EPT forward (batch 8, 2 threads), JSON on stdout")
+    ap.add_argument("--vit-b16-grad", type=Path, metavar="DIR",
+                    help="add the ViT-B/16 gradient parity set to DIR (after --vit-b16 DIR)")
+    ap.add_argument("--bench-torch-train", action="store_true",
+                    help="time a PyTorch ViT-B/16 + EPT training step (batch 4, 2 threads), JSON")
     args = ap.parse_args()
-    if not (args.out or args.vit_b16 or args.bench_torch):
-        ap.error("nothing to do: give --out, --vit-b16 and/or --bench-torch")
+    if not (args.out or args.vit_b16 or args.bench_torch or args.vit_b16_grad
+            or args.bench_torch_train):
+        ap.error("nothing to do: give --out, --vit-b16, --vit-b16-grad, --bench-torch "
+                 "and/or --bench-torch-train")
 
     torch.manual_seed(0)  # nothing should depend on the global RNG; belt and braces
     if args.bench_torch:
         # Keep stdout a single JSON object; progress goes to stderr.
         result = bench_torch()
         print(json.dumps(result))
-    log = sys.stderr if args.bench_torch else sys.stdout
+    if args.bench_torch_train:
+        print(json.dumps(bench_torch_train()))
+    log = sys.stderr if (args.bench_torch or args.bench_torch_train) else sys.stdout
     _stdout, sys.stdout = sys.stdout, log
     try:
         if args.out:
             make_tiny(args.out)
         if args.vit_b16:
             make_vit_b16(args.vit_b16)
+        if args.vit_b16_grad:
+            make_vit_b16_grad(args.vit_b16_grad)
     finally:
         sys.stdout = _stdout
     return 0

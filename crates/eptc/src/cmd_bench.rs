@@ -1,4 +1,4 @@
-//! `eptc bench`: time a compiled artifact's forward pass on its backend.
+//! `eptc bench`: time a compiled artifact's forward pass or training step on its backend.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -10,7 +10,8 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::json;
 
-use crate::cmd_compile::load;
+use crate::artifact::{RUN_STAGE, TRAIN_STAGE};
+use crate::cmd_compile::load_parts;
 
 #[derive(Args, Debug)]
 pub struct BenchArgs {
@@ -28,7 +29,8 @@ pub struct BenchArgs {
     /// Worker threads [default: all cores]
     #[arg(long)]
     pub threads: Option<usize>,
-    /// Time a training step instead of the forward pass
+    /// Time a training step instead of the forward pass: the train stage (forward, loss,
+    /// gradients of the trainable tensors) on random images and labels
     #[arg(long)]
     pub train: bool,
     /// Print one JSON object
@@ -45,14 +47,14 @@ fn peak_rss() -> Option<u64> {
 }
 
 pub fn cmd_bench(a: &BenchArgs) -> Result<()> {
-    if a.train {
-        bail!("--train: training graphs come with the autodiff pass (issue #4); this eptc times the forward pass");
-    }
     if a.batch == 0 || a.iters == 0 {
         bail!("--batch and --iters must be at least 1");
     }
-    let mut l = load(&a.artifact, None, a.threads)?;
-    let ar = &l.manifest.architecture;
+    let parts = load_parts(&a.artifact, None)?;
+    let stage = if a.train { TRAIN_STAGE } else { RUN_STAGE };
+    let mut exe = parts.executable(&a.artifact, stage, a.threads)?;
+    let m = &parts.manifest;
+    let ar = &m.architecture;
     let shape = vec![a.batch, ar.in_chans, ar.image_size, ar.image_size];
     let n: usize = shape.iter().product();
     let mut rng = StdRng::seed_from_u64(0);
@@ -60,13 +62,23 @@ pub fn cmd_bench(a: &BenchArgs) -> Result<()> {
         shape,
         (0..n).map(|_| rng.random_range(-2.0f32..2.0)).collect(),
     );
+    let mut inputs = vec![("pixel_values", x)];
+    if a.train {
+        // One positive label per image (valid for both losses).
+        let c = m.peft.num_classes;
+        let mut y = vec![0.0; a.batch * c];
+        for i in 0..a.batch {
+            y[i * c + rng.random_range(0..c)] = 1.0;
+        }
+        inputs.push(("labels", HostTensor::new(vec![a.batch, c], y)));
+    }
     for _ in 0..a.warmup {
-        l.exe.run(&[("pixel_values", x.clone())])?;
+        exe.run(&inputs)?;
     }
     let mut times = Vec::with_capacity(a.iters);
     for _ in 0..a.iters {
         let t0 = Instant::now();
-        l.exe.run(&[("pixel_values", x.clone())])?;
+        exe.run(&inputs)?;
         times.push(t0.elapsed().as_secs_f64());
     }
     let mut sorted = times.clone();
@@ -74,18 +86,18 @@ pub fn cmd_bench(a: &BenchArgs) -> Result<()> {
     let q = |p: f64| sorted[((sorted.len() - 1) as f64 * p).round() as usize];
     let (median, p10, p90) = (q(0.5), q(0.1), q(0.9));
     let peak = peak_rss();
-    let m = &l.manifest;
+    let what = if a.train { "training step" } else { "forward" };
     if a.json {
         println!(
             "{}",
-            json!({"artifact": a.artifact, "target": m.target, "batch": a.batch, "iters": a.iters,
+            json!({"artifact": a.artifact, "target": m.target, "what": what, "batch": a.batch, "iters": a.iters,
                    "warmup": a.warmup, "threads": a.threads, "median_s": median, "p10_s": p10, "p90_s": p90,
                    "min_s": sorted[0], "max_s": sorted[sorted.len() - 1], "images_per_s": a.batch as f64 / median,
                    "peak_rss_bytes": peak, "times_s": times})
         );
     } else {
         println!(
-            "{} on {}, batch {}, {} iterations after {} warm-up:",
+            "{} {what} on {}, batch {}, {} iterations after {} warm-up:",
             a.artifact.display(),
             m.target,
             a.batch,

@@ -312,18 +312,22 @@ pub struct TrainArgs {
     /// Adapter to start from [default: the artifact's adapter-init]
     #[arg(long)]
     pub adapter: Option<PathBuf>,
+    /// Passes over the training images (the paper: 20)
     #[arg(long, default_value_t = 20)]
     pub epochs: usize,
+    /// Images per step (the paper: 4); the last batch of an epoch may be smaller
     #[arg(long, default_value_t = 4)]
     pub batch_size: usize,
-    /// Base learning rate
+    /// Base learning rate (the paper: 6e-4)
     #[arg(long, default_value_t = 6e-4)]
     pub lr: f64,
     /// sgd (momentum, L2 weight decay) or adamw (decoupled weight decay)
     #[arg(long, default_value = "sgd")]
     pub optimizer: String,
+    /// SGD momentum (the paper: 0.9)
     #[arg(long, default_value_t = 0.9)]
     pub momentum: f32,
+    /// Weight decay on every trainable tensor (the paper: 1e-4)
     #[arg(long, default_value_t = 1e-4)]
     pub weight_decay: f32,
     /// cosine (annealed to 0 over the run) or constant

@@ -195,7 +195,10 @@ pub fn unary(op: UnaryOp, x: Value) -> Value {
                 v * 0.0
             }
         }),
-        UnaryOp::GeluDeriv => map(x, fastmath::gelu_deriv),
+        UnaryOp::GeluDeriv => {
+            let shape = x.shape().to_vec();
+            Value::new(shape, map_slices(x, fastmath::gelu_deriv_in_place))
+        }
     }
 }
 

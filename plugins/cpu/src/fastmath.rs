@@ -136,21 +136,11 @@ pub fn gelu<const FMA: bool>(x: f32) -> f32 {
     (xd * phi) as f32
 }
 
-/// The derivative of the exact GELU, `Phi(x) + x phi(x)`, in f64 (`Phi` as in [`gelu`],
-/// whose `x Phi(x)` is recovered away from 0 and recomputed near it). Not on a hot path:
-/// only training graphs use it, once per MLP element.
-pub fn gelu_deriv(x: f32) -> f32 {
-    if x.is_nan() {
-        return x;
-    }
-    let xd = f64::from(x).clamp(-40.0, 40.0);
-    let cdf = 0.5 * erfc_f64(-xd * std::f64::consts::FRAC_1_SQRT_2);
-    let pdf = (-0.5 * xd * xd).exp() / (2.0 * std::f64::consts::PI).sqrt();
-    (cdf + xd * pdf) as f32
-}
-
-/// `erfc(t)` in f64 by Numerical Recipes' `erfcc` (fractional error below 1.2e-7).
-fn erfc_f64(t: f64) -> f64 {
+/// The derivative of the exact GELU, `Phi(x) + x phi(x)`, in f64 without branches (so
+/// it vectorises): `Phi` from the same `erfc` fit as [`gelu`], `phi(x) = e^(-x^2/2) /
+/// sqrt(2 pi)`. Compute bound, like [`gelu`] plus one exponential.
+#[inline(always)]
+pub fn gelu_deriv<const FMA: bool>(x: f32) -> f32 {
     const R: [f64; 10] = [
         0.170_872_77,
         -0.822_152_23,
@@ -163,18 +153,45 @@ fn erfc_f64(t: f64) -> f64 {
         1.000_023_68,
         -1.265_512_23,
     ];
-    let z = t.abs();
-    let u = 1.0 / (1.0 + 0.5 * z);
+    const INV_SQRT_2PI: f64 = 0.398_942_280_401_432_7;
+    // Beyond +-20 the derivative is 0 or 1 to f32 precision; NaN passes the selects.
+    let xd = f64::from(x).clamp(-20.0, 20.0);
+    let t = xd.abs() * std::f64::consts::FRAC_1_SQRT_2;
+    let u = 1.0 / madd::<FMA>(0.5, t, 1.0);
     let mut r = R[0];
     for c in &R[1..] {
-        r = r * u + c;
+        r = madd::<FMA>(r, u, *c);
     }
-    let v = u * (-z * z + r).exp();
-    if t >= 0.0 {
-        v
+    let half_erfc = 0.5 * u * exp_neg_f64::<FMA>(madd::<FMA>(-t, t, r).max(-700.0));
+    let cdf = if xd >= 0.0 {
+        1.0 - half_erfc
     } else {
-        2.0 - v
+        half_erfc
+    };
+    let pdf = exp_neg_f64::<FMA>(-0.5 * xd * xd) * INV_SQRT_2PI;
+    madd::<FMA>(xd, pdf, cdf) as f32
+}
+
+/// `sum_j exp(row_j - m)` in f64 over 16 fixed lanes (the softmax's denominator) for
+/// `m >= max(row)`, written to `out[0]`.
+#[inline(always)]
+fn sum_exp_shifted_generic<const FMA: bool>(row: &[f32], m: f32, out: &mut [f64]) {
+    let mut lanes = [0.0f64; 16];
+    let mut chunks = row.chunks_exact(16);
+    for c in &mut chunks {
+        for (l, &v) in lanes.iter_mut().zip(c) {
+            *l += f64::from(exp_nonpos_f32::<FMA>(v - m));
+        }
     }
+    for (l, &v) in lanes.iter_mut().zip(chunks.remainder()) {
+        *l += f64::from(exp_nonpos_f32::<FMA>(v - m));
+    }
+    out[0] = lanes.iter().sum();
+}
+
+#[inline(always)]
+fn gelu_deriv_slice<const FMA: bool>(xs: &mut [f32]) {
+    xs.iter_mut().for_each(|x| *x = gelu_deriv::<FMA>(*x));
 }
 
 /// Define `pub fn $name(args)` calling `$imp::<FMA>(args)`, compiled once per x86
@@ -212,6 +229,8 @@ macro_rules! multiversion {
 }
 
 multiversion!(fn gelu_in_place(xs: &mut [f32]) => gelu_slice);
+multiversion!(fn gelu_deriv_in_place(xs: &mut [f32]) => gelu_deriv_slice);
+multiversion!(fn sum_exp_shifted(row: &[f32], m: f32, out: &mut [f64]) => sum_exp_shifted_generic);
 multiversion!(fn gelu_epilogue(row: &mut [f32], b: &[f32], r: &[f32]) => gelu_epilogue_generic);
 multiversion!(fn softmax_row(row: &mut [f32]) => softmax_row_generic);
 multiversion!(fn softmax_sink_row(row: &mut [f32], z: f32) => softmax_sink_row_generic);
@@ -369,5 +388,36 @@ mod tests {
         assert_eq!(gelu::<false>(f32::INFINITY), f32::INFINITY);
         assert_eq!(gelu::<false>(f32::NEG_INFINITY), 0.0);
         assert!(gelu::<false>(f32::NAN).is_nan());
+    }
+
+    #[test]
+    fn gelu_deriv_matches_erfc_f64() {
+        for i in -250_000..250_000 {
+            let x = i as f32 * 1e-4;
+            let xd = f64::from(x);
+            let want = 0.5 * libm::erfc(-xd / std::f64::consts::SQRT_2)
+                + xd * (-0.5 * xd * xd).exp() / (2.0 * std::f64::consts::PI).sqrt();
+            for got in [gelu_deriv::<false>(x), gelu_deriv::<true>(x)] {
+                // Absolute: the derivative crosses 0 near -0.75.
+                let err = (f64::from(got) - want).abs();
+                assert!(err <= 3e-7, "{x}: {got} vs {want}");
+            }
+        }
+        assert_eq!(gelu_deriv::<false>(f32::INFINITY), 1.0);
+        assert_eq!(gelu_deriv::<false>(f32::NEG_INFINITY), 0.0);
+        assert!(gelu_deriv::<false>(f32::NAN).is_nan());
+    }
+
+    #[test]
+    fn sum_exp_shifted_matches_std() {
+        let row: Vec<f32> = (0..37).map(|i| (i as f32 * 0.37).sin() * 5.0).collect();
+        let m = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+        let mut got = [0.0];
+        sum_exp_shifted(&row, m, &mut got);
+        let want: f64 = row
+            .iter()
+            .map(|&v| (f64::from(v) - f64::from(m)).exp())
+            .sum();
+        assert!((got[0] - want).abs() <= 1e-6 * want, "{} vs {want}", got[0]);
     }
 }

@@ -42,6 +42,12 @@ pub fn reduce(op: ReduceOp, x: &Value, axes: &[usize], out_shape: Vec<usize>) ->
         .zip(kept_offsets.par_chunks(per_task))
         .for_each(|(o, base)| {
             for (o, &base) in o.iter_mut().zip(base) {
+                // One contiguous run (e.g. the last axis): vectorised logsumexp.
+                if op == ReduceOp::LogSumExp && starts.len() == 1 && run_stride == 1 {
+                    let row = &src[base + starts[0]..base + starts[0] + run_len];
+                    *o = logsumexp_row(row);
+                    continue;
+                }
                 let elems = starts.iter().flat_map(|&s| {
                     let first = base + s;
                     (0..run_len).map(move |j| src[first + j * run_stride])
@@ -85,6 +91,17 @@ fn pick(m: f32, v: f32, better: bool) -> f32 {
     } else {
         m
     }
+}
+
+/// [`logsumexp`] of a contiguous row, the exponentials vectorised.
+fn logsumexp_row(row: &[f32]) -> f32 {
+    let m = fold(ReduceOp::Max, row.iter().copied(), 0);
+    if !m.is_finite() {
+        return m;
+    }
+    let mut s = [0.0f64];
+    crate::fastmath::sum_exp_shifted(row, m, &mut s);
+    (f64::from(m) + s[0].ln()) as f32
 }
 
 /// `log(sum(exp(x)))` with the maximum factored out; all `-inf` gives `-inf`.
