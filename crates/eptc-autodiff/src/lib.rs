@@ -90,9 +90,9 @@ pub fn differentiate(graph: &Graph, loss: &str) -> Result<Graph> {
     let relevant = relevant_nodes(&g, loss_id)?;
 
     let order = g.topo_order()?;
-    let mut contributions: HashMap<NodeId, Vec<NodeId>> = HashMap::new();
+    let mut contributions: HashMap<NodeId, Vec<Part>> = HashMap::new();
     let one = g.scalar(1.0);
-    contributions.insert(loss_id, vec![one]);
+    contributions.insert(loss_id, vec![Part::Full(one)]);
     let mut adjoint: HashMap<NodeId, NodeId> = HashMap::new();
     for &id in order.iter().rev() {
         if !relevant.contains(&id) {
@@ -101,7 +101,7 @@ pub fn differentiate(graph: &Graph, loss: &str) -> Result<Graph> {
         let Some(parts) = contributions.remove(&id) else {
             continue;
         };
-        let dy = sum(&mut g, &parts)?;
+        let dy = sum(&mut g, id, &parts)?;
         adjoint.insert(id, dy);
         if is_leaf(&g.node(id).op) {
             continue;
@@ -111,11 +111,23 @@ pub fn differentiate(graph: &Graph, loss: &str) -> Result<Graph> {
         if !needs.iter().any(|&n| n) {
             continue;
         }
+        // A slice's gradient is kept as the piece it is: the pieces of one tensor (the
+        // q, k, v of a fused projection) become one concat instead of zero-padded sums.
+        if let Op::Slice { axis, start, end } = g.node(id).op {
+            let piece = Part::Slice {
+                axis,
+                start,
+                end,
+                dy,
+            };
+            contributions.entry(operands[0]).or_default().push(piece);
+            continue;
+        }
         let grads = vjp::vjp(&mut g, id, dy, &needs)?;
         for ((o, need), gr) in operands.iter().zip(&needs).zip(grads) {
             if let (true, Some(gr)) = (*need, gr) {
                 debug_assert_eq!(g.ty(gr).shape, g.ty(*o).shape);
-                contributions.entry(*o).or_default().push(gr);
+                contributions.entry(*o).or_default().push(Part::Full(gr));
             }
         }
     }
@@ -198,10 +210,73 @@ fn split_activations(g: &mut Graph, relevant: &HashSet<NodeId>) -> Result<()> {
     Ok(())
 }
 
-/// The sum of the gradient contributions `parts` (in the order given).
-fn sum(g: &mut Graph, parts: &[NodeId]) -> Result<NodeId> {
-    let mut acc = parts[0];
-    for &p in &parts[1..] {
+/// One gradient contribution to a node: a tensor of its shape, or the gradient of a
+/// slice of it (`dy` covering `start..end` of `axis`, zero elsewhere).
+#[derive(Clone, Copy)]
+enum Part {
+    Full(NodeId),
+    Slice {
+        axis: usize,
+        start: usize,
+        end: usize,
+        dy: NodeId,
+    },
+}
+
+/// The sum of the gradient contributions to node `x` (full ones in the order given).
+/// Slice pieces along one axis that do not overlap become a single concat (zeros in the
+/// gaps); otherwise each is padded with zeros and added.
+fn sum(g: &mut Graph, x: NodeId, parts: &[Part]) -> Result<NodeId> {
+    let mut full: Vec<NodeId> = Vec::new();
+    let mut pieces: Vec<(usize, usize, usize, NodeId)> = Vec::new();
+    for p in parts {
+        match *p {
+            Part::Full(n) => full.push(n),
+            Part::Slice {
+                axis,
+                start,
+                end,
+                dy,
+            } => pieces.push((axis, start, end, dy)),
+        }
+    }
+    pieces.sort_by_key(|p| (p.0, p.1));
+    let one_axis = pieces
+        .windows(2)
+        .all(|w| w[0].0 == w[1].0 && w[0].2 <= w[1].1);
+    if !pieces.is_empty() && one_axis {
+        let axis = pieces[0].0;
+        let n = g.ty(x).shape.dims()[axis]
+            .fixed()
+            .ok_or_else(|| AutodiffError::Unsupported {
+                op: "slice".into(),
+                node: x.index(),
+                why: "a slice along the batch axis".into(),
+            })?;
+        let mut cat = Vec::new();
+        let mut at = 0;
+        for &(_, start, end, dy) in &pieces {
+            if start > at {
+                cat.push(vjp::zeros_like_along(g, x, axis, start - at)?);
+            }
+            cat.push(dy);
+            at = end;
+        }
+        if at < n {
+            cat.push(vjp::zeros_like_along(g, x, axis, n - at)?);
+        }
+        full.push(if cat.len() == 1 {
+            cat[0]
+        } else {
+            g.concat(&cat, axis)?
+        });
+    } else {
+        for (axis, start, end, dy) in pieces {
+            full.push(vjp::pad(g, dy, x, axis, start, end)?);
+        }
+    }
+    let mut acc = full[0];
+    for &p in &full[1..] {
         acc = g.binary(eptc_ir::BinaryOp::Add, acc, p)?;
     }
     Ok(acc)

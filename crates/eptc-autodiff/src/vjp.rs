@@ -59,6 +59,13 @@ pub fn vjp(g: &mut Graph, id: NodeId, dy: NodeId, needs: &[bool]) -> Result<Grad
             activation,
             residual,
         } => linear(g, &x, *bias, *activation, *residual, dy, needs)?,
+        Op::LayerNormGrad { .. } => {
+            return Err(AutodiffError::Unsupported {
+                op: op.kind().into(),
+                node: id.index(),
+                why: "second derivatives are not supported".into(),
+            })
+        }
     };
     out.resize(x.len(), None);
     for (i, o) in out.iter_mut().enumerate() {
@@ -81,9 +88,6 @@ fn mul(g: &mut Graph, a: NodeId, b: NodeId) -> Result<NodeId> {
 }
 fn sub(g: &mut Graph, a: NodeId, b: NodeId) -> Result<NodeId> {
     Ok(g.binary(BinaryOp::Sub, a, b)?)
-}
-fn add(g: &mut Graph, a: NodeId, b: NodeId) -> Result<NodeId> {
-    Ok(g.binary(BinaryOp::Add, a, b)?)
 }
 fn div(g: &mut Graph, a: NodeId, b: NodeId) -> Result<NodeId> {
     Ok(g.binary(BinaryOp::Div, a, b)?)
@@ -346,33 +350,22 @@ fn softmax(g: &mut Graph, y: NodeId, axis: usize, dy: NodeId) -> Result<NodeId> 
     mul(g, y, d)
 }
 
-/// LayerNorm over the last axis: with `xhat = (x - mean) * rstd` and `g' = dy * gamma`,
-/// `dx = rstd * (g' - mean(g') - xhat * mean(g' * xhat))`, `dgamma = sum(dy * xhat)`,
-/// `dbeta = sum(dy)` over the leading axes.
+/// LayerNorm over the last axis: `dx` is the fused `layernorm_grad(x, gamma, dy)`
+/// (`rstd * (g' - mean(g') - xhat * mean(g' * xhat))`, `g' = dy * gamma`); `dgamma =
+/// sum(dy * xhat)` and `dbeta = sum(dy)` over the leading axes.
 fn layernorm(g: &mut Graph, x: &[NodeId], eps: f32, dy: NodeId, needs: &[bool]) -> Result<Grads> {
     let (xv, gamma) = (x[0], x[1]);
-    let last = g.ty(xv).shape.rank() - 1;
-    let mean = g.reduce(ReduceOp::Mean, xv, &[last], true)?;
-    let xc = sub(g, xv, mean)?;
-    let sq = mul(g, xc, xc)?;
-    let var = g.reduce(ReduceOp::Mean, sq, &[last], true)?;
-    let e = c(g, eps);
-    let ve = add(g, var, e)?;
-    let rstd = un(g, UnaryOp::Rsqrt, ve)?;
-    let xhat = mul(g, xc, rstd)?;
     let dx = if needs[0] {
-        let gp = mul(g, dy, gamma)?;
-        let m1 = g.reduce(ReduceOp::Mean, gp, &[last], true)?;
-        let gx = mul(g, gp, xhat)?;
-        let m2 = g.reduce(ReduceOp::Mean, gx, &[last], true)?;
-        let t = mul(g, xhat, m2)?;
-        let u = sub(g, gp, m1)?;
-        let u = sub(g, u, t)?;
-        Some(mul(g, rstd, u)?)
+        Some(g.add(Op::LayerNormGrad { eps }, &[xv, gamma, dy])?)
     } else {
         None
     };
     let dgamma = if needs[1] {
+        // xhat = layernorm(x, 1, 0)
+        let d = fixed(g, xv, g.ty(xv).shape.rank() - 1, "layernorm")?;
+        let ones = g.constant(vec![1.0; d], &[d])?;
+        let zeros = g.constant(vec![0.0; d], &[d])?;
+        let xhat = g.layernorm(xv, ones, zeros, eps)?;
         Some(mul(g, dy, xhat)?)
     } else {
         None
@@ -380,8 +373,21 @@ fn layernorm(g: &mut Graph, x: &[NodeId], eps: f32, dy: NodeId, needs: &[bool]) 
     Ok(vec![dx, dgamma, Some(dy)])
 }
 
+/// Zeros of `x`'s shape except `len` along `axis`.
+pub(crate) fn zeros_like_along(
+    g: &mut Graph,
+    x: NodeId,
+    axis: usize,
+    len: usize,
+) -> Result<NodeId> {
+    let mut dims = g.ty(x).shape.dims().to_vec();
+    dims[axis] = Dim::Fixed(len);
+    let z = c(g, 0.0);
+    Ok(g.broadcast(z, Shape::new(dims))?)
+}
+
 /// The adjoint of a slice: `dy` placed at `start..end` of `axis`, zeros elsewhere.
-fn pad(
+pub(crate) fn pad(
     g: &mut Graph,
     dy: NodeId,
     x: NodeId,
@@ -390,19 +396,13 @@ fn pad(
     end: usize,
 ) -> Result<NodeId> {
     let n = fixed(g, x, axis, "slice")?;
-    let zeros = |g: &mut Graph, len: usize| -> Result<NodeId> {
-        let mut dims = g.ty(x).shape.dims().to_vec();
-        dims[axis] = Dim::Fixed(len);
-        let z = c(g, 0.0);
-        Ok(g.broadcast(z, Shape::new(dims))?)
-    };
     let mut parts = Vec::new();
     if start > 0 {
-        parts.push(zeros(g, start)?);
+        parts.push(zeros_like_along(g, x, axis, start)?);
     }
     parts.push(dy);
     if end < n {
-        parts.push(zeros(g, n - end)?);
+        parts.push(zeros_like_along(g, x, axis, n - end)?);
     }
     if parts.len() == 1 {
         return Ok(dy);

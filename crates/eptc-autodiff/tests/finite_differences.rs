@@ -429,3 +429,34 @@ fn frozen_weights_get_no_gradient_nodes() {
     }
     assert!(t.output("grad.h").is_some());
 }
+
+#[test]
+fn slices_of_one_tensor_disjoint_gapped_and_overlapping() {
+    // q, k, v from one projection (disjoint pieces: one concat), a gap, and overlaps
+    // (padded sums).
+    for (i, ranges) in [
+        vec![(0, 2), (2, 4), (4, 6)],
+        vec![(4, 6), (0, 1)],
+        vec![(0, 4), (2, 6), (1, 3)],
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut c = new_case();
+        let a = c.p("a", &[6, 4]);
+        let x = c.x("x", &[1, 4]);
+        let ax = c.g.binary(BinaryOp::Mul, a, x).unwrap(); // [B, 6, 4]
+        let mut acc: Option<NodeId> = None;
+        for (j, (s, e)) in ranges.into_iter().enumerate() {
+            let piece = c.g.slice(ax, 1, s, e).unwrap();
+            let piece = c.g.reduce(ReduceOp::Sum, piece, &[1], false).unwrap(); // [B, 4]
+            let w = c.x(&format!("w{j}"), &[4]);
+            let t = c.g.binary(BinaryOp::Mul, piece, w).unwrap();
+            acc = Some(match acc {
+                None => t,
+                Some(p) => c.g.binary(BinaryOp::Add, p, t).unwrap(),
+            });
+        }
+        check(c, acc.unwrap(), 1100 + i as u64);
+    }
+}

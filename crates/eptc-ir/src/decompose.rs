@@ -13,7 +13,7 @@
 use crate::error::{IrError, Result};
 use crate::graph::{Graph, NodeId};
 use crate::infer::broadcasts_to;
-use crate::op::{Activation, BinaryOp, Op, UnaryOp};
+use crate::op::{Activation, BinaryOp, Op, ReduceOp, UnaryOp};
 use crate::types::{Dim, Shape, TensorType};
 
 /// Replace fused node `id` by its decomposition into primitive ops (uses and outputs
@@ -104,6 +104,14 @@ impl Emit<'_> {
         Ok(id)
     }
 
+    /// A scalar constant of `like`'s element type.
+    fn add_const(&mut self, v: f32, like: NodeId) -> Result<NodeId> {
+        let ty = TensorType::new(self.g.ty(like).dtype, Shape(vec![]));
+        let c = self.g.add_typed(Op::Const { values: vec![v] }, &[], ty)?;
+        self.new.push(c);
+        Ok(c)
+    }
+
     fn shape(&self, id: NodeId) -> Shape {
         self.g.ty(id).shape.clone()
     }
@@ -156,8 +164,46 @@ impl Emit<'_> {
                 }
                 Ok(y)
             }
+            Op::LayerNormGrad { eps } => self.layernorm_grad(ops[0], ops[1], ops[2], eps),
             _ => Err(IrError::Invalid(format!("{} is not fused", op.kind()))),
         }
+    }
+
+    /// `rstd * (g - mean(g) - xhat * mean(g * xhat))`, `g = dy * gamma`, over the last
+    /// axis, with `xhat` and `rstd` recomputed from `x`.
+    fn layernorm_grad(&mut self, x: NodeId, gamma: NodeId, dy: NodeId, eps: f32) -> Result<NodeId> {
+        let last = self
+            .shape(x)
+            .rank()
+            .checked_sub(1)
+            .ok_or_else(|| IrError::Invalid("layernorm_grad of a scalar".into()))?;
+        let mean = |e: &mut Self, a: NodeId| {
+            e.add(
+                Op::Reduce {
+                    op: ReduceOp::Mean,
+                    axes: vec![last],
+                    keepdim: true,
+                },
+                &[a],
+            )
+        };
+        let bin = |e: &mut Self, op: BinaryOp, a: NodeId, b: NodeId| e.add(Op::Binary(op), &[a, b]);
+        let mu = mean(self, x)?;
+        let xc = bin(self, BinaryOp::Sub, x, mu)?;
+        let sq = bin(self, BinaryOp::Mul, xc, xc)?;
+        let var = mean(self, sq)?;
+        let e = self.add_const(eps, x)?;
+        let ve = bin(self, BinaryOp::Add, var, e)?;
+        let rstd = self.add(Op::Unary(UnaryOp::Rsqrt), &[ve])?;
+        let xhat = bin(self, BinaryOp::Mul, xc, rstd)?;
+        let g = bin(self, BinaryOp::Mul, dy, gamma)?;
+        let m1 = mean(self, g)?;
+        let gx = bin(self, BinaryOp::Mul, g, xhat)?;
+        let m2 = mean(self, gx)?;
+        let t = bin(self, BinaryOp::Mul, xhat, m2)?;
+        let u = bin(self, BinaryOp::Sub, g, m1)?;
+        let u = bin(self, BinaryOp::Sub, u, t)?;
+        bin(self, BinaryOp::Mul, rstd, u)
     }
 
     /// `slice(softmax(concat([broadcast(z), s], last), last), last, 1..1+M)`.

@@ -193,6 +193,27 @@ pub fn infer(op: &Op, operands: &[&TensorType]) -> Result<TensorType, String> {
             }
             x.clone()
         }
+        Op::LayerNormGrad { eps } => {
+            if !(eps.is_finite() && *eps >= 0.0) {
+                return Err(format!(
+                    "layernorm_grad eps must be finite and >= 0, got {eps}"
+                ));
+            }
+            let d = x.0.last().copied().ok_or("layernorm_grad of a scalar")?;
+            if operands[1].shape != Shape(vec![d]) {
+                return Err(format!(
+                    "layernorm_grad gamma must be [{d}], got {}",
+                    operands[1].shape
+                ));
+            }
+            if operands[2].shape != *x {
+                return Err(format!(
+                    "layernorm_grad dy must be {x} (the shape of x), got {}",
+                    operands[2].shape
+                ));
+            }
+            x.clone()
+        }
         Op::Reshape { shape } => {
             let (from, to) = (checked_symbolic_numel(x), checked_symbolic_numel(shape));
             if from.is_none() || from != to {

@@ -263,6 +263,14 @@ pub enum Op {
         activation: Activation,
         residual: bool,
     },
+    /// `layernorm_grad(x, gamma, dy)`: the gradient with respect to `x` of
+    /// `layernorm(x, gamma, beta)` (any beta) given the output's gradient `dy`:
+    /// `rstd * (g - mean(g) - xhat * mean(g * xhat))` with `g = dy * gamma`,
+    /// `xhat = (x - mean(x)) * rstd`, `rstd = 1 / sqrt(var(x) + eps)`, over the last axis.
+    /// Made by the autodiff pass (the backward of `layernorm`).
+    LayerNormGrad {
+        eps: f32,
+    },
 }
 
 impl Op {
@@ -287,6 +295,7 @@ impl Op {
             Op::SoftmaxSink => "softmax_sink",
             Op::Attention { .. } => "attention",
             Op::Linear { .. } => "linear",
+            Op::LayerNormGrad { .. } => "layernorm_grad",
         }
     }
 
@@ -294,13 +303,13 @@ impl Op {
     pub fn is_fused(&self) -> bool {
         matches!(
             self,
-            Op::SoftmaxSink | Op::Attention { .. } | Op::Linear { .. }
+            Op::SoftmaxSink | Op::Attention { .. } | Op::Linear { .. } | Op::LayerNormGrad { .. }
         )
     }
 
     /// The names of the fused ops, in a fixed order (the tail of [`Op::all_kinds`]).
     pub fn fused_kinds() -> Vec<&'static str> {
-        vec!["softmax_sink", "attention", "linear"]
+        vec!["softmax_sink", "attention", "linear", "layernorm_grad"]
     }
 
     /// Every op name the IR knows, in a fixed order: primitives, then the fused ops.
@@ -341,7 +350,7 @@ impl Op {
             Op::Linear { bias, residual, .. } => {
                 Some(2 + usize::from(*bias) + usize::from(*residual))
             }
-            Op::LayerNorm { .. } => Some(3),
+            Op::LayerNorm { .. } | Op::LayerNormGrad { .. } => Some(3),
             Op::Concat { .. } => None,
         }
     }

@@ -782,6 +782,7 @@ fn eval_op(
         Op::Reduce { op, axes, keepdim } => reduce(args[0], *op, axes, *keepdim)?,
         Op::Softmax { axis } => along_axis(args[0], *axis, |row| softmax_row(row, None))?,
         Op::LayerNorm { eps } => layernorm(args[0], args[1], args[2], f64::from(*eps))?,
+        Op::LayerNormGrad { eps } => layernorm_grad(args[0], args[1], args[2], f64::from(*eps))?,
         Op::Reshape { .. } => {
             // The target is the node's declared shape (`shape` is the same, symbolic).
             if numel(want) != args[0].numel() {
@@ -912,6 +913,41 @@ fn layernorm(
             .map(|(j, v)| (v - mean) * inv * gamma.data[j] + beta.data[j])
             .collect()
     })
+}
+
+/// The gradient of `layernorm` with respect to `x` (see `Op::LayerNormGrad`).
+fn layernorm_grad(
+    x: &Tensor64,
+    gamma: &Tensor64,
+    dy: &Tensor64,
+    eps: f64,
+) -> Result<Tensor64, String> {
+    let d = *x.shape.last().ok_or("layernorm_grad of a scalar")?;
+    if gamma.shape != [d] || dy.shape != x.shape {
+        return Err(format!(
+            "gamma {:?} must be [{d}] and dy {:?} must be {:?}",
+            gamma.shape, dy.shape, x.shape
+        ));
+    }
+    let mut out = Vec::with_capacity(x.data.len());
+    if d > 0 {
+        for (row, drow) in x.data.chunks_exact(d).zip(dy.data.chunks_exact(d)) {
+            let n = d as f64;
+            let mean = row.iter().sum::<f64>() / n;
+            let var = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f64>() / n;
+            let rstd = 1.0 / (var + eps).sqrt();
+            let xhat: Vec<f64> = row.iter().map(|v| (v - mean) * rstd).collect();
+            let g: Vec<f64> = drow.iter().zip(&gamma.data).map(|(a, b)| a * b).collect();
+            let m1 = g.iter().sum::<f64>() / n;
+            let m2 = g.iter().zip(&xhat).map(|(a, b)| a * b).sum::<f64>() / n;
+            out.extend(
+                g.iter()
+                    .zip(&xhat)
+                    .map(|(gj, xj)| rstd * (gj - m1 - xj * m2)),
+            );
+        }
+    }
+    Ok(Tensor64::new(x.shape.clone(), out))
 }
 
 fn concat(parts: &[&Tensor64], axis: usize) -> Result<Tensor64, String> {

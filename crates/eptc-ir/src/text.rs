@@ -113,7 +113,9 @@ pub fn print(g: &Graph) -> Result<String> {
                 }
             }
             Op::Softmax { axis } | Op::Concat { axis } => head.push(format!("axis={axis}")),
-            Op::LayerNorm { eps } => head.push(format!("eps={}", float(*eps))),
+            Op::LayerNorm { eps } | Op::LayerNormGrad { eps } => {
+                head.push(format!("eps={}", float(*eps)))
+            }
             Op::Permute { perm } => head.push(format!("perm={}", list(perm))),
             Op::Slice { axis, start, end } => {
                 head.push(format!("axis={axis} start={start} end={end}"))
@@ -401,7 +403,7 @@ pub fn parse(text: &str) -> Result<Graph> {
             "patchify" => (&[], &["patch"]),
             "matmul" => (&["transpose_a", "transpose_b"], &[]),
             "softmax" | "concat" => (&[], &["axis"]),
-            "layernorm" => (&[], &["eps"]),
+            "layernorm" | "layernorm_grad" => (&[], &["eps"]),
             "permute" => (&[], &["perm"]),
             "slice" => (&[], &["axis", "start", "end"]),
             "attention" => (&["sink"], &["scale"]),
@@ -553,6 +555,9 @@ pub fn parse(text: &str) -> Result<Graph> {
                     axis: need(&c, "axis")?,
                 },
                 "layernorm" => Op::LayerNorm {
+                    eps: need_f32(&c, "eps")?,
+                },
+                "layernorm_grad" => Op::LayerNormGrad {
                     eps: need_f32(&c, "eps")?,
                 },
                 "reshape" => Op::Reshape {

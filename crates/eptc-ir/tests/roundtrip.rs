@@ -599,6 +599,23 @@ impl Gen {
                     &ops,
                 )
             }
+            "layernorm_grad" => {
+                let x = self.pick(
+                    |d| d.last().is_some_and(|l| l.fixed().is_some()),
+                    |s| {
+                        let r = s.rng.random_range(0..=3);
+                        let mut d = s.shape(r, true);
+                        d.push(Dim::Fixed(s.dim()));
+                        d
+                    },
+                );
+                let dx = self.dims(x);
+                let d = *dx.last().unwrap();
+                let gamma = self.leaf(vec![d]);
+                let dy = self.leaf(dx);
+                let eps = self.rng.random_range(0.0..1e-3);
+                self.add(Op::LayerNormGrad { eps }, &[x, gamma, dy])
+            }
             k => panic!("the generator does not know op {k:?}: teach it"),
         }
     }

@@ -644,7 +644,7 @@ fn activation_names() {
 fn fused_kinds() {
     assert_eq!(
         Op::fused_kinds(),
-        vec!["softmax_sink", "attention", "linear"]
+        vec!["softmax_sink", "attention", "linear", "layernorm_grad"]
     );
     let all = Op::all_kinds();
     for k in Op::fused_kinds() {

@@ -57,6 +57,7 @@ pub fn op_cost(op: &Op, ins: &[&TensorType], out: &TensorType) -> f64 {
         }
         Op::Softmax { .. } | Op::SoftmaxSink => 5.0 * n_out,
         Op::LayerNorm { .. } => 8.0 * n_out,
+        Op::LayerNormGrad { .. } => 12.0 * n_out,
         Op::Unary(_) => 10.0 * n_out,
         Op::Reduce { .. } => ins.iter().map(|t| elems(t)).sum::<f64>() * 3.0,
         _ => n_out,

@@ -88,7 +88,7 @@ pub fn encode(op: &Op) -> (&'static str, Vec<String>) {
         Op::Binary(_) | Op::Unary(_) | Op::SoftmaxSink => vec![],
         Op::Reduce { axes, keepdim, .. } => vec![int_list(axes), b(*keepdim)],
         Op::Softmax { axis } | Op::Concat { axis } => vec![axis.to_string()],
-        Op::LayerNorm { eps } => vec![float_attr(*eps)],
+        Op::LayerNorm { eps } | Op::LayerNormGrad { eps } => vec![float_attr(*eps)],
         Op::Reshape { shape } | Op::Broadcast { shape } => vec![shape_str(shape)],
         Op::Permute { perm } => vec![format!("p:{}", int_list(perm))],
         Op::Slice { axis, start, end } => {
@@ -116,8 +116,8 @@ pub fn leaf_symbol(eg: &Graph, id: Id) -> Option<Symbol> {
 /// The number of attribute children an op symbol takes.
 pub fn attr_count(op: &str) -> usize {
     match op {
-        "patchify" | "softmax" | "concat" | "layernorm" | "reshape" | "broadcast" | "permute"
-        | "attention" | "linear" => 1,
+        "patchify" | "softmax" | "concat" | "layernorm" | "layernorm_grad" | "reshape"
+        | "broadcast" | "permute" | "attention" | "linear" => 1,
         "matmul" => 2,
         "slice" => 3,
         k if k.starts_with("reduce_") => 2,
@@ -157,6 +157,9 @@ pub fn decode(eg: &Graph, n: &SymbolLang) -> Option<(Op, Vec<Id>)> {
             "softmax" => Op::Softmax { axis: int(0)? },
             "concat" => Op::Concat { axis: int(0)? },
             "layernorm" => Op::LayerNorm {
+                eps: parse_float(&attr(0)?)?,
+            },
+            "layernorm_grad" => Op::LayerNormGrad {
                 eps: parse_float(&attr(0)?)?,
             },
             "reshape" => Op::Reshape {

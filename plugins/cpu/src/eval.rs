@@ -45,6 +45,10 @@ pub fn eval(op: &Op, args: Vec<Value>, batch: usize, declared: &Shape) -> Result
             let (x, g, b) = (next()?, next()?, next()?);
             norm::layernorm(x, g.data(), b.data(), *eps)
         }
+        Op::LayerNormGrad { eps } => {
+            let (x, g, dy) = (next()?, next()?, next()?);
+            norm::layernorm_grad(&x, g.data(), dy, *eps)
+        }
         Op::Reshape { .. } => next()?.reshaped(out_shape),
         Op::Permute { perm } => shape_ops::permute(&next()?, perm),
         Op::Concat { .. } => unreachable!("handled above"),

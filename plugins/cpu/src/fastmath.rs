@@ -230,6 +230,7 @@ macro_rules! multiversion {
 
 multiversion!(fn gelu_in_place(xs: &mut [f32]) => gelu_slice);
 multiversion!(fn gelu_deriv_in_place(xs: &mut [f32]) => gelu_deriv_slice);
+multiversion!(fn layernorm_grad_row(dy: &mut [f32], x: &[f32], gamma: &[f32], eps: f32) => layernorm_grad_row_generic);
 multiversion!(fn sum_exp_shifted(row: &[f32], m: f32, out: &mut [f64]) => sum_exp_shifted_generic);
 multiversion!(fn gelu_epilogue(row: &mut [f32], b: &[f32], r: &[f32]) => gelu_epilogue_generic);
 multiversion!(fn softmax_row(row: &mut [f32]) => softmax_row_generic);
@@ -263,6 +264,48 @@ fn layernorm_row_generic<const FMA: bool>(row: &mut [f32], gamma: &[f32], beta: 
     for ((v, &g), &b) in row.iter_mut().zip(gamma).zip(beta) {
         let n = ((f64::from(*v) - mean) * rstd) as f32;
         *v = madd32::<FMA>(n, g, b);
+    }
+}
+
+/// LayerNorm's input gradient of one row, in place of `dy`: with `g = dy * gamma`,
+/// `xhat = (x - mean) * rstd`: `rstd * (g - mean(g) - xhat * mean(g * xhat))`, the
+/// statistics and both means in f64 over 16 fixed lanes (independent of threading).
+#[inline(always)]
+fn layernorm_grad_row_generic<const FMA: bool>(dy: &mut [f32], x: &[f32], gamma: &[f32], eps: f32) {
+    const L: usize = 16;
+    let d = x.len() as f64;
+    let mean = sum_lanes(x, |v| v) / d;
+    let var = sum_lanes(x, |v| (v - mean) * (v - mean)) / d;
+    let rstd = 1.0 / (var + f64::from(eps)).sqrt();
+    let (mut a1, mut a2) = ([0.0f64; L], [0.0f64; L]);
+    let term = |o: f32, xv: f32, gm: f32| {
+        let g = f64::from(o) * f64::from(gm);
+        (g, g * (f64::from(xv) - mean) * rstd)
+    };
+    let mut tail = (0.0, 0.0);
+    let n = x.len() / L * L;
+    for ((oc, xc), gc) in dy[..n]
+        .chunks_exact(L)
+        .zip(x[..n].chunks_exact(L))
+        .zip(gamma[..n].chunks_exact(L))
+    {
+        for l in 0..L {
+            let (g, gx) = term(oc[l], xc[l], gc[l]);
+            a1[l] += g;
+            a2[l] += gx;
+        }
+    }
+    for j in n..x.len() {
+        let (g, gx) = term(dy[j], x[j], gamma[j]);
+        tail.0 += g;
+        tail.1 += gx;
+    }
+    let m1 = (a1.iter().sum::<f64>() + tail.0) / d;
+    let m2 = (a2.iter().sum::<f64>() + tail.1) / d;
+    for ((o, &xv), &gm) in dy.iter_mut().zip(x).zip(gamma) {
+        let g = f64::from(*o) * f64::from(gm);
+        let xh = (f64::from(xv) - mean) * rstd;
+        *o = (rstd * (g - m1 - xh * m2)) as f32;
     }
 }
 

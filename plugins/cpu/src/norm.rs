@@ -95,6 +95,22 @@ fn softmax_block(b: &mut [f32], inner: usize, max: &mut [f32], sum: &mut [f64]) 
     }
 }
 
+/// The gradient of LayerNorm with respect to `x` (`layernorm_grad`), row by row in place
+/// of `dy`: statistics recomputed from `x` in f64, then one pass for the two means and
+/// one for the result. Memory bound: `x` read three times, `dy` twice, one write.
+pub fn layernorm_grad(x: &Value, gamma: &[f32], dy: Value, eps: f32) -> Value {
+    let shape = dy.shape().to_vec();
+    let d = gamma.len();
+    if dy.numel() == 0 || d == 0 {
+        return dy;
+    }
+    let xs = x.data();
+    let buf = rows_in_place_at(dy, d, |i, row| {
+        fastmath::layernorm_grad_row(row, &xs[i * d..(i + 1) * d], gamma, eps)
+    });
+    Value::new(shape, buf)
+}
+
 /// LayerNorm over the last axis: `(x - mean) / sqrt(var + eps) * gamma + beta`, biased
 /// variance (as PyTorch), statistics in f64 over two passes.
 pub fn layernorm(x: Value, gamma: &[f32], beta: &[f32], eps: f32) -> Value {

@@ -452,6 +452,20 @@ fn fused_graphs() -> Vec<(String, Graph)> {
             }
         }
     }
+    // x, gamma, dy (rows of 37 exercise the 16-lane sums' tail).
+    for x_shape in [vec![2, 3, 6], vec![4, 37], vec![48]] {
+        let d = *x_shape.last().unwrap();
+        v.push((
+            format!("layernorm_grad {x_shape:?}"),
+            one_op(&[&x_shape, &[d], &x_shape], |g, x| {
+                g.add(
+                    eptc_ir::Op::LayerNormGrad { eps: 1e-5 },
+                    &[x[0], x[1], x[2]],
+                )
+                .unwrap()
+            }),
+        ));
+    }
     v
 }
 
