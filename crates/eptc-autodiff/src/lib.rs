@@ -143,8 +143,50 @@ pub fn differentiate(graph: &Graph, loss: &str) -> Result<Graph> {
         g.set_output(&grad_output(name), grad);
     }
     g.set_tag(prev_tag.as_deref());
+    simplify(&mut g)?;
     g.remove_dead();
     Ok(g.compacted()?)
+}
+
+/// Share identical nodes (same op, attributes, operands and type: the VJP rules recompute
+/// what another rule already built, e.g. the same constant or `x - logsumexp(x)`) and drop
+/// multiplications by the scalar constant 1.
+fn simplify(g: &mut Graph) -> Result<()> {
+    let mut seen: HashMap<String, NodeId> = HashMap::new();
+    for id in g.topo_order()? {
+        let node = g.node(id);
+        if matches!(node.op, Op::Input { .. } | Op::Param { .. }) {
+            continue;
+        }
+        // x * 1 (the scalar on either side, the result typed as x).
+        if let Op::Binary(eptc_ir::BinaryOp::Mul) = node.op {
+            let ops = g.operands(id);
+            let one = |n: NodeId| {
+                matches!(&g.node(n).op, Op::Const { values } if values.as_slice() == [1.0])
+                    && g.ty(n).shape.rank() == 0
+            };
+            let keep = if one(ops[1]) {
+                Some(ops[0])
+            } else if one(ops[0]) {
+                Some(ops[1])
+            } else {
+                None
+            };
+            if let Some(x) = keep.filter(|&x| g.ty(x) == g.ty(id)) {
+                g.replace_uses(id, x, &[]);
+                continue;
+            }
+        }
+        let node = g.node(id);
+        let key = format!("{:?}|{:?}|{:?}", node.op, g.operands(id), node.ty);
+        match seen.get(&key) {
+            Some(&first) => g.replace_uses(id, first, &[]),
+            None => {
+                seen.insert(key, id);
+            }
+        }
+    }
+    Ok(())
 }
 
 fn is_leaf(op: &Op) -> bool {

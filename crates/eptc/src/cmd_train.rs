@@ -805,7 +805,7 @@ pub struct InferArgs {
     /// Folder the annotation file's image paths are relative to (default: the current one)
     #[arg(long, default_value = ".")]
     pub data: PathBuf,
-    /// Annotation file listing the images (labels, if any, are ignored)
+    /// Annotation file listing the images (labels, if any, are checked but not used)
     #[arg(long, conflicts_with = "images", required_unless_present = "images")]
     pub ann: Option<PathBuf>,
     /// Image files to score, instead of --ann
