@@ -154,7 +154,7 @@ fn bad_options_are_refused() {
     assert!(with(&["--ept-mode", "concat"]).contains("unknown EPT mode"));
     assert!(with(&["--prompt-init", "token"]).contains("--init-input"));
     assert!(with(&["--target", "cuda"]).contains("not built into this eptc yet"));
-    assert!(with(&["--target", "wgpu"]).contains("eptc plugins"));
+    assert!(with(&["--target", "tpu"]).contains("eptc plugins"));
     assert!(with(&["--dtype", "bf16"]).contains("f32 only"));
     let e = eptc_err(&[
         "compile",

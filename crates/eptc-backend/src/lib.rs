@@ -88,6 +88,16 @@ pub trait Executable: Send {
     fn run(&mut self, inputs: &[(&str, HostTensor)]) -> Result<Vec<(String, HostTensor)>>;
 }
 
+/// The source of one generated kernel.
+#[derive(Clone, Debug, PartialEq)]
+pub struct KernelSource {
+    /// Unique within a graph, usable as a file stem (`n42_matmul`).
+    pub name: String,
+    /// The file extension of the language (`wgsl`, `cu`).
+    pub extension: String,
+    pub source: String,
+}
+
 /// A backend: a compiler from graphs to executables, plus a description of itself.
 pub trait Backend: Send + Sync {
     /// Short name used on the command line (`cpu`, `wgpu`, `cuda`, a plugin's name).
@@ -102,6 +112,15 @@ pub trait Backend: Send + Sync {
         weights: &WeightStore,
         opts: &CompileOptions,
     ) -> Result<Box<dyn Executable>>;
+
+    /// Every kernel the backend generates for `graph` with the batch bound to `batch`, in
+    /// execution order, each checked by the backend's own validator (naga, NVRTC...). Must
+    /// work without the device, so `eptc compile` checks a target's kernels anywhere.
+    /// Backends that generate no code return an empty list.
+    fn kernels(&self, graph: &Graph, batch: usize) -> Result<Vec<KernelSource>> {
+        let _ = (graph, batch);
+        Ok(vec![])
+    }
 }
 
 /// Bind the batch size from the inputs and check each input against the graph's

@@ -44,14 +44,22 @@ pub struct CompileArgs {
     pub json: bool,
 }
 
+/// What `compile` checked on the target.
+pub struct TargetCheck {
+    /// Kernels generated and validated (both stages).
+    pub kernels: usize,
+    /// Whether the target's device is here (then both stages were also compiled on it).
+    pub availability: eptc_backend::Availability,
+}
+
 /// Compile and write the artifact; returns the manifest.
-pub fn compile(a: &CompileArgs) -> Result<(PathBuf, Manifest)> {
+pub fn compile(a: &CompileArgs) -> Result<(PathBuf, Manifest, TargetCheck)> {
     for e in &a.emit {
         if !["ir", "plan", "kernels"].contains(&e.as_str()) {
             bail!("--emit {e:?}: expected ir, plan or kernels");
         }
     }
-    let backend = crate::backends::get(&a.target)?;
+    let backend = crate::backends::find(&a.target)?;
     let dtype = eptc_ir::DType::from_name(&a.dtype)
         .with_context(|| format!("--dtype {:?}: expected f32, f16 or bf16", a.dtype))?;
     if !backend.capabilities().dtypes.contains(&dtype) {
@@ -63,11 +71,23 @@ pub fn compile(a: &CompileArgs) -> Result<(PathBuf, Manifest)> {
     }
     let (sha256, bytes) = artifact::hash_file(&a.model)?;
     let c = pipeline::build(&a.model, &a.model_args, &a.peft, &a.opt, &a.target)?;
+    // Every kernel the target generates is checked by its validator, device or not.
+    let mut kernels = Vec::new();
+    for (stage, g) in [(RUN_STAGE, &c.optimized), (TRAIN_STAGE, &c.train)] {
+        for k in pipeline::kernels(&a.target, g, 1)
+            .with_context(|| format!("{} kernels of the {stage} stage", a.target))?
+        {
+            kernels.push((stage, k));
+        }
+    }
     // Compiling on the backend checks that it can run the graph with these weights.
-    let weights = pipeline::weights_with(&c.model, &c.folded, &c.adapter);
-    pipeline::executable(&a.target, &c.optimized, &weights, None)?;
-    pipeline::executable(&a.target, &c.train, &weights, None)
-        .context("the backend cannot run the training graph")?;
+    let availability = backend.availability();
+    if availability.is_available() {
+        let weights = pipeline::weights_with(&c.model, &c.folded, &c.adapter);
+        pipeline::executable(&a.target, &c.optimized, &weights, None)?;
+        pipeline::executable(&a.target, &c.train, &weights, None)
+            .context("the backend cannot run the training graph")?;
+    }
 
     let dir = a.output.clone().unwrap_or_else(|| {
         let stem = a
@@ -100,6 +120,17 @@ pub fn compile(a: &CompileArgs) -> Result<(PathBuf, Manifest)> {
     } else {
         None
     };
+    let mut kernel_files = Vec::new();
+    if a.emit.iter().any(|e| e == "kernels") {
+        for (stage, k) in &kernels {
+            let rel = format!("kernels/{stage}/{}.{}", k.name, k.extension);
+            let path = dir.join(&rel);
+            fs::create_dir_all(path.parent().expect("has a parent"))
+                .with_context(|| format!("cannot create {}", path.display()))?;
+            artifact::write_atomic(&path, k.source.as_bytes())?;
+            kernel_files.push(rel);
+        }
+    }
     write_adapter(&dir.join(ADAPTER_INIT), &c.adapter, &c.config)?;
     let folded = if c.folded.is_empty() {
         None
@@ -134,25 +165,31 @@ pub fn compile(a: &CompileArgs) -> Result<(PathBuf, Manifest)> {
         },
         stages,
         plan,
-        kernels: vec![],
+        kernels: kernel_files,
         adapter_init: ADAPTER_INIT.into(),
         folded,
         outputs: c.optimized.outputs().iter().map(|o| o.0.clone()).collect(),
     };
     manifest.write(&dir)?;
-    Ok((dir, manifest))
+    let check = TargetCheck {
+        kernels: kernels.len(),
+        availability,
+    };
+    Ok((dir, manifest, check))
 }
 
 pub fn cmd_compile(a: &CompileArgs) -> Result<()> {
     let t0 = Instant::now();
-    let (dir, m) = compile(a)?;
+    let (dir, m, check) = compile(a)?;
     let head = m.peft.num_classes * (m.architecture.dim + 1);
     if a.json {
         println!(
             "{}",
             json!({"artifact": dir, "trainable_params": m.trainable_params, "head_params": head,
                    "frozen_params": m.frozen_params, "target": m.target, "peft": m.peft,
-                   "optimizer": m.optimizer.summary, "seconds": t0.elapsed().as_secs_f64()})
+                   "optimizer": m.optimizer.summary, "kernels_validated": check.kernels,
+                   "target_available": check.availability.is_available(),
+                   "seconds": t0.elapsed().as_secs_f64()})
         );
     } else {
         let ar = &m.architecture;
@@ -205,6 +242,24 @@ pub fn cmd_compile(a: &CompileArgs) -> Result<()> {
                 );
             }
             None => println!("not optimized (--no-optimize)"),
+        }
+        if check.kernels > 0 {
+            println!(
+                "{} kernels generated and validated for {}{}",
+                check.kernels,
+                m.target,
+                if m.kernels.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (written to {}/kernels)", dir.display())
+                }
+            );
+        }
+        if let eptc_backend::Availability::Unavailable(why) = &check.availability {
+            println!(
+                "note: {} cannot run here ({why}); the artifact runs where it can",
+                m.target
+            );
         }
         println!(
             "target {} ({}), artifact {}",

@@ -71,7 +71,7 @@ pub fn build(
     let (optimized, opt_summary, folded) = if oargs.no_optimize {
         (peft.clone(), None, BTreeMap::new())
     } else {
-        let caps = backends::get(target)?.capabilities();
+        let caps = backends::find(target)?.capabilities();
         let (g, mut s) = eptc_opt::optimize(&peft, &|k| caps.supports(k), &oargs.limits()?)?;
         let f = eptc_opt::fold::split_constants(&g)?;
         let folded = fold_weights(&f.constants, &model)?;
@@ -143,7 +143,9 @@ fn token_init(
     g.set_output("tokens", tokens);
     g.remove_dead();
     let pixels = read_pixels(input)?;
-    let backend = backends::get(target)?;
+    // A compile-time computation, like the folds: on the CPU reference backend.
+    let _ = target;
+    let backend = backends::get("cpu")?;
     let mut exe = backend.compile(&g, &model.weights, &CompileOptions::default())?;
     let out = exe.run(&[("pixel_values", pixels)])?;
     let n = model.arch.tokens();
@@ -182,6 +184,20 @@ pub fn weights_with(
         w.insert(k.clone(), v.clone());
     }
     w
+}
+
+/// The kernels `target` generates for `graph` at batch `batch` (fused ops it lacks
+/// lowered first, as [`executable`] does), validated; no device needed.
+pub fn kernels(
+    target: &str,
+    graph: &Graph,
+    batch: usize,
+) -> Result<Vec<eptc_backend::KernelSource>> {
+    let backend = backends::find(target)?;
+    let caps = backend.capabilities();
+    let mut g = graph.clone();
+    eptc_ir::decompose::lower_unsupported(&mut g, &|k| caps.supports(k))?;
+    Ok(backend.kernels(&g, batch)?)
 }
 
 /// Compile `graph` for `target` with the given weights.
