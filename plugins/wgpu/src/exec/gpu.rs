@@ -51,7 +51,15 @@ async fn probe() -> Result<Gpu, String> {
         .await
         .map_err(|_| NO_ADAPTER.to_string())?;
     let info = adapter.get_info();
-    let desc = format!("{} ({:?}, {:?})", info.name, info.device_type, info.backend);
+    let f16 = if adapter.features().contains(wgpu::Features::SHADER_F16) {
+        ", offers shader-f16"
+    } else {
+        ", no shader-f16"
+    };
+    let desc = format!(
+        "{} ({:?}, {:?}{f16})",
+        info.name, info.device_type, info.backend
+    );
     let limits = adapter.limits();
     let (device, queue) = adapter
         .request_device(&wgpu::DeviceDescriptor {
