@@ -123,6 +123,49 @@ pub trait Backend: Send + Sync {
     }
 }
 
+/// A parameter value must have exactly the declared shape (and hold that many values).
+/// Shared by backends, so every backend words the error the same.
+pub fn check_param(name: &str, expected: &[usize], t: &HostTensor) -> Result<()> {
+    if t.shape != expected || t.data().len() != t.numel() {
+        return Err(BackendError::ParamShape {
+            name: name.into(),
+            expected: expected.to_vec(),
+            found: t.shape.clone(),
+        });
+    }
+    Ok(())
+}
+
+/// Time per op kind, for a backend's `EPTC_<BACKEND>_PROFILE` printout.
+#[derive(Debug, Default)]
+pub struct Profile {
+    rows: Vec<(&'static str, f64, usize)>,
+}
+
+impl Profile {
+    /// Add `secs` spent in one op (or kernel) of `kind`.
+    pub fn record(&mut self, kind: &'static str, secs: f64) {
+        match self.rows.iter_mut().find(|p| p.0 == kind) {
+            Some(p) => {
+                p.1 += secs;
+                p.2 += 1;
+            }
+            None => self.rows.push((kind, secs, 1)),
+        }
+    }
+
+    /// Print to stderr, the costliest kind first: `<title>: <total> ms in <what>`, then
+    /// one line per kind with its time and count of `unit`.
+    pub fn print(&mut self, title: &str, what: &str, unit: &str) {
+        self.rows.sort_by(|a, b| b.1.total_cmp(&a.1));
+        let total: f64 = self.rows.iter().map(|p| p.1).sum();
+        eprintln!("{title}: {:.1} ms in {what}", total * 1e3);
+        for (kind, secs, n) in &self.rows {
+            eprintln!("  {kind:<16} {:>9.2} ms {n:>5} {unit}", secs * 1e3);
+        }
+    }
+}
+
 /// Bind the batch size from the inputs and check each input against the graph's
 /// declared types; returns the batch size. Shared by backends.
 pub fn bind_batch(graph: &Graph, inputs: &[(&str, HostTensor)]) -> Result<usize> {

@@ -6,7 +6,7 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
-use eptc_backend::{bind_batch, BackendError, Executable, Result};
+use eptc_backend::{bind_batch, check_param, BackendError, Executable, Result};
 use eptc_ir::{DType, Graph, HostTensor, Op, Shape, WeightStore};
 use rayon::ThreadPool;
 
@@ -164,7 +164,7 @@ impl CpuExecutable {
         let batch = bind_batch(&self.graph, inputs)?;
         let _active = self.buffers.activate();
         let mut vals: Vec<Option<Value>> = vec![None; self.slots.len()];
-        let mut prof: Vec<(&'static str, f64, usize)> = Vec::new();
+        let mut prof = eptc_backend::Profile::default();
         for (i, slot) in self.slots.iter().enumerate() {
             if !slot.live {
                 continue;
@@ -197,7 +197,7 @@ impl CpuExecutable {
                     let v = eval(op, args, batch, &slot.shape)
                         .map_err(|msg| other(slot.node, op.kind(), msg))?;
                     if let Some(t0) = t0 {
-                        record(&mut prof, op.kind(), t0.elapsed().as_secs_f64());
+                        prof.record(op.kind(), t0.elapsed().as_secs_f64());
                     }
                     v
                 }
@@ -205,7 +205,7 @@ impl CpuExecutable {
             vals[i] = Some(v);
         }
         if self.profile {
-            print_profile(&mut prof);
+            prof.print("eptc-cpu profile", "ops", "calls");
         }
         let mut out = Vec::with_capacity(self.outputs.len());
         for (k, (name, s)) in self.outputs.iter().enumerate() {
@@ -220,37 +220,6 @@ impl CpuExecutable {
         }
         Ok(out)
     }
-}
-
-fn record(prof: &mut Vec<(&'static str, f64, usize)>, kind: &'static str, secs: f64) {
-    match prof.iter_mut().find(|p| p.0 == kind) {
-        Some(p) => {
-            p.1 += secs;
-            p.2 += 1;
-        }
-        None => prof.push((kind, secs, 1)),
-    }
-}
-
-fn print_profile(prof: &mut [(&'static str, f64, usize)]) {
-    prof.sort_by(|a, b| b.1.total_cmp(&a.1));
-    let total: f64 = prof.iter().map(|p| p.1).sum();
-    eprintln!("eptc-cpu profile: {:.1} ms in ops", total * 1e3);
-    for (kind, secs, n) in prof.iter() {
-        eprintln!("  {kind:<16} {:>9.2} ms {n:>5} calls", secs * 1e3);
-    }
-}
-
-/// A parameter value must have exactly the declared shape (and hold that many values).
-fn check_param(name: &str, expected: &[usize], t: &HostTensor) -> Result<()> {
-    if t.shape != expected || t.data().len() != t.numel() {
-        return Err(BackendError::ParamShape {
-            name: name.into(),
-            expected: expected.to_vec(),
-            found: t.shape.clone(),
-        });
-    }
-    Ok(())
 }
 
 impl Executable for CpuExecutable {

@@ -99,12 +99,11 @@ pub fn exp_nonpos_f32<const FMA: bool>(x: f32) -> f32 {
     }
 }
 
-/// The exact GELU `x * Phi(x)`, `Phi(x) = erfc(-x / sqrt 2) / 2`, computed in f64 without
-/// branches (so it vectorises): `erfc(t) = u e^(-t^2 + R(u))`, `u = 1 / (1 + t/2)`, with the
-/// Chebyshev-fitted `R` of Numerical Recipes' `erfcc` (fractional error below 1.2e-7 for
-/// every `t >= 0`), and `Phi(x) = 1 - erfc(t)/2` for `x >= 0`.
+/// `erfc(t) / 2` for `t >= 0` (`t <= 26`), branch-free: `erfc(t) = u e^(-t^2 + R(u))`,
+/// `u = 1 / (1 + t/2)`, with the Chebyshev-fitted `R` of Numerical Recipes' `erfcc`
+/// (fractional error below 1.2e-7).
 #[inline(always)]
-pub fn gelu<const FMA: bool>(x: f32) -> f32 {
+fn half_erfc_abs<const FMA: bool>(t: f64) -> f64 {
     const R: [f64; 10] = [
         0.170_872_77,
         -0.822_152_23,
@@ -117,16 +116,24 @@ pub fn gelu<const FMA: bool>(x: f32) -> f32 {
         1.000_023_68,
         -1.265_512_23,
     ];
-    // Below -20, Phi(x) < 3e-89: the product is -0 in f32 (and -inf gives -0, not NaN).
-    let xd = if x < -20.0 { -20.0 } else { f64::from(x) };
-    let t = xd.abs() * std::f64::consts::FRAC_1_SQRT_2;
     let u = 1.0 / madd::<FMA>(0.5, t, 1.0);
     let mut r = R[0];
     for c in &R[1..] {
         r = madd::<FMA>(r, u, *c);
     }
     // The exponent is at most -1.27 and at least -(26^2) - 2: in exp_neg_f64's range.
-    let half_erfc = 0.5 * u * exp_neg_f64::<FMA>(madd::<FMA>(-t, t, r).max(-700.0));
+    0.5 * u * exp_neg_f64::<FMA>(madd::<FMA>(-t, t, r).max(-700.0))
+}
+
+/// The exact GELU `x * Phi(x)`, `Phi(x) = erfc(-x / sqrt 2) / 2`, computed in f64 without
+/// branches (so it vectorises): `erfc(t) = u e^(-t^2 + R(u))`, `u = 1 / (1 + t/2)`, with the
+/// Chebyshev-fitted `R` of Numerical Recipes' `erfcc` (fractional error below 1.2e-7 for
+/// every `t >= 0`), and `Phi(x) = 1 - erfc(t)/2` for `x >= 0`.
+#[inline(always)]
+pub fn gelu<const FMA: bool>(x: f32) -> f32 {
+    // Below -20, Phi(x) < 3e-89: the product is -0 in f32 (and -inf gives -0, not NaN).
+    let xd = if x < -20.0 { -20.0 } else { f64::from(x) };
+    let half_erfc = half_erfc_abs::<FMA>(xd.abs() * std::f64::consts::FRAC_1_SQRT_2);
     let phi = if xd >= 0.0 {
         1.0 - half_erfc
     } else {
@@ -141,28 +148,10 @@ pub fn gelu<const FMA: bool>(x: f32) -> f32 {
 /// sqrt(2 pi)`. Compute bound, like [`gelu`] plus one exponential.
 #[inline(always)]
 pub fn gelu_deriv<const FMA: bool>(x: f32) -> f32 {
-    const R: [f64; 10] = [
-        0.170_872_77,
-        -0.822_152_23,
-        1.488_515_87,
-        -1.135_203_98,
-        0.278_868_07,
-        -0.186_288_06,
-        0.096_784_18,
-        0.374_091_96,
-        1.000_023_68,
-        -1.265_512_23,
-    ];
     const INV_SQRT_2PI: f64 = 0.398_942_280_401_432_7;
     // Beyond +-20 the derivative is 0 or 1 to f32 precision; NaN passes the selects.
     let xd = f64::from(x).clamp(-20.0, 20.0);
-    let t = xd.abs() * std::f64::consts::FRAC_1_SQRT_2;
-    let u = 1.0 / madd::<FMA>(0.5, t, 1.0);
-    let mut r = R[0];
-    for c in &R[1..] {
-        r = madd::<FMA>(r, u, *c);
-    }
-    let half_erfc = 0.5 * u * exp_neg_f64::<FMA>(madd::<FMA>(-t, t, r).max(-700.0));
+    let half_erfc = half_erfc_abs::<FMA>(xd.abs() * std::f64::consts::FRAC_1_SQRT_2);
     let cdf = if xd >= 0.0 {
         1.0 - half_erfc
     } else {

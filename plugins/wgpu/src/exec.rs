@@ -19,8 +19,8 @@ use std::num::NonZeroU64;
 use std::sync::{Arc, Mutex};
 
 use eptc_backend::{
-    bind_batch, Availability, Backend, BackendError, Capabilities, CompileOptions, Executable,
-    KernelSource, Result,
+    bind_batch, check_param, Availability, Backend, BackendError, Capabilities, CompileOptions,
+    Executable, KernelSource, Result,
 };
 use eptc_ir::{DType, Graph, HostTensor, NodeId, Op, Shape, WeightStore};
 
@@ -263,18 +263,6 @@ pub struct WgpuExecutable {
 
 fn other(node: usize, op: &str, msg: impl std::fmt::Display) -> BackendError {
     BackendError::Other(format!("node %{node} ({op}): {msg}"))
-}
-
-/// A parameter value must have exactly the declared shape (and hold that many values).
-fn check_param(name: &str, expected: &[usize], t: &HostTensor) -> Result<()> {
-    if t.shape != expected || t.data().len() != t.numel() {
-        return Err(BackendError::ParamShape {
-            name: name.into(),
-            expected: expected.to_vec(),
-            found: t.shape.clone(),
-        });
-    }
-    Ok(())
 }
 
 impl WgpuExecutable {
@@ -841,7 +829,7 @@ impl WgpuExecutable {
         })?;
         let index = if self.profile {
             // One submission per dispatch, waited for: time per op kind.
-            let mut prof: Vec<(&'static str, f64, usize)> = Vec::new();
+            let mut prof = eptc_backend::Profile::default();
             for s in &plan.steps {
                 let t0 = std::time::Instant::now();
                 let i = submit(&gpu, std::slice::from_ref(s), &[])?;
@@ -851,9 +839,9 @@ impl WgpuExecutable {
                         timeout: None,
                     })
                     .map_err(|e| BackendError::Other(format!("waiting for the device: {e}")))?;
-                record(&mut prof, s.kind, t0.elapsed().as_secs_f64());
+                prof.record(s.kind, t0.elapsed().as_secs_f64());
             }
-            print_profile(&mut prof);
+            prof.print("eptc-wgpu profile", "kernels", "dispatches");
             submit(&gpu, &[], &plan.outputs)?
         } else {
             submit(&gpu, &plan.steps, &plan.outputs)?
@@ -987,25 +975,6 @@ fn submit(gpu: &Gpu, steps: &[Step], outputs: &[OutputCopy]) -> Result<wgpu::Sub
         }
         gpu.queue.submit([enc.finish()])
     })
-}
-
-fn record(prof: &mut Vec<(&'static str, f64, usize)>, kind: &'static str, secs: f64) {
-    match prof.iter_mut().find(|p| p.0 == kind) {
-        Some(p) => {
-            p.1 += secs;
-            p.2 += 1;
-        }
-        None => prof.push((kind, secs, 1)),
-    }
-}
-
-fn print_profile(prof: &mut [(&'static str, f64, usize)]) {
-    prof.sort_by(|a, b| b.1.total_cmp(&a.1));
-    let total: f64 = prof.iter().map(|p| p.1).sum();
-    eprintln!("eptc-wgpu profile: {:.1} ms in kernels", total * 1e3);
-    for (kind, secs, n) in prof.iter() {
-        eprintln!("  {kind:<16} {:>9.2} ms {n:>5} dispatches", secs * 1e3);
-    }
 }
 
 impl Executable for WgpuExecutable {
