@@ -12,6 +12,7 @@ pub mod graph;
 pub mod infer;
 pub mod op;
 pub mod reference;
+pub mod strides;
 pub mod text;
 pub mod types;
 pub mod verify;

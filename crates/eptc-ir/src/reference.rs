@@ -11,6 +11,7 @@
 //! inputs, as `eptc_backend::bind_batch` does); a mismatch, a missing input or parameter,
 //! or an op that cannot be evaluated is an `Err` naming the node, never a panic.
 
+use crate::strides::contiguous_strides as strides;
 use std::collections::{HashMap, HashSet};
 use std::f64::consts::{FRAC_1_SQRT_2, PI};
 
@@ -396,15 +397,6 @@ fn softmax_row(xs: &[f64], z: Option<f64>) -> Vec<f64> {
 
 fn numel(shape: &[usize]) -> usize {
     shape.iter().product()
-}
-
-/// Row-major strides.
-fn strides(shape: &[usize]) -> Vec<usize> {
-    let mut s = vec![1; shape.len()];
-    for d in (0..shape.len().saturating_sub(1)).rev() {
-        s[d] = s[d + 1] * shape[d + 1];
-    }
-    s
 }
 
 /// The multi-index of flat index `i` in `shape`.

@@ -1,30 +1,7 @@
 //! Strided index spaces shared by the kernels: broadcast strides, dimension merging, an
 //! odometer over rows, and how work is cut into parallel chunks.
 
-/// Row-major strides of a contiguous tensor.
-pub fn contiguous_strides(shape: &[usize]) -> Vec<usize> {
-    let mut s = vec![1; shape.len()];
-    for d in (0..shape.len().saturating_sub(1)).rev() {
-        s[d] = s[d + 1] * shape[d + 1];
-    }
-    s
-}
-
-/// Strides that read a contiguous tensor of shape `from` broadcast (numpy rules, aligned
-/// on the right) to `to`: 0 along broadcast dimensions. `from` must broadcast to `to`.
-pub fn broadcast_strides(from: &[usize], to: &[usize]) -> Vec<usize> {
-    let own = contiguous_strides(from);
-    let lead = to.len() - from.len();
-    (0..to.len())
-        .map(|d| {
-            if d < lead || from[d - lead] == 1 {
-                0
-            } else {
-                own[d - lead]
-            }
-        })
-        .collect()
-}
+pub use eptc_ir::strides::{broadcast_strides, contiguous_strides};
 
 /// Merge dimensions of an index space read through several stride sets: size-1
 /// dimensions vanish and neighbours fuse where every operand steps through them as one.

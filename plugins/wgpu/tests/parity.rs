@@ -10,8 +10,8 @@
 use eptc_backend::{Backend, BackendError, CompileOptions, Executable};
 use eptc_cpu::CpuBackend;
 use eptc_ir::{
-    Activation, BinaryOp, DType, Dim, Graph, HostTensor, Init, NodeId, Op, ReduceOp, Shape,
-    TensorType, UnaryOp, WeightStore,
+    Activation, BinaryOp, DType, Graph, HostTensor, Init, NodeId, Op, ReduceOp, Shape, TensorType,
+    UnaryOp, WeightStore,
 };
 use eptc_wgpu::codegen::Kernel;
 use eptc_wgpu::exec::{WgpuExecutable, WgpuOptions};
@@ -566,72 +566,10 @@ fn fused_ops() {
 
 // ---- a whole tiny ViT ---------------------------------------------------------------
 
-const D: usize = 16;
-const HID: usize = 32;
-const CLASSES: usize = 3;
-
-fn param(g: &mut Graph, name: &str, shape: &[usize]) -> NodeId {
-    g.param(name, false, Init::Checkpoint, TensorType::f32(f(shape)))
-}
-
-fn linear(g: &mut Graph, x: NodeId, name: &str, din: usize, dout: usize) -> NodeId {
-    let w = param(g, &format!("{name}.weight"), &[dout, din]);
-    let bias = param(g, &format!("{name}.bias"), &[dout]);
-    let y = g.matmul(x, w, false, true).unwrap();
-    g.binary(BinaryOp::Add, y, bias).unwrap()
-}
-
-/// As `plugins/cpu/tests/common/tiny_vit.rs`: patch embedding, class token, one pre-norm
-/// block with single-head attention and a GELU MLP, a linear head on the class token;
-/// outputs `logits` and mean `features`.
-fn tiny_vit() -> Graph {
-    let mut g = Graph::new("tiny-vit");
-    let x = g.input("pixel_values", TensorType::f32(b(&[3, 8, 8])));
-    let p = g.patchify(x, 4).unwrap();
-    let t = linear(&mut g, p, "embed", 48, D);
-    let cls = param(&mut g, "cls", &[1, 1, D]);
-    let cls = g
-        .broadcast(cls, Shape(vec![Dim::Batch, Dim::Fixed(1), Dim::Fixed(D)]))
-        .unwrap();
-    let t = g.concat(&[cls, t], 1).unwrap();
-    let (gm, bt) = (param(&mut g, "ln1.g", &[D]), param(&mut g, "ln1.b", &[D]));
-    let h = g.layernorm(t, gm, bt, 1e-6).unwrap();
-    let q = linear(&mut g, h, "q", D, D);
-    let k = linear(&mut g, h, "k", D, D);
-    let v = linear(&mut g, h, "v", D, D);
-    let s = g.matmul(q, k, false, true).unwrap();
-    let scale = g.scalar(0.25);
-    let s = g.binary(BinaryOp::Mul, s, scale).unwrap();
-    let a = g.softmax(s, 2).unwrap();
-    let o = g.matmul(a, v, false, false).unwrap();
-    let t = g.binary(BinaryOp::Add, t, o).unwrap();
-    let (gm, bt) = (param(&mut g, "ln2.g", &[D]), param(&mut g, "ln2.b", &[D]));
-    let h = g.layernorm(t, gm, bt, 1e-6).unwrap();
-    let h = linear(&mut g, h, "fc1", D, HID);
-    let h = g.unary(UnaryOp::Gelu, h).unwrap();
-    let h = linear(&mut g, h, "fc2", HID, D);
-    let t = g.binary(BinaryOp::Add, t, h).unwrap();
-    let c = g.slice(t, 1, 0, 1).unwrap();
-    let c = g.reshape(c, b(&[D])).unwrap();
-    let logits = linear(&mut g, c, "head", D, CLASSES);
-    let feats = g.reduce(ReduceOp::Mean, t, &[1], false).unwrap();
-    g.set_output("logits", logits);
-    g.set_output("features", feats);
-    eptc_ir::verify(&g).unwrap();
-    g
-}
-
-fn weights(g: &Graph, seed: u64) -> WeightStore {
-    let mut r = rng(seed);
-    let mut w = WeightStore::new();
-    for (id, name, _) in g.params() {
-        let shape = g.ty(id).shape.as_fixed().unwrap();
-        let v = draw(&mut r, shape.iter().product(), Gen::Any);
-        let v = v.iter().map(|x| x * 0.5).collect();
-        w.insert(name, HostTensor::new(shape, v));
-    }
-    w
-}
+// The CPU backend tests' tiny ViT (graph and random weights), shared, not copied.
+#[path = "../../cpu/tests/common/mod.rs"]
+mod cpu_common;
+use cpu_common::tiny_vit::{param, tiny_vit, weights, CLASSES, D};
 
 fn images(batch: usize, seed: u64) -> HostTensor {
     let v = draw(&mut rng(seed), batch * 192, Gen::Any);

@@ -95,30 +95,7 @@ pub fn entry_1d(wg: usize) -> String {
     )
 }
 
-/// Row-major strides of a contiguous tensor.
-pub fn contiguous_strides(shape: &[usize]) -> Vec<usize> {
-    let mut s = vec![1; shape.len()];
-    for d in (0..shape.len().saturating_sub(1)).rev() {
-        s[d] = s[d + 1] * shape[d + 1];
-    }
-    s
-}
-
-/// Strides reading a contiguous `from` broadcast (numpy rules) to `to`: 0 along the
-/// broadcast dims. `from` must broadcast to `to` (checked by the caller).
-pub fn broadcast_strides(from: &[usize], to: &[usize]) -> Vec<usize> {
-    let own = contiguous_strides(from);
-    let lead = to.len() - from.len();
-    (0..to.len())
-        .map(|d| {
-            if d < lead || from[d - lead] == 1 {
-                0
-            } else {
-                own[d - lead]
-            }
-        })
-        .collect()
-}
+pub use eptc_ir::strides::{broadcast_strides, contiguous_strides};
 
 /// Merge the dims of an index space read through several stride sets: size-1 dims
 /// vanish and neighbours fuse where every stride set steps through them as one.
