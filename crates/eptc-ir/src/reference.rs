@@ -11,12 +11,12 @@
 //! inputs, as `eptc_backend::bind_batch` does); a mismatch, a missing input or parameter,
 //! or an op that cannot be evaluated is an `Err` naming the node, never a panic.
 
-use crate::strides::contiguous_strides as strides;
 use std::collections::{HashMap, HashSet};
 use std::f64::consts::{FRAC_1_SQRT_2, PI};
 
 use crate::graph::{Graph, NodeId};
 use crate::op::{Activation, BinaryOp, Op, ReduceOp, UnaryOp};
+use crate::strides::contiguous_strides as strides;
 use crate::types::Dim;
 use crate::weights::{HostTensor, WeightStore};
 
