@@ -114,6 +114,7 @@ fn bench_model(
         };
         let opts = CompileOptions {
             threads: Some(threads),
+            ..Default::default()
         };
         let mut f = b.compile(&lower(&fwd), &w, &opts).unwrap();
         let mut t = b.compile(&lower(&train), &w, &opts).unwrap();

@@ -55,6 +55,7 @@ fn bench_model(
             &w,
             &CompileOptions {
                 threads: Some(threads),
+                ..Default::default()
             },
         )
         .unwrap();

@@ -44,6 +44,9 @@ impl Availability {
 pub struct CompileOptions {
     /// Worker threads (CPU backends); `None`: all cores.
     pub threads: Option<usize>,
+    /// Storage type of the device's tensors (`--dtype`); arithmetic accumulates in f32
+    /// and the host always sees f32. Backends refuse a type their capabilities lack.
+    pub dtype: DType,
 }
 
 #[derive(Debug, Error)]
@@ -113,12 +116,13 @@ pub trait Backend: Send + Sync {
         opts: &CompileOptions,
     ) -> Result<Box<dyn Executable>>;
 
-    /// Every kernel the backend generates for `graph` with the batch bound to `batch`, in
+    /// Every kernel the backend generates for `graph` with the batch bound to `batch` and
+    /// tensors stored as `dtype`, in
     /// execution order, each checked by the backend's own validator (naga, NVRTC...). Must
     /// work without the device, so `eptc compile` checks a target's kernels anywhere.
     /// Backends that generate no code return an empty list.
-    fn kernels(&self, graph: &Graph, batch: usize) -> Result<Vec<KernelSource>> {
-        let _ = (graph, batch);
+    fn kernels(&self, graph: &Graph, batch: usize, dtype: DType) -> Result<Vec<KernelSource>> {
+        let _ = (graph, batch, dtype);
         Ok(vec![])
     }
 }

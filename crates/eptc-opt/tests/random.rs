@@ -1285,7 +1285,10 @@ fn run(
             _ => {}
         }
     }
-    let opts = CompileOptions { threads: Some(1) };
+    let opts = CompileOptions {
+        threads: Some(1),
+        ..Default::default()
+    };
     let mut exe = CpuBackend::new()
         .compile(g, &w, &opts)
         .map_err(|e| format!("cpu compile: {e}"))?;

@@ -64,9 +64,16 @@ pub fn compile(a: &CompileArgs) -> Result<(PathBuf, Manifest, TargetCheck)> {
         .with_context(|| format!("--dtype {:?}: expected f32, f16 or bf16", a.dtype))?;
     if !backend.capabilities().dtypes.contains(&dtype) {
         bail!(
-            "--dtype {}: the {} backend computes in f32 only",
+            "--dtype {}: the {} backend stores tensors as {} only",
             a.dtype,
-            a.target
+            a.target,
+            backend
+                .capabilities()
+                .dtypes
+                .iter()
+                .map(|d| d.name())
+                .collect::<Vec<_>>()
+                .join(", ")
         );
     }
     let (sha256, bytes) = artifact::hash_file(&a.model)?;
@@ -74,7 +81,7 @@ pub fn compile(a: &CompileArgs) -> Result<(PathBuf, Manifest, TargetCheck)> {
     // Every kernel the target generates is checked by its validator, device or not.
     let mut kernels = Vec::new();
     for (stage, g) in [(RUN_STAGE, &c.optimized), (TRAIN_STAGE, &c.train)] {
-        for k in pipeline::kernels(&a.target, g, 1)
+        for k in pipeline::kernels(&a.target, g, 1, dtype)
             .with_context(|| format!("{} kernels of the {stage} stage", a.target))?
         {
             kernels.push((stage, k));
@@ -84,8 +91,8 @@ pub fn compile(a: &CompileArgs) -> Result<(PathBuf, Manifest, TargetCheck)> {
     let availability = backend.availability();
     if availability.is_available() {
         let weights = pipeline::weights_with(&c.model, &c.folded, &c.adapter);
-        pipeline::executable(&a.target, &c.optimized, &weights, None)?;
-        pipeline::executable(&a.target, &c.train, &weights, None)
+        pipeline::executable(&a.target, &c.optimized, &weights, None, dtype)?;
+        pipeline::executable(&a.target, &c.train, &weights, None, dtype)
             .context("the backend cannot run the training graph")?;
     }
 
@@ -374,7 +381,20 @@ impl Parts {
         threads: Option<usize>,
     ) -> Result<Box<dyn eptc_backend::Executable>> {
         let graph = self.manifest.stage_graph(dir, stage)?;
-        pipeline::executable(&self.manifest.target, &graph, &self.weights(), threads)
+        let dtype = eptc_ir::DType::from_name(&self.manifest.dtype).with_context(|| {
+            format!(
+                "{}: dtype {:?} is not f32, f16 or bf16",
+                dir.join("manifest.json").display(),
+                self.manifest.dtype
+            )
+        })?;
+        pipeline::executable(
+            &self.manifest.target,
+            &graph,
+            &self.weights(),
+            threads,
+            dtype,
+        )
     }
 }
 

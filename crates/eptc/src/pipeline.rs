@@ -6,7 +6,7 @@ use std::path::Path;
 use anyhow::{bail, Context, Result};
 use eptc_backend::{Backend, CompileOptions};
 use eptc_frontend::{Model, TensorFile};
-use eptc_ir::{Graph, HostTensor, Op};
+use eptc_ir::{DType, Graph, HostTensor, Op};
 use eptc_peft::ept::prompt_name;
 use eptc_peft::{PeftConfig, PromptInit};
 
@@ -116,7 +116,7 @@ fn fold_weights(constants: &Graph, model: &Model) -> Result<BTreeMap<String, Hos
     if constants.outputs().is_empty() {
         return Ok(BTreeMap::new());
     }
-    let mut exe = executable("cpu", constants, &model.weights, None)?;
+    let mut exe = executable("cpu", constants, &model.weights, None, DType::F32)?;
     Ok(exe.run(&[])?.into_iter().collect())
 }
 
@@ -192,12 +192,13 @@ pub fn kernels(
     target: &str,
     graph: &Graph,
     batch: usize,
+    dtype: DType,
 ) -> Result<Vec<eptc_backend::KernelSource>> {
     let backend = backends::find(target)?;
     let caps = backend.capabilities();
     let mut g = graph.clone();
     eptc_ir::decompose::lower_unsupported(&mut g, &|k| caps.supports(k))?;
-    Ok(backend.kernels(&g, batch)?)
+    Ok(backend.kernels(&g, batch, dtype)?)
 }
 
 /// Compile `graph` for `target` with the given weights.
@@ -206,11 +207,12 @@ pub fn executable(
     graph: &Graph,
     weights: &eptc_ir::WeightStore,
     threads: Option<usize>,
+    dtype: DType,
 ) -> Result<Box<dyn eptc_backend::Executable>> {
     let backend: Box<dyn Backend> = backends::get(target)?;
     // Fused ops the backend lacks run as their decomposition.
     let caps = backend.capabilities();
     let mut g = graph.clone();
     eptc_ir::decompose::lower_unsupported(&mut g, &|k| caps.supports(k))?;
-    Ok(backend.compile(&g, weights, &CompileOptions { threads })?)
+    Ok(backend.compile(&g, weights, &CompileOptions { threads, dtype })?)
 }

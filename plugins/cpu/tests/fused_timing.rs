@@ -47,7 +47,10 @@ fn vit_b_timing() {
             }),
         ),
     ];
-    let opts = CompileOptions { threads: Some(2) };
+    let opts = CompileOptions {
+        threads: Some(2),
+        ..Default::default()
+    };
     for (name, shapes, g) in cases {
         let mut r = rng(1);
         let feed: Vec<(String, HostTensor)> = shapes

@@ -18,7 +18,10 @@ use rand::Rng;
 
 /// Every output of `g` on the CPU backend (two threads).
 fn cpu(g: &Graph, inputs: &[(&str, HostTensor)], w: &WeightStore) -> Vec<(String, HostTensor)> {
-    let opts = CompileOptions { threads: Some(2) };
+    let opts = CompileOptions {
+        threads: Some(2),
+        ..Default::default()
+    };
     let mut exe = CpuBackend::new().compile(g, w, &opts).expect("compiles");
     exe.run(inputs).expect("runs")
 }

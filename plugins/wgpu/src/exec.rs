@@ -134,7 +134,12 @@ impl Backend for WgpuBackend {
         Ok(Box::new(self.compile_wgpu(graph, weights, opts)?))
     }
 
-    fn kernels(&self, graph: &Graph, batch: usize) -> Result<Vec<KernelSource>> {
+    fn kernels(&self, graph: &Graph, batch: usize, dtype: DType) -> Result<Vec<KernelSource>> {
+        if dtype != DType::F32 {
+            return Err(BackendError::Other(format!(
+                "wgpu: storage type {dtype} is not supported (f32 only)"
+            )));
+        }
         Ok(kernels(graph, batch)?
             .into_iter()
             .map(|k| KernelSource {

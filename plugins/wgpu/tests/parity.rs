@@ -727,7 +727,9 @@ fn kernels_need_no_device() {
     names.dedup();
     assert_eq!(names.len(), ks.len(), "kernel names are unique");
     // The same through the Backend trait.
-    let ts = WgpuBackend::new().kernels(&g, 2).unwrap();
+    let ts = WgpuBackend::new()
+        .kernels(&g, 2, eptc_ir::DType::F32)
+        .unwrap();
     assert_eq!(ts.len(), ks.len());
     assert!(ts
         .iter()
