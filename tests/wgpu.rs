@@ -1,5 +1,6 @@
 //! The wgpu backend through the command line, against the CPU backend: compile (kernels
-//! validated with naga, written with `--emit kernels`), run, grad and train. Runs on any
+//! validated with naga, written with `--emit kernels`), run, grad and train; and f16
+//! storage (`--dtype f16`) against the f32 artifact. Runs on any
 //! Vulkan adapter (CI installs Mesa's lavapipe); skipped with a printed reason where none
 //! exists, unless `EPTC_REQUIRE_WGPU` is set (CI sets it), which turns the skip into a
 //! failure.
@@ -202,5 +203,136 @@ fn run_grad_and_train_match_the_cpu_backend() {
         let (_, b) = tensor(&lasts[0], key);
         let e = rel_err(&a, &b);
         assert!(e <= 1e-4, "trained {key}: wgpu vs cpu {e:e}");
+    }
+}
+
+/// `max |a − b| / max |b|`; infinite where either side has a NaN or an infinity, so those
+/// never pass.
+fn max_rel_err(a: &[f32], b: &[f32]) -> f64 {
+    assert_eq!(a.len(), b.len(), "length mismatch");
+    if a.iter().chain(b).any(|v| !v.is_finite()) {
+        return f64::INFINITY;
+    }
+    let num = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (f64::from(*x) - f64::from(*y)).abs())
+        .fold(0.0, f64::max);
+    let den = b.iter().map(|y| f64::from(*y).abs()).fold(0.0, f64::max);
+    if num == 0.0 {
+        0.0
+    } else {
+        num / den
+    }
+}
+
+#[test]
+fn f16_kernels_validate_without_running_and_bf16_is_refused() {
+    // Works whether or not an adapter (or its shader-f16) exists: naga validates.
+    let d = tempfile::tempdir().unwrap();
+    let art = compile(
+        d.path(),
+        "h",
+        "wgpu",
+        &["--dtype", "f16", "--emit", "kernels"],
+    );
+    let m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(art.join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(m["dtype"], "f16");
+    let files = m["kernels"].as_array().unwrap();
+    assert!(files.len() > 50, "{files:?}");
+    for f in files {
+        let src = std::fs::read_to_string(art.join(f.as_str().unwrap())).unwrap();
+        assert!(src.starts_with("enable f16;"), "{f}");
+        assert!(!src.contains("array<f32>"), "{f}");
+    }
+    let m = fixture("tiny_timm.safetensors");
+    let o = d.path().join("b");
+    let err = eptc_err(&[
+        "compile",
+        s(&m),
+        "--heads",
+        "3",
+        "--prompt-len",
+        "6",
+        "--num-classes",
+        "5",
+        "--target",
+        "wgpu",
+        "--dtype",
+        "bf16",
+        "-o",
+        s(&o),
+    ]);
+    assert!(err.contains("bf16") && err.contains("f32, f16"), "{err}");
+}
+
+#[test]
+fn f16_storage_matches_the_f32_artifact() {
+    if !wgpu_here() {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let extra = ["--ept-mode", "cat", "--task", "multilabel"];
+    let f32_art = compile(d.path(), "f32", "wgpu", &extra);
+    let f16_art = compile(
+        d.path(),
+        "f16",
+        "wgpu",
+        &[&extra[..], &["--dtype", "f16"]].concat(),
+    );
+    let adapter = fixture("adapter_cat_deep.safetensors");
+    let input = fixture("input_b3.safetensors");
+    let batch = fixture("batch_multilabel.safetensors");
+    let mut runs = vec![];
+    let mut grads = vec![];
+    for (name, art) in [("f32", &f32_art), ("f16", &f16_art)] {
+        let o = d.path().join(format!("{name}-run.safetensors"));
+        eptc_ok(&[
+            "run",
+            s(art),
+            "--input",
+            s(&input),
+            "--output",
+            s(&o),
+            "--adapter",
+            s(&adapter),
+        ]);
+        runs.push(o);
+        let o = d.path().join(format!("{name}-grad.safetensors"));
+        eptc_ok(&[
+            "grad",
+            s(art),
+            "--input",
+            s(&batch),
+            "--output",
+            s(&o),
+            "--adapter",
+            s(&adapter),
+        ]);
+        grads.push(o);
+    }
+    for (files, keys) in [
+        (&runs, &["logits", "features"][..]),
+        (
+            &grads,
+            &[
+                "loss",
+                "grad.ept.prompts",
+                "grad.head.weight",
+                "grad.head.bias",
+            ][..],
+        ),
+    ] {
+        for key in keys {
+            let (sa, a) = tensor(&files[1], key);
+            let (sb, b) = tensor(&files[0], key);
+            assert_eq!(sa, sb, "{key}");
+            let e = max_rel_err(&a, &b);
+            eprintln!("{key}: f16 vs f32 storage, max error {e:.2e} of max |f32|");
+            assert!(e <= 1e-2, "{key}: f16 vs f32 storage {e:e}");
+            // f16 storage really is f16.
+            assert!(rel_err(&a, &b) > 1e-7, "{key}: f16 identical to f32");
+        }
     }
 }

@@ -12,8 +12,16 @@
 //! holds the shared pieces (index arithmetic, blocked sums, the erf-based GELU...).
 //!
 //! Binding convention: `@group(0) @binding(i)` is operand `i`, a read-only storage
-//! `array<f32>`; `@binding(inputs)` is the output, read-write. No uniforms. Every binding
-//! is used by the entry point (so a layout derived from the shader has all of them).
+//! `array<f32>` (`array<f16>` with f16 storage); `@binding(inputs)` is the output,
+//! read-write. No uniforms. Every binding is used by the entry point (so a layout derived
+//! from the shader has all of them).
+//!
+//! Storage type ([`Storage`], from `eptc compile --dtype`): the graph's tensors are f32;
+//! with f16 storage every binding is an `array<f16>` (the module starts with
+//! `enable f16;`), every element read is converted to f32 and every element written
+//! converted back, while all arithmetic — sums, matmul tiles in workgroup memory,
+//! softmax and LayerNorm statistics, attention's online softmax — stays f32. bf16 has no
+//! WGSL type and is refused.
 //! Dispatches keep each dimension at most 65535 workgroups (a 2-D grid, the excess
 //! invocations return at once).
 
@@ -26,6 +34,7 @@ pub(crate) mod wgsl;
 use eptc_ir::{Activation, DType, Graph, NodeId, Op};
 use thiserror::Error;
 
+pub use wgsl::Storage;
 use wgsl::{broadcast_strides, contiguous_strides};
 
 /// One compute kernel for one node.
@@ -38,7 +47,8 @@ pub struct Kernel {
     /// The entry point's name.
     pub entry: String,
     /// Bindings `0..inputs` (group 0) are the operands in order, read-only storage
-    /// `array<f32>`; binding `inputs` is the output, read-write storage `array<f32>`.
+    /// `array<f32>`; binding `inputs` is the output, read-write storage `array<f32>`
+    /// (`array<f16>` for f16 storage).
     pub inputs: usize,
     /// The dispatch size in workgroups.
     pub workgroups: [u32; 3],
@@ -58,9 +68,10 @@ pub enum CodegenError {
 /// the rounding up of the last workgroup.
 pub const MAX_ELEMS: usize = (1 << 31) - 1;
 
-/// The kernels of node `id` of `g` with the batch bound to `batch`, in dispatch order.
-/// Empty for leaves and for ops that are views of their operand (`reshape`: the executor
-/// aliases the operand's buffer).
+/// The kernels of node `id` of `g` with the batch bound to `batch` and tensors stored as
+/// `dtype` (f32 or f16; the graph itself is f32), in dispatch order. Empty for leaves and
+/// for ops that are views of their operand (`reshape`: the executor aliases the
+/// operand's buffer).
 pub fn node_kernels(
     g: &Graph,
     id: NodeId,
@@ -73,11 +84,7 @@ pub fn node_kernels(
         op: node.op.kind().to_string(),
         msg,
     };
-    if dtype != DType::F32 {
-        return Err(err(format!(
-            "the wgpu backend generates f32 kernels only, not {dtype}"
-        )));
-    }
+    let st = Storage::of(dtype).map_err(&err)?;
     if node.op.is_leaf() || matches!(node.op, Op::Reshape { .. }) {
         return Ok(Vec::new());
     }
@@ -121,7 +128,7 @@ pub fn node_kernels(
         return Ok(Vec::new());
     }
     let name = format!("n{}_{}", id.index(), node.op.kind());
-    let k = generate(&name, &node.op, &shapes, &out).map_err(err)?;
+    let k = generate(st, &name, &node.op, &shapes, &out).map_err(err)?;
     Ok(vec![k])
 }
 
@@ -136,8 +143,14 @@ fn check_size(s: &[usize]) -> Result<(), String> {
 }
 
 /// The one kernel of a non-leaf, non-view op with operand shapes `x` and output shape
-/// `out` (non-empty).
-fn generate(name: &str, op: &Op, x: &[Vec<usize>], out: &[usize]) -> Result<Kernel, String> {
+/// `out` (non-empty), tensors stored as `st`.
+fn generate(
+    st: Storage,
+    name: &str,
+    op: &Op,
+    x: &[Vec<usize>],
+    out: &[usize],
+) -> Result<Kernel, String> {
     let rank_at_least = |s: &[usize], r: usize, what: &str| {
         if s.len() < r {
             Err(format!("{what} has rank {}, needs at least {r}", s.len()))
@@ -163,13 +176,13 @@ fn generate(name: &str, op: &Op, x: &[Vec<usize>], out: &[usize]) -> Result<Kern
         Op::Input { .. } | Op::Param { .. } | Op::Const { .. } | Op::Reshape { .. } => {
             return Err("no kernel for a leaf or a view".into())
         }
-        Op::Unary(u) => elementwise::unary(name, *u, numel(out)),
+        Op::Unary(u) => elementwise::unary(st, name, *u, numel(out)),
         Op::Binary(b) => {
             let sa = bstrides(&x[0], out)?;
             let sb = bstrides(&x[1], out)?;
-            elementwise::binary(name, *b, out, &sa, &sb)
+            elementwise::binary(st, name, *b, out, &sa, &sb)
         }
-        Op::Broadcast { .. } => elementwise::gather(name, out, &bstrides(&x[0], out)?),
+        Op::Broadcast { .. } => elementwise::gather(st, name, out, &bstrides(&x[0], out)?),
         Op::Permute { perm } => {
             let own = contiguous_strides(&x[0]);
             if perm.len() != x[0].len() || perm.iter().any(|&p| p >= own.len()) {
@@ -177,7 +190,7 @@ fn generate(name: &str, op: &Op, x: &[Vec<usize>], out: &[usize]) -> Result<Kern
             }
             let shape: Vec<usize> = perm.iter().map(|&p| x[0][p]).collect();
             let strides: Vec<usize> = perm.iter().map(|&p| own[p]).collect();
-            elementwise::gather(name, &shape, &strides)
+            elementwise::gather(st, name, &shape, &strides)
         }
         Op::Patchify { patch } => {
             let p = *patch;
@@ -190,7 +203,7 @@ fn generate(name: &str, op: &Op, x: &[Vec<usize>], out: &[usize]) -> Result<Kern
             let (gh, gw) = (h / p, w / p);
             let shape = [b, gh, gw, c, p, p];
             let strides = [c * h * w, p * w, p, h * w, w, 1];
-            elementwise::gather(name, &shape, &strides)
+            elementwise::gather(st, name, &shape, &strides)
         }
         Op::Slice { axis, start, end } => {
             let s = &x[0];
@@ -199,7 +212,7 @@ fn generate(name: &str, op: &Op, x: &[Vec<usize>], out: &[usize]) -> Result<Kern
             }
             let outer = numel(&s[..*axis]);
             let inner = numel(&s[axis + 1..]);
-            elementwise::slice(name, outer, s[*axis], inner, *start, end - start)
+            elementwise::slice(st, name, outer, s[*axis], inner, *start, end - start)
         }
         Op::Concat { axis } => {
             let a = *axis;
@@ -207,20 +220,26 @@ fn generate(name: &str, op: &Op, x: &[Vec<usize>], out: &[usize]) -> Result<Kern
                 return Err(format!("concat along {a} of {x:?}"));
             }
             let sizes: Vec<usize> = x.iter().map(|s| s[a]).collect();
-            elementwise::concat(name, numel(&out[..a]), &sizes, numel(&out[a + 1..]))
+            elementwise::concat(st, name, numel(&out[..a]), &sizes, numel(&out[a + 1..]))
         }
         Op::Reduce { op, axes, .. } => {
             if axes.iter().any(|&a| a >= x[0].len()) {
                 return Err(format!("axes {axes:?} out of range for {:?}", x[0]));
             }
-            rows::reduce(name, *op, &x[0], axes)
+            rows::reduce(st, name, *op, &x[0], axes)
         }
         Op::Softmax { axis } => {
             let s = &x[0];
             if *axis >= s.len() {
                 return Err(format!("axis {axis} out of range for {s:?}"));
             }
-            rows::softmax(name, numel(&s[..*axis]), s[*axis], numel(&s[axis + 1..]))
+            rows::softmax(
+                st,
+                name,
+                numel(&s[..*axis]),
+                s[*axis],
+                numel(&s[axis + 1..]),
+            )
         }
         Op::SoftmaxSink => {
             let s = &x[0];
@@ -229,7 +248,7 @@ fn generate(name: &str, op: &Op, x: &[Vec<usize>], out: &[usize]) -> Result<Kern
             let mut rows1 = row_shape.to_vec();
             rows1.push(1);
             let zs = bstrides(&x[1], &rows1)?;
-            rows::softmax_sink(name, row_shape, s[s.len() - 1], &zs[..zs.len() - 1])
+            rows::softmax_sink(st, name, row_shape, s[s.len() - 1], &zs[..zs.len() - 1])
         }
         Op::LayerNorm { eps } | Op::LayerNormGrad { eps } => {
             rank_at_least(&x[0], 1, "x")?;
@@ -243,9 +262,9 @@ fn generate(name: &str, op: &Op, x: &[Vec<usize>], out: &[usize]) -> Result<Kern
             }
             let rows = numel(&x[0]) / d;
             if matches!(op, Op::LayerNorm { .. }) {
-                rows::layernorm(name, rows, d, *eps)
+                rows::layernorm(st, name, rows, d, *eps)
             } else {
-                rows::layernorm_grad(name, rows, d, *eps)
+                rows::layernorm_grad(st, name, rows, d, *eps)
             }
         }
         Op::MatMul {
@@ -297,6 +316,7 @@ fn generate(name: &str, op: &Op, x: &[Vec<usize>], out: &[usize]) -> Result<Kern
                 if *transpose_b { " transpose_b" } else { "" }
             );
             matmul::matmul(
+                st,
                 name,
                 &what,
                 lead,
@@ -356,7 +376,7 @@ fn generate(name: &str, op: &Op, x: &[Vec<usize>], out: &[usize]) -> Result<Kern
                 if epi.gelu { " act=gelu" } else { "" },
                 if *residual { " residual" } else { "" }
             );
-            matmul::matmul(name, &what, &[], rows, o, k, &opx, &opw, epi)
+            matmul::matmul(st, name, &what, &[], rows, o, k, &opx, &opw, epi)
         }
         Op::Attention { scale, sink } => {
             let (q, k, v) = (&x[0], &x[1], &x[2]);
@@ -395,7 +415,7 @@ fn generate(name: &str, op: &Op, x: &[Vec<usize>], out: &[usize]) -> Result<Kern
                 scale: *scale,
                 z,
             };
-            attention::attention(name, &spec)
+            attention::attention(st, name, &spec)
         }
     })
 }

@@ -10,7 +10,14 @@
 //! compute pass with every dispatch plus the copies of the outputs into staging buffers,
 //! submit once, wait, and read back the outputs only. `reshape` is a view of its operand's
 //! buffer; zero-size tensors get no buffer and their kernels are not dispatched.
+//!
+//! Storage type (`CompileOptions::dtype`): f32, or f16 where the adapter offers
+//! `shader-f16`. With f16 every device buffer holds f16 (2 bytes an element, sizes
+//! rounded up to 4 bytes): parameters, constants and inputs are converted from f32 on
+//! upload, outputs back to f32 on readback, and the kernels compute in f32 (see
+//! [`codegen`]). The host only ever sees f32.
 
+mod convert;
 mod gpu;
 mod plan;
 
@@ -24,8 +31,9 @@ use eptc_backend::{
 };
 use eptc_ir::{DType, Graph, HostTensor, NodeId, Op, Shape, WeightStore};
 
-use crate::codegen::{self, Kernel};
+use crate::codegen::{self, Kernel, Storage};
 use crate::validate;
+use convert::{decode, encode, stored_bytes};
 use gpu::Gpu;
 use plan::{Loc, Role};
 
@@ -34,7 +42,8 @@ use plan::{Loc, Role};
 const MAX_PLANS: usize = 4;
 
 /// A replacement for the kernel generator: the validated kernels of a node for a batch.
-/// Tests use it to run hand-written WGSL through the runtime.
+/// Tests use it to run hand-written WGSL through the runtime (its bindings must use the
+/// executable's storage type).
 pub type KernelFn = fn(&Graph, NodeId, usize) -> std::result::Result<Vec<Kernel>, String>;
 
 /// Options of the wgpu backend.
@@ -70,9 +79,16 @@ impl WgpuBackend {
         &self,
         graph: &Graph,
         weights: &WeightStore,
-        _opts: &CompileOptions,
+        opts: &CompileOptions,
     ) -> Result<WgpuExecutable> {
+        let storage = Storage::of(opts.dtype).map_err(BackendError::Other)?;
         let gpu = gpu::gpu().map_err(BackendError::Unavailable)?;
+        if storage == Storage::F16 && !gpu.f16 {
+            return Err(BackendError::Unavailable(format!(
+                "f16 storage needs shader-f16, which the wgpu adapter {} lacks (f32 storage works)",
+                gpu.desc
+            )));
+        }
         if self.opts.kernel_source.is_none() {
             let caps = self.capabilities();
             for id in graph.node_ids() {
@@ -86,7 +102,7 @@ impl WgpuBackend {
                 }
             }
         }
-        WgpuExecutable::new(gpu, graph, weights, self.opts.clone())
+        WgpuExecutable::new(gpu, graph, weights, self.opts.clone(), storage)
     }
 }
 
@@ -121,7 +137,8 @@ impl Backend for WgpuBackend {
         Capabilities {
             ops: pick(Op::all_kinds(), false),
             fused_ops: pick(Op::fused_kinds(), true),
-            dtypes: vec![DType::F32],
+            // f16 needs the adapter's shader-f16; compiling says so where it is missing.
+            dtypes: vec![DType::F32, DType::F16],
         }
     }
 
@@ -135,12 +152,7 @@ impl Backend for WgpuBackend {
     }
 
     fn kernels(&self, graph: &Graph, batch: usize, dtype: DType) -> Result<Vec<KernelSource>> {
-        if dtype != DType::F32 {
-            return Err(BackendError::Other(format!(
-                "wgpu: storage type {dtype} is not supported (f32 only)"
-            )));
-        }
-        Ok(kernels(graph, batch)?
+        Ok(kernels(graph, batch, dtype)?
             .into_iter()
             .map(|k| KernelSource {
                 name: k.name,
@@ -151,15 +163,17 @@ impl Backend for WgpuBackend {
     }
 }
 
-/// Every kernel of `graph` with the batch bound to `batch`, in topological order, each
-/// validated with naga. Needs no device (for `eptc compile --target wgpu` anywhere).
-pub fn kernels(graph: &Graph, batch: usize) -> Result<Vec<Kernel>> {
+/// Every kernel of `graph` with the batch bound to `batch` and tensors stored as `dtype`
+/// (f32 or f16), in topological order, each validated with naga. Needs no device (for
+/// `eptc compile --target wgpu` anywhere).
+pub fn kernels(graph: &Graph, batch: usize, dtype: DType) -> Result<Vec<Kernel>> {
+    Storage::of(dtype).map_err(BackendError::Other)?;
     let order = graph
         .topo_order()
         .map_err(|e| BackendError::Other(e.to_string()))?;
     let mut out = Vec::new();
     for id in order {
-        out.extend(node_kernels(graph, id, batch, graph.node(id).ty.dtype)?);
+        out.extend(node_kernels(graph, id, batch, dtype)?);
     }
     Ok(out)
 }
@@ -169,7 +183,7 @@ fn node_kernels(graph: &Graph, id: NodeId, batch: usize, dtype: DType) -> Result
     let ks = codegen::node_kernels(graph, id, batch, dtype)
         .map_err(|e| BackendError::Other(format!("wgpu: {e}")))?;
     for k in &ks {
-        validate::validate(k).map_err(BackendError::Other)?;
+        validate::validate_storage(k, dtype).map_err(BackendError::Other)?;
     }
     Ok(ks)
 }
@@ -213,15 +227,16 @@ struct Step {
 struct OutputCopy {
     name: String,
     shape: Vec<usize>,
-    /// `None`: zero elements, nothing to copy.
+    /// Source, staging buffer and bytes copied: `numel(shape)` elements of the storage
+    /// type, padded to 4 bytes. `None`: zero elements, nothing to copy.
     copy: Option<(wgpu::Buffer, wgpu::Buffer, u64)>,
 }
 
 /// Everything a run with one batch size needs, made on first use.
 struct BatchPlan {
     batch: usize,
-    /// Input name, its buffer (`None`: zero-size) and byte count.
-    inputs: Vec<(String, Option<wgpu::Buffer>, u64)>,
+    /// Input name, its buffer (`None`: zero-size) and element count.
+    inputs: Vec<(String, Option<wgpu::Buffer>, usize)>,
     steps: Vec<Step>,
     outputs: Vec<OutputCopy>,
     stats: PlanStats,
@@ -246,6 +261,8 @@ pub struct WgpuExecutable {
     gpu: Arc<Gpu>,
     graph: Graph,
     opts: WgpuOptions,
+    /// The element type of every device buffer.
+    storage: Storage,
     /// Live nodes in topological order.
     slots: Vec<Slot>,
     /// Graph outputs: name and position in `slots`.
@@ -271,7 +288,13 @@ fn other(node: usize, op: &str, msg: impl std::fmt::Display) -> BackendError {
 }
 
 impl WgpuExecutable {
-    fn new(gpu: Arc<Gpu>, graph: &Graph, weights: &WeightStore, opts: WgpuOptions) -> Result<Self> {
+    fn new(
+        gpu: Arc<Gpu>,
+        graph: &Graph,
+        weights: &WeightStore,
+        opts: WgpuOptions,
+        storage: Storage,
+    ) -> Result<Self> {
         let order = graph
             .topo_order()
             .map_err(|e| BackendError::Other(e.to_string()))?;
@@ -293,6 +316,7 @@ impl WgpuExecutable {
             gpu,
             graph: graph.clone(),
             opts,
+            storage,
             slots: Vec::new(),
             outputs: Vec::new(),
             params: HashMap::new(),
@@ -466,7 +490,7 @@ impl WgpuExecutable {
         self.create_buffer(label, size, U::STORAGE | U::COPY_DST | U::COPY_SRC)
     }
 
-    /// A storage buffer holding `data` (`None` when empty).
+    /// A storage buffer holding `data` in the storage type (`None` when empty).
     fn upload(
         &mut self,
         node: usize,
@@ -474,15 +498,15 @@ impl WgpuExecutable {
         label: &str,
         data: &[f32],
     ) -> Result<Option<wgpu::Buffer>> {
-        let bytes = std::mem::size_of_val(data) as u64;
-        if bytes == 0 {
+        if data.is_empty() {
             return Ok(None);
         }
-        self.check_size(node, op, bytes)?;
-        let b = self.storage_buffer(label, bytes)?;
+        let bytes = encode(self.storage, data);
+        self.check_size(node, op, bytes.len() as u64)?;
+        let b = self.storage_buffer(label, bytes.len() as u64)?;
         let g = Arc::clone(&self.gpu);
         g.scoped(&format!("uploading {label}"), || {
-            g.queue.write_buffer(&b, 0, bytemuck::cast_slice(data))
+            g.queue.write_buffer(&b, 0, &bytes)
         })?;
         Ok(Some(b))
     }
@@ -560,7 +584,7 @@ impl WgpuExecutable {
     fn node_kernels(&self, id: NodeId, batch: usize) -> Result<Vec<Kernel>> {
         match self.opts.kernel_source {
             Some(f) => f(&self.graph, id, batch).map_err(BackendError::Other),
-            None => node_kernels(&self.graph, id, batch, DType::F32),
+            None => node_kernels(&self.graph, id, batch, self.storage.dtype()),
         }
     }
 
@@ -576,7 +600,7 @@ impl WgpuExecutable {
                 .iter()
                 .try_fold(1u64, |a, &d| a.checked_mul(d as u64));
             let bytes = numel
-                .and_then(|n| n.checked_mul(4))
+                .and_then(|n| stored_bytes(self.storage, n))
                 .ok_or_else(|| other(s.id.index(), s.op, "size overflows"))?;
             self.check_size(s.id.index(), s.op, bytes)?;
             let role = match &s.kind {
@@ -662,7 +686,7 @@ impl WgpuExecutable {
                 input_bufs.insert(i, b.clone());
                 Some(b)
             };
-            inputs.push((name, buf, bytes));
+            inputs.push((name, buf, self.slots[i].shape.numel(batch)));
         }
         // The buffer holding node `i`'s value and its byte count.
         let buffer_of = |exe: &Self, i: usize| -> Option<(wgpu::Buffer, u64)> {
@@ -809,16 +833,16 @@ impl WgpuExecutable {
 
         // Check every input before touching the device.
         let mut feed: Vec<(&wgpu::Buffer, &[f32])> = Vec::new();
-        for (name, buf, bytes) in &plan.inputs {
+        for (name, buf, numel) in &plan.inputs {
             let t = inputs
                 .iter()
                 .find(|(n, _)| n == name)
                 .map(|(_, t)| t)
                 .ok_or_else(|| BackendError::MissingInput(name.clone()))?;
-            if t.data().len() != t.numel() || std::mem::size_of_val(t.data()) as u64 != *bytes {
+            if t.data().len() != t.numel() || t.numel() != *numel {
                 return Err(BackendError::InputShape {
                     name: name.clone(),
-                    expected: format!("{} values", bytes / 4),
+                    expected: format!("{numel} values"),
                     found: vec![t.data().len()],
                 });
             }
@@ -827,9 +851,10 @@ impl WgpuExecutable {
             }
         }
 
+        let storage = self.storage;
         gpu.scoped("writing the inputs", || {
             for (b, data) in &feed {
-                gpu.queue.write_buffer(b, 0, bytemuck::cast_slice(data));
+                gpu.queue.write_buffer(b, 0, &encode(storage, data));
             }
         })?;
         let index = if self.profile {
@@ -916,9 +941,14 @@ impl WgpuExecutable {
             let state = mapped.lock().ok().and_then(|m| m[k].clone());
             let data = match state {
                 Some(Ok(())) => {
+                    let numel = o.shape.iter().product::<usize>();
                     let v = staging
                         .get_mapped_range(..)
-                        .map(|view| bytemuck::pod_collect_to_vec::<u8, f32>(&view))
+                        .map_err(|e| e.to_string())
+                        .and_then(|view| {
+                            decode(storage, &view, numel)
+                                .ok_or_else(|| "the staging buffer is too small".to_string())
+                        })
                         .map_err(|e| {
                             BackendError::Other(format!("reading output {:?}: {e}", o.name))
                         });
@@ -991,9 +1021,9 @@ impl Executable for WgpuExecutable {
         check_param(name, &p.shape, &value)?;
         if let Some(b) = &p.buffer {
             let g = Arc::clone(&self.gpu);
+            let bytes = encode(self.storage, value.data());
             g.scoped(&format!("setting param {name}"), || {
-                g.queue
-                    .write_buffer(b, 0, bytemuck::cast_slice(value.data()))
+                g.queue.write_buffer(b, 0, &bytes)
             })?;
         }
         Ok(())

@@ -1,18 +1,34 @@
 //! naga validation of generated WGSL: the module must parse, validate (all validation
-//! flags, default capabilities), have the kernel's entry point as a compute shader, and
-//! follow the binding convention of [`Kernel`]: group 0, bindings `0..inputs` read-only
-//! storage `array<f32>`, binding `inputs` the read-write output, every one of them used
-//! by the entry point; the dispatch at most 65535 workgroups per dimension.
+//! flags, default capabilities plus `SHADER_FLOAT16` for f16 storage), have the kernel's
+//! entry point as a compute shader, and follow the binding convention of [`Kernel`]:
+//! group 0, bindings `0..inputs` read-only storage `array<f32>` (`array<f16>` for f16
+//! storage), binding `inputs` the read-write output, every one of them used by the entry
+//! point; the dispatch at most 65535 workgroups per dimension.
 
+use eptc_ir::DType;
 use naga::valid::{Capabilities, ValidationFlags, Validator};
 use naga::{AddressSpace, StorageAccess, TypeInner};
 
 use crate::codegen::wgsl::MAX_GROUPS;
-use crate::codegen::Kernel;
+use crate::codegen::{Kernel, Storage};
 
-/// Parse and validate a kernel's WGSL with naga; the error names the kernel and quotes
-/// naga's message.
+/// Parse and validate a kernel's WGSL (f32 storage) with naga; the error names the kernel
+/// and quotes naga's message.
 pub fn validate(k: &Kernel) -> Result<(), String> {
+    validate_storage(k, DType::F32)
+}
+
+/// [`validate`] for tensors stored as `dtype`: with f16 the validator allows WGSL's `f16`
+/// type and every binding must be an `array<f16>`.
+pub fn validate_storage(k: &Kernel, dtype: DType) -> Result<(), String> {
+    let st = Storage::of(dtype).map_err(|e| format!("kernel {}: {e}", k.name))?;
+    let (caps, scalar) = match st {
+        Storage::F32 => (Capabilities::default(), naga::Scalar::F32),
+        Storage::F16 => (
+            Capabilities::default() | Capabilities::SHADER_FLOAT16,
+            naga::Scalar::F16,
+        ),
+    };
     let module = naga::front::wgsl::parse_str(&k.source).map_err(|e| {
         format!(
             "kernel {}: WGSL does not parse:\n{}",
@@ -20,7 +36,7 @@ pub fn validate(k: &Kernel) -> Result<(), String> {
             e.emit_to_string(&k.source)
         )
     })?;
-    let info = Validator::new(ValidationFlags::all(), Capabilities::default())
+    let info = Validator::new(ValidationFlags::all(), caps)
         .validate(&module)
         .map_err(|e| {
             format!(
@@ -68,15 +84,15 @@ pub fn validate(k: &Kernel) -> Result<(), String> {
         if std::mem::replace(&mut seen[b], true) {
             return fail(format!("binding {b} is declared twice"));
         }
-        let f32_array = match &module.types[var.ty].inner {
-            TypeInner::Array { base, .. } => matches!(
-                module.types[*base].inner,
-                TypeInner::Scalar(naga::Scalar::F32)
-            ),
+        let typed_array = match &module.types[var.ty].inner {
+            TypeInner::Array { base, .. } => module.types[*base].inner == TypeInner::Scalar(scalar),
             _ => false,
         };
-        if !f32_array {
-            return fail(format!("`{name}` (binding {b}) is not an array<f32>"));
+        if !typed_array {
+            return fail(format!(
+                "`{name}` (binding {b}) is not an array<{}>",
+                st.scalar()
+            ));
         }
         let writable = access.contains(StorageAccess::STORE);
         if writable != (b == k.inputs) {

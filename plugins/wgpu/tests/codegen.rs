@@ -1,7 +1,8 @@
 //! The WGSL code generator without a GPU: every op kind's kernels parse and validate with
 //! naga (and follow the binding convention) over many shapes and attributes, every node
-//! of whole ViT graphs (forward, optimized, training) too, and the f32 erf / GELU
-//! formulas the kernels use are accurate.
+//! of whole ViT graphs (forward, optimized, training) too — with f32 storage and with
+//! f16 storage (every load and store converted, all arithmetic f32) — and the f32 erf /
+//! GELU formulas the kernels use are accurate.
 
 use std::collections::BTreeSet;
 
@@ -9,7 +10,7 @@ use eptc_ir::{
     Activation, BinaryOp, DType, Dim, Graph, Init, NodeId, Op, ReduceOp, Shape, TensorType, UnaryOp,
 };
 use eptc_wgpu::codegen::{node_kernels, supported_kinds, CodegenError, Kernel};
-use eptc_wgpu::validate::validate;
+use eptc_wgpu::validate::{validate, validate_storage};
 
 fn batched(d: &[usize]) -> Shape {
     Shape::batched(d)
@@ -26,9 +27,14 @@ fn param(g: &mut Graph, name: &str, s: Shape) -> NodeId {
 
 /// Generate and validate the kernels of `id` at several batch sizes; returns them all.
 fn check(g: &Graph, id: NodeId, batches: &[usize]) -> Vec<Kernel> {
+    check_as(g, id, batches, DType::F32)
+}
+
+/// [`check`] with tensors stored as `dtype`; with f16 also [`check_f16_kernel`].
+fn check_as(g: &Graph, id: NodeId, batches: &[usize], dtype: DType) -> Vec<Kernel> {
     let mut all = Vec::new();
     for &b in batches {
-        let ks = node_kernels(g, id, b, DType::F32).unwrap_or_else(|e| {
+        let ks = node_kernels(g, id, b, dtype).unwrap_or_else(|e| {
             panic!(
                 "graph {}: node %{} ({}) at batch {b}: {e}",
                 g.name,
@@ -44,11 +50,14 @@ fn check(g: &Graph, id: NodeId, batches: &[usize]) -> Vec<Kernel> {
             assert_eq!(ks.len(), 1, "%{}: one kernel per node", id.index());
         }
         for k in &ks {
-            if let Err(e) = validate(k) {
+            if let Err(e) = validate_storage(k, dtype) {
                 panic!(
                     "graph {} at batch {b}: {e}\n--- source ---\n{}",
                     g.name, k.source
                 );
+            }
+            if dtype == DType::F16 {
+                check_f16_kernel(k);
             }
             assert_eq!(k.inputs, g.operands(id).len(), "{}", k.name);
             assert!(
@@ -410,6 +419,124 @@ fn vit_b16_graphs_validate() {
     assert!(kernels > 1000, "{kernels} kernels");
 }
 
+/// The structure of an f16 kernel: it starts with `enable f16;`, every binding is an
+/// `array<f16>`, every element of an operand is read as `f32(x[..])` and every element
+/// of the output written as `out[..] = f16(..)`, and `f16` appears nowhere else (all
+/// arithmetic, locals and workgroup memory are f32).
+fn check_f16_kernel(k: &Kernel) {
+    let src = &k.source;
+    let fail = |msg: String| -> ! { panic!("kernel {}: {msg}\n--- source ---\n{src}", k.name) };
+    let Some(body) = src.strip_prefix("enable f16;\n") else {
+        fail("does not start with `enable f16;`".into());
+    };
+    let mut names = Vec::new();
+    for line in body.lines().filter(|l| l.starts_with("@group(0)")) {
+        let decl = line.split("> ").nth(1).unwrap_or_default();
+        let Some(name) = decl.strip_suffix(": array<f16>;") else {
+            fail(format!("binding `{line}` is not an array<f16>"));
+        };
+        names.push(name.to_string());
+    }
+    assert_eq!(names.len(), k.inputs + 1, "{}", k.name);
+    let mut rest = body.replace(": array<f16>;", ": array<_>;");
+    for (b, name) in names.iter().enumerate() {
+        let is_out = b == k.inputs;
+        let pat = format!("{name}[");
+        let mut from = 0;
+        while let Some(p) = rest[from..].find(&pat) {
+            let at = from + p;
+            from = at + pat.len();
+            // Only whole identifiers.
+            let prev = rest[..at].chars().last().unwrap_or(' ');
+            if prev.is_alphanumeric() || prev == '_' {
+                continue;
+            }
+            // The matching `]`.
+            let mut depth = 1;
+            let mut end = from;
+            for (i, c) in rest[from..].char_indices() {
+                match c {
+                    '[' => depth += 1,
+                    ']' => depth -= 1,
+                    _ => {}
+                }
+                if depth == 0 {
+                    end = from + i + 1;
+                    break;
+                }
+            }
+            if is_out {
+                if !rest[end..].starts_with(" = f16(") {
+                    fail(format!("a write of `{name}` is not `= f16(..)`"));
+                }
+            } else if !rest[..at].ends_with("f32(") || !rest[end..].starts_with(')') {
+                fail(format!("a read of `{name}` is not `f32({name}[..])`"));
+            }
+        }
+    }
+    rest = rest.replace(" = f16(", " = _(");
+    if let Some(p) = rest.find("f16") {
+        fail(format!(
+            "f16 outside loads and stores: `{}`",
+            &rest[p.saturating_sub(40)..(p + 20).min(rest.len())]
+        ));
+    }
+}
+
+#[test]
+fn every_supported_kind_validates_in_f16() {
+    let mut kernels = 0;
+    for g in op_graphs() {
+        for id in g.node_ids() {
+            kernels += check_as(&g, id, &[1, 3], DType::F16).len();
+        }
+    }
+    assert!(kernels > 100, "{kernels} kernels");
+}
+
+#[test]
+fn whole_graphs_validate_in_f16() {
+    let mut kernels = 0;
+    for f in [
+        "../../ir-specs/examples/attention.eptc",
+        "../../ir-specs/examples/fused.eptc",
+        "../../ir-specs/examples/mlp.eptc",
+        "tests/data/tiny_optimized.eptc",
+        "tests/data/tiny_train.eptc",
+        "tests/data/vit_b16_optimized.eptc",
+        "tests/data/vit_b16_train.eptc",
+    ] {
+        let g = example(f);
+        for id in g.node_ids() {
+            kernels += check_as(&g, id, &[4], DType::F16).len();
+        }
+    }
+    assert!(kernels > 700, "{kernels} kernels");
+}
+
+#[test]
+fn f16_structure_check_catches_f16_arithmetic() {
+    let mut g = Graph::new("s");
+    let x = input(&mut g, "x", batched(&[4]));
+    let y = g.unary(UnaryOp::Exp, x).unwrap();
+    let k = node_kernels(&g, y, 2, DType::F16).unwrap().remove(0);
+    check_f16_kernel(&k);
+    for (from, to) in [
+        ("f32(x[idx])", "x[idx]"),
+        ("= f16(exp(v))", "= exp(f16(v))"),
+        (
+            "let v = f32(x[idx]);",
+            "let v = f32(x[idx]);\n    let h: f16 = f16(v);",
+        ),
+    ] {
+        let mut bad = k.clone();
+        bad.source = bad.source.replace(from, to);
+        assert_ne!(bad.source, k.source, "{from}");
+        let r = std::panic::catch_unwind(|| check_f16_kernel(&bad));
+        assert!(r.is_err(), "{from} -> {to} passed");
+    }
+}
+
 #[test]
 fn training_graph_has_the_fused_ops() {
     let g = example("tests/data/tiny_train.eptc");
@@ -430,16 +557,31 @@ fn training_graph_has_the_fused_ops() {
 }
 
 #[test]
-fn only_f32_is_generated() {
+fn storage_is_f32_or_f16_and_the_graph_f32() {
     let mut g = Graph::new("f16");
     let x = input(&mut g, "x", batched(&[4]));
     let y = g.unary(UnaryOp::Exp, x).unwrap();
-    for dt in [DType::F16, DType::BF16] {
-        let e = node_kernels(&g, y, 2, dt).unwrap_err();
-        let CodegenError::Unsupported { node, op, msg } = &e;
-        assert_eq!((*node, op.as_str()), (y.index(), "exp"));
-        assert!(msg.contains(dt.name()), "{e}");
-    }
+    let e = node_kernels(&g, y, 2, DType::BF16).unwrap_err();
+    let CodegenError::Unsupported { node, op, msg } = &e;
+    assert_eq!((*node, op.as_str()), (y.index(), "exp"));
+    assert!(msg.contains("no bf16 storage; use f16 or f32"), "{e}");
+    let k = node_kernels(&g, y, 2, DType::F16).unwrap().remove(0);
+    assert!(k.source.starts_with("enable f16;\n"), "{}", k.source);
+    assert!(k.source.contains("out[idx] = f16(exp(v));"), "{}", k.source);
+    assert!(k.source.contains("let v = f32(x[idx]);"), "{}", k.source);
+    // The validators keep the two apart.
+    validate_storage(&k, DType::F16).unwrap();
+    // (f16 needs the SHADER_FLOAT16 capability, which f32 validation does not grant.)
+    let e = validate(&k).unwrap_err();
+    assert!(e.contains("does not validate"), "{e}");
+    let k32 = node_kernels(&g, y, 2, DType::F32).unwrap().remove(0);
+    assert!(validate_storage(&k32, DType::F16)
+        .unwrap_err()
+        .contains("array<f16>"));
+    assert!(validate_storage(&k32, DType::BF16)
+        .unwrap_err()
+        .contains("bf16"));
+    // The graph's own tensors are f32 whatever the storage.
     let mut g = Graph::new("f16 node");
     let x = g.input("x", TensorType::new(DType::F16, batched(&[4])));
     let y = g.unary(UnaryOp::Exp, x).unwrap();

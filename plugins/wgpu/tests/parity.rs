@@ -5,7 +5,9 @@
 //! executor (independent of the kernel generator).
 //!
 //! Parity bar: relative L2 error `‖wgpu − cpu‖ / ‖cpu‖ ≤ 1e-5`, and no NaN the CPU does
-//! not produce.
+//! not produce. With f16 storage (where the adapter offers shader-f16): every op case
+//! again on f16-rounded inputs within 2e-3, and the tiny ViT's logits and the training
+//! graph's loss and gradients within 1e-2 of `max |cpu|`.
 
 use eptc_backend::{Backend, BackendError, CompileOptions, Executable};
 use eptc_cpu::CpuBackend;
@@ -28,6 +30,10 @@ fn device(opts: WgpuOptions) -> Option<WgpuBackend> {
     match be.availability() {
         eptc_backend::Availability::Available(_) => Some(be),
         eptc_backend::Availability::Unavailable(why) => {
+            assert!(
+                std::env::var_os("EPTC_REQUIRE_WGPU").is_none(),
+                "EPTC_REQUIRE_WGPU is set but wgpu is unavailable: {why}"
+            );
             eprintln!("skipped: no wgpu adapter: {why}");
             None
         }
@@ -136,6 +142,8 @@ struct Case {
     inputs: Vec<(Shape, Gen)>,
     params: Vec<Vec<usize>>,
     tol: f64,
+    /// The tolerance with f16 storage.
+    tol_f16: f64,
     build: Build,
 }
 
@@ -149,6 +157,7 @@ fn case(
         inputs: inputs.to_vec(),
         params: vec![],
         tol: 1e-5,
+        tol_f16: F16_OP_TOL,
         build: Box::new(build),
     }
 }
@@ -160,8 +169,23 @@ fn f(dims: &[usize]) -> Shape {
     Shape::fixed(dims)
 }
 
-/// Run every case on both backends for batch 1 and 3; returns the failures.
-fn run_cases(be: &WgpuBackend, cases: &[Case]) -> Vec<String> {
+/// `v` rounded to the nearest f16 (what f16 storage keeps of an input).
+fn round_f16(v: &[f32]) -> Vec<f32> {
+    v.iter().map(|&x| half::f16::from_f32(x).to_f32()).collect()
+}
+
+/// The relative L2 error allowed per op case with f16 storage (unless the case says
+/// otherwise): inputs are rounded to f16 for both backends, so what remains is the
+/// rounding of the stored output (at most 2^-11 relative per element) and of the
+/// intermediates of multi-node cases.
+const F16_OP_TOL: f64 = 2e-3;
+
+/// Run every case on both backends for batch 1 and 3, the wgpu one storing tensors as
+/// `dtype` (with f16, inputs and parameters are rounded to f16 for both, and the
+/// tolerance is the case's `tol_f16`); returns the failures.
+fn run_cases(be: &WgpuBackend, cases: &[Case], dtype: DType) -> Vec<String> {
+    let f16 = dtype == DType::F16;
+    let prep = |v: Vec<f32>| if f16 { round_f16(&v) } else { v };
     let mut fails = Vec::new();
     let mut worst = (0.0f64, String::new());
     for (ci, c) in cases.iter().enumerate() {
@@ -200,13 +224,17 @@ fn run_cases(be: &WgpuBackend, cases: &[Case]) -> Vec<String> {
         let mut r = rng(1000 + ci as u64);
         let mut w = WeightStore::new();
         for (i, s) in c.params.iter().enumerate() {
-            let v = draw(&mut r, s.iter().product(), Gen::Any);
+            let v = prep(draw(&mut r, s.iter().product(), Gen::Any));
             w.insert(format!("p{i}"), HostTensor::new(s.clone(), v));
         }
-        let opts = CompileOptions::default();
         let mut cpu = CpuBackend::new()
-            .compile(&g, &w, &opts)
+            .compile(&g, &w, &CompileOptions::default())
             .expect("cpu compiles");
+        let opts = CompileOptions {
+            dtype,
+            ..Default::default()
+        };
+        let tol = if f16 { c.tol_f16 } else { c.tol };
         let mut gpu = match be.compile(&g, &w, &opts) {
             Ok(e) => e,
             Err(e) => {
@@ -221,7 +249,7 @@ fn run_cases(be: &WgpuBackend, cases: &[Case]) -> Vec<String> {
                 .enumerate()
                 .map(|(i, (s, gen))| {
                     let shape = s.resolve(batch);
-                    let v = draw(&mut r, shape.iter().product(), *gen);
+                    let v = prep(draw(&mut r, shape.iter().product(), *gen));
                     (format!("x{i}"), HostTensor::new(shape, v))
                 })
                 .collect();
@@ -229,7 +257,7 @@ fn run_cases(be: &WgpuBackend, cases: &[Case]) -> Vec<String> {
                 feed.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
             let want = cpu.run(&feed).expect("cpu runs");
             match gpu.run(&feed) {
-                Ok(got) => match compare(&got, &want, c.tol) {
+                Ok(got) => match compare(&got, &want, tol) {
                     Ok(e) if e > worst.0 => worst = (e, format!("{} (B={batch})", c.name)),
                     Ok(_) => {}
                     Err(e) => fails.push(format!("{} (B={batch}): {e}", c.name)),
@@ -239,7 +267,7 @@ fn run_cases(be: &WgpuBackend, cases: &[Case]) -> Vec<String> {
         }
     }
     eprintln!(
-        "{} cases x 2 batches, largest relative L2 error {:.2e} ({})",
+        "{} cases x 2 batches, {dtype} storage, largest relative L2 error {:.2e} ({})",
         cases.len(),
         worst.0,
         worst.1
@@ -261,13 +289,17 @@ fn check(cases: Vec<Case>) {
         return;
     };
     let n = cases.len();
-    assert_no_failures(run_cases(&be, &cases), n);
+    assert_no_failures(run_cases(&be, &cases, DType::F32), n);
 }
 
 // ---- op parity (generated kernels) -------------------------------------------------------
 
 #[test]
 fn binary_ops_with_broadcasting() {
+    check(binary_ops_with_broadcasting_cases());
+}
+
+fn binary_ops_with_broadcasting_cases() -> Vec<Case> {
     let mut cases = Vec::new();
     for op in BinaryOp::ALL {
         let gen = match op {
@@ -290,11 +322,15 @@ fn binary_ops_with_broadcasting() {
             ));
         }
     }
-    check(cases);
+    cases
 }
 
 #[test]
 fn unary_ops() {
+    check(unary_ops_cases());
+}
+
+fn unary_ops_cases() -> Vec<Case> {
     let mut cases = Vec::new();
     for op in UnaryOp::ALL {
         let gen = match op {
@@ -320,11 +356,15 @@ fn unary_ops() {
             g.binary(BinaryOp::Add, t, s)
         },
     ));
-    check(cases);
+    cases
 }
 
 #[test]
 fn reductions() {
+    check(reductions_cases());
+}
+
+fn reductions_cases() -> Vec<Case> {
     let mut cases = Vec::new();
     let axes: [(&[usize], bool); 5] = [
         (&[2], false),
@@ -350,11 +390,15 @@ fn reductions() {
         c.tol = 1e-5;
         cases.push(c);
     }
-    check(cases);
+    cases
 }
 
 #[test]
 fn softmax_and_layernorm() {
+    check(softmax_and_layernorm_cases());
+}
+
+fn softmax_and_layernorm_cases() -> Vec<Case> {
     let mut cases = Vec::new();
     for axis in 0..3 {
         cases.push(case(
@@ -363,7 +407,7 @@ fn softmax_and_layernorm() {
             move |g: &mut Graph, x: &[NodeId], _: &[NodeId]| g.softmax(x[0], axis),
         ));
     }
-    cases.push(case(
+    let mut c = case(
         "softmax of large logits",
         &[(b(&[3, 300]), Gen::Any)],
         |g, x, _| {
@@ -371,7 +415,11 @@ fn softmax_and_layernorm() {
             let y = g.binary(BinaryOp::Mul, x[0], k)?;
             g.softmax(y, 2)
         },
-    ));
+    );
+    // With f16 storage the logits (up to 100) are stored with steps of 1/16, so the
+    // exponentials are off by up to 3% (1.3e-2 relative L2 measured).
+    c.tol_f16 = 3e-2;
+    cases.push(c);
     let mut c = case("layernorm", &[(b(&[5, 8]), Gen::Any)], |g, x, p| {
         g.layernorm(x[0], p[0], p[1], 1e-6)
     });
@@ -382,12 +430,16 @@ fn softmax_and_layernorm() {
     });
     c.params = vec![vec![768], vec![768]];
     cases.push(c);
-    check(cases);
+    cases
 }
 
 #[test]
 fn shape_ops() {
-    let cases = vec![
+    check(shape_ops_cases());
+}
+
+fn shape_ops_cases() -> Vec<Case> {
+    vec![
         case(
             "reshape then compute",
             &[(b(&[4, 6]), Gen::Any)],
@@ -464,12 +516,15 @@ fn shape_ops() {
             let c = g.constant(vec![1.0, -2.0, 0.5], &[3])?;
             g.binary(BinaryOp::Mul, x[0], c)
         }),
-    ];
-    check(cases);
+    ]
 }
 
 #[test]
 fn matmul() {
+    check(matmul_cases());
+}
+
+fn matmul_cases() -> Vec<Case> {
     let mut cases = Vec::new();
     let shapes: [(&str, Shape, Shape, bool, bool); 7] = [
         ("plain", b(&[5, 8]), f(&[8, 6]), false, false),
@@ -493,11 +548,15 @@ fn matmul() {
             move |g: &mut Graph, x: &[NodeId], _: &[NodeId]| g.matmul(x[0], x[1], ta, tb),
         ));
     }
-    check(cases);
+    cases
 }
 
 #[test]
 fn fused_ops() {
+    check(fused_ops_cases());
+}
+
+fn fused_ops_cases() -> Vec<Case> {
     let mut cases = vec![
         case(
             "softmax_sink",
@@ -561,7 +620,7 @@ fn fused_ops() {
             cases.push(c);
         }
     }
-    check(cases);
+    cases
 }
 
 // ---- a whole tiny ViT ---------------------------------------------------------------
@@ -707,7 +766,7 @@ fn identical_kernels_share_a_pipeline() {
 #[test]
 fn kernels_need_no_device() {
     let g = tiny_vit();
-    let ks = eptc_wgpu::exec::kernels(&g, 2).unwrap();
+    let ks = eptc_wgpu::exec::kernels(&g, 2, DType::F32).unwrap();
     // Every non-leaf, non-reshape node has at least one kernel.
     let compute = g
         .node_ids()
@@ -727,9 +786,7 @@ fn kernels_need_no_device() {
     names.dedup();
     assert_eq!(names.len(), ks.len(), "kernel names are unique");
     // The same through the Backend trait.
-    let ts = WgpuBackend::new()
-        .kernels(&g, 2, eptc_ir::DType::F32)
-        .unwrap();
+    let ts = WgpuBackend::new().kernels(&g, 2, DType::F32).unwrap();
     assert_eq!(ts.len(), ks.len());
     assert!(ts
         .iter()
@@ -742,7 +799,7 @@ fn capabilities() {
     let be = WgpuBackend::new();
     assert_eq!(be.name(), "wgpu");
     let caps = be.capabilities();
-    assert_eq!(caps.dtypes, vec![DType::F32]);
+    assert_eq!(caps.dtypes, vec![DType::F32, DType::F16]);
     for k in ["input", "param", "const", "reshape"] {
         assert!(caps.ops.iter().any(|o| o == k), "{k}");
     }
@@ -756,6 +813,334 @@ fn capabilities() {
             assert!(why.contains("adapter") || why.contains("wgpu"), "{why}")
         }
     }
+}
+
+// ---- f16 storage ------------------------------------------------------------------------
+
+/// The worst error of f16 storage we accept for whole models: `max |wgpu − cpu|` over
+/// `max |cpu|`, per output.
+const F16_MODEL_TOL: f64 = 1e-2;
+
+/// The backend where the adapter offers shader-f16, or `None` (after saying why).
+fn device_f16() -> Option<WgpuBackend> {
+    device_f16_with(WgpuOptions::default())
+}
+
+fn device_f16_with(opts: WgpuOptions) -> Option<WgpuBackend> {
+    let be = device(opts)?;
+    match be.availability() {
+        eptc_backend::Availability::Available(d) if d.contains("offers shader-f16") => Some(be),
+        a => {
+            assert!(
+                std::env::var_os("EPTC_REQUIRE_WGPU").is_none(),
+                "EPTC_REQUIRE_WGPU is set but the adapter has no shader-f16: {a:?}"
+            );
+            eprintln!("skipped: the wgpu adapter has no shader-f16: {a:?}");
+            None
+        }
+    }
+}
+
+fn f16_opts() -> CompileOptions {
+    CompileOptions {
+        dtype: DType::F16,
+        ..Default::default()
+    }
+}
+
+/// `max |a − b| / max |b|` of one output (NaN or infinity on either side, where the other
+/// has none, is an error; so is a NaN error).
+fn max_rel_err(name: &str, a: &HostTensor, b: &HostTensor) -> Result<f64, String> {
+    if a.shape != b.shape {
+        return Err(format!("{name}: shape {:?}, want {:?}", a.shape, b.shape));
+    }
+    let (mut num, mut den) = (0.0f64, 0.0f64);
+    for (i, (&x, &y)) in a.data().iter().zip(b.data()).enumerate() {
+        if x.is_finite() != y.is_finite() || x.is_nan() != y.is_nan() {
+            return Err(format!("{name} element {i}: {x} vs {y}"));
+        }
+        if x.is_finite() {
+            num = num.max((f64::from(x) - f64::from(y)).abs());
+            den = den.max(f64::from(y).abs());
+        }
+    }
+    let e = if num == 0.0 { 0.0 } else { num / den };
+    if e.is_nan() {
+        return Err(format!("{name}: NaN error"));
+    }
+    Ok(e)
+}
+
+/// Every output of an f16 run against the f32 CPU run: the worst [`max_rel_err`] of each,
+/// failing above `tol`.
+fn compare_f16(
+    got: &[(String, HostTensor)],
+    want: &[(String, HostTensor)],
+    tol: f64,
+) -> Result<Vec<(String, f64)>, String> {
+    if got.len() != want.len() {
+        return Err(format!("{} outputs, want {}", got.len(), want.len()));
+    }
+    let mut errs = Vec::new();
+    for ((gn, g), (wn, w)) in got.iter().zip(want) {
+        if gn != wn {
+            return Err(format!("output {gn}, want {wn}"));
+        }
+        let e = max_rel_err(gn, g, w)?;
+        if e > tol {
+            return Err(format!(
+                "output {gn}: max error {e:.3e} of max |ref| > {tol:.0e}"
+            ));
+        }
+        errs.push((gn.clone(), e));
+    }
+    Ok(errs)
+}
+
+#[test]
+fn f16_compare_catches_nan_and_large_errors() {
+    let t = |v: Vec<f32>| vec![("y".to_string(), HostTensor::new(vec![v.len()], v))];
+    let want = t(vec![1.0, -2.0, 4.0]);
+    assert!(compare_f16(&t(vec![1.0, -2.0, 4.0]), &want, 1e-2).is_ok());
+    let e = compare_f16(&t(vec![1.01, -2.0, 4.0]), &want, 1e-2).unwrap()[0].1;
+    assert!((e - 0.0025).abs() < 1e-6, "{e}");
+    assert!(compare_f16(&t(vec![1.0, -2.0, 4.1]), &want, 1e-2).is_err());
+    assert!(compare_f16(&t(vec![f32::NAN, -2.0, 4.0]), &want, 1e-2).is_err());
+    assert!(compare_f16(&t(vec![f32::INFINITY, -2.0, 4.0]), &want, 1e-2).is_err());
+    let nan = t(vec![f32::NAN; 3]);
+    assert!(compare_f16(&nan, &nan, 1e-2).is_ok());
+}
+
+/// Every op case of the f32 tests above, with f16 storage.
+#[test]
+fn f16_every_op_matches_cpu() {
+    let Some(be) = device_f16() else {
+        return;
+    };
+    let cases: Vec<Case> = [
+        binary_ops_with_broadcasting_cases(),
+        unary_ops_cases(),
+        reductions_cases(),
+        softmax_and_layernorm_cases(),
+        shape_ops_cases(),
+        matmul_cases(),
+        fused_ops_cases(),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    let n = cases.len();
+    assert_no_failures(run_cases(&be, &cases, DType::F16), n);
+}
+
+#[test]
+fn tiny_vit_f16_matches_cpu() {
+    let Some(be) = device_f16() else {
+        return;
+    };
+    let g = tiny_vit();
+    let w = weights(&g, 1);
+    let mut cpu = cpu_exe(&g, &w);
+    let mut gpu = be.compile_wgpu(&g, &w, &f16_opts()).unwrap();
+    let mut worst = 0.0f64;
+    // Odd element counts (3 classes x 1, 3, 5 images) exercise the 4-byte padding.
+    for batch in [1, 3, 5] {
+        let x = [("pixel_values", images(batch, 10 + batch as u64))];
+        let want = cpu.run(&x).unwrap();
+        let got = gpu.run(&x).unwrap();
+        assert_eq!(got[0].1.shape, vec![batch, CLASSES]);
+        let errs = compare_f16(&got, &want, F16_MODEL_TOL).unwrap();
+        eprintln!("tiny ViT, f16 storage, batch {batch}: max errors {errs:?}");
+        worst = errs.iter().fold(worst, |m, e| m.max(e.1));
+        // f16 really is f16: the outputs are not the f32 results.
+        assert!(rel_err(got[0].1.data(), want[0].1.data()) > 1e-6);
+    }
+    eprintln!("tiny ViT, f16 storage: worst max error {worst:.2e} of max |ref|");
+    // set_param converts to f16 as well.
+    let bias = HostTensor::new(vec![CLASSES], vec![10.0, 20.0, 30.0]);
+    gpu.set_param("head.bias", bias.clone()).unwrap();
+    cpu.set_param("head.bias", bias).unwrap();
+    let x = [("pixel_values", images(3, 21))];
+    compare_f16(&gpu.run(&x).unwrap(), &cpu.run(&x).unwrap(), F16_MODEL_TOL).unwrap();
+}
+
+#[test]
+fn f16_storage_halves_the_buffers() {
+    let Some(be) = device_f16() else {
+        return;
+    };
+    let g = tiny_vit();
+    let w = weights(&g, 4);
+    let x = [("pixel_values", images(3, 1))];
+    let mut a = gpu_exe(&be, &g, &w);
+    let mut h = be.compile_wgpu(&g, &w, &f16_opts()).unwrap();
+    a.run(&x).unwrap();
+    h.run(&x).unwrap();
+    let (s32, s16) = (a.plan_stats(3).unwrap(), h.plan_stats(3).unwrap());
+    eprintln!("tiny ViT, batch 3: f32 {s32:?}, f16 {s16:?}");
+    assert_eq!(s16.dispatches, s32.dispatches);
+    // 2 bytes an element, each tensor padded to a multiple of 4 bytes.
+    assert!(
+        2 * s16.unpooled_bytes >= s32.unpooled_bytes
+            && 2 * s16.unpooled_bytes <= s32.unpooled_bytes + 4 * s16.compute_nodes as u64,
+        "{s32:?} {s16:?}"
+    );
+    assert!(s16.intermediate_bytes < s32.intermediate_bytes);
+}
+
+#[test]
+fn f16_limits_count_two_bytes_an_element() {
+    let Some(be) = device_f16_with(WgpuOptions {
+        max_binding_bytes: Some(1024),
+        ..Default::default()
+    }) else {
+        return;
+    };
+    // A parameter of 300 elements: 1200 bytes in f32, 600 in f16.
+    let mut g = Graph::new("limits");
+    let x = g.input("x", TensorType::f32(b(&[171])));
+    let p = param(&mut g, "p", &[171]);
+    let y = g.binary(BinaryOp::Add, x, p).unwrap();
+    let q = param(&mut g, "q", &[300]);
+    let z = g.unary(UnaryOp::Neg, q).unwrap();
+    g.set_output("y", y);
+    g.set_output("z", z);
+    let mut w = WeightStore::new();
+    w.insert("p", HostTensor::new(vec![171], vec![0.5; 171]));
+    w.insert("q", HostTensor::new(vec![300], vec![0.25; 300]));
+    let e = match be.compile(&g, &w, &CompileOptions::default()) {
+        Ok(_) => panic!("1200 bytes of f32 fit in 1024"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        e.ends_with("(param): 1200 bytes exceed the adapter's storage-binding limit of 1024 bytes"),
+        "{e}"
+    );
+    let mut exe = be.compile(&g, &w, &f16_opts()).unwrap();
+    // 2 x 171 elements: 684 bytes fit.
+    let out = exe
+        .run(&[("x", HostTensor::new(vec![2, 171], vec![1.0; 342]))])
+        .unwrap();
+    assert!(out[0].1.data().iter().all(|&v| v == 1.5));
+    assert!(out[1].1.data().iter().all(|&v| v == -0.25));
+    // 3 x 171 elements: 1026 bytes, 1028 with the padding, do not.
+    let e = exe
+        .run(&[("x", HostTensor::zeros(vec![3, 171]))])
+        .unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        format!(
+            "node %{} (input): 1028 bytes exceed the adapter's storage-binding limit of 1024 bytes",
+            x.index()
+        )
+    );
+}
+
+/// Random weights for every parameter of `g`, uniform with a variance of about
+/// `1 / fan_in` (fan_in: the product of all dims but the first; 0.1 for vectors).
+fn scaled_weights(g: &Graph, seed: u64) -> WeightStore {
+    let mut r = rng(seed);
+    let mut w = WeightStore::new();
+    for (id, name, _) in g.params() {
+        let shape = g.ty(id).shape.as_fixed().unwrap();
+        let fan_in: usize = shape.iter().skip(1).product();
+        let scale = if shape.len() < 2 {
+            0.1
+        } else {
+            (3.0 / fan_in.max(1) as f32).sqrt()
+        };
+        let n = shape.iter().product();
+        let v = (0..n).map(|_| r.random_range(-scale..scale)).collect();
+        w.insert(name, HostTensor::new(shape, v));
+    }
+    w
+}
+
+/// The training graph `eptc compile` writes for a tiny ViT with EPT (logits, loss and the
+/// gradients of the prompts and the head), f16 storage against the f32 CPU backend.
+#[test]
+fn training_graph_f16_gradients_match_cpu() {
+    let Some(be) = device_f16() else {
+        return;
+    };
+    let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/tiny_train.eptc");
+    let g = eptc_ir::text::parse(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    let w = scaled_weights(&g, 7);
+    let mut cpu = cpu_exe(&g, &w);
+    let mut gpu = be.compile_wgpu(&g, &w, &f16_opts()).unwrap();
+    let mut worst: Vec<(String, f64)> = Vec::new();
+    for batch in [2, 3] {
+        let px = draw(&mut rng(30 + batch as u64), batch * 3 * 32 * 32, Gen::Any);
+        // Multi-label targets in {0, 1}.
+        let labels: Vec<f32> = (0..batch * 5)
+            .map(|i| ((i * 7 + batch) % 3 == 0) as u8 as f32)
+            .collect();
+        let x = [
+            ("pixel_values", HostTensor::new(vec![batch, 3, 32, 32], px)),
+            ("labels", HostTensor::new(vec![batch, 5], labels)),
+        ];
+        let want = cpu.run(&x).unwrap();
+        let got = gpu.run(&x).unwrap();
+        let names: Vec<&str> = got.iter().map(|o| o.0.as_str()).collect();
+        assert!(
+            names.iter().any(|n| n.starts_with("grad.ept.prompts")),
+            "{names:?}"
+        );
+        for (_, t) in &want {
+            assert!(t.data().iter().any(|&v| v != 0.0), "an all-zero reference");
+        }
+        let errs = compare_f16(&got, &want, F16_MODEL_TOL).unwrap();
+        eprintln!("training graph, f16 storage, batch {batch}: max errors {errs:?}");
+        for (n, e) in errs {
+            match worst.iter_mut().find(|w| w.0 == n) {
+                Some(w) => w.1 = w.1.max(e),
+                None => worst.push((n, e)),
+            }
+        }
+    }
+    eprintln!("training graph, f16 storage: worst max errors of max |ref| {worst:?}");
+}
+
+#[test]
+fn f16_kernels_need_no_device() {
+    let g = tiny_vit();
+    let k32 = eptc_wgpu::exec::kernels(&g, 2, DType::F32).unwrap();
+    let k16 = eptc_wgpu::exec::kernels(&g, 2, DType::F16).unwrap();
+    assert_eq!(k16.len(), k32.len());
+    for (h, s) in k16.iter().zip(&k32) {
+        assert_eq!(
+            (&h.name, h.inputs, h.workgroups),
+            (&s.name, s.inputs, s.workgroups)
+        );
+        assert!(h.source.starts_with("enable f16;\n"), "{}", h.source);
+        assert!(h.source.contains("array<f16>") && !h.source.contains("array<f32>"));
+        eptc_wgpu::validate::validate_storage(h, DType::F16).unwrap();
+        // An f16 module is not an f32 one.
+        assert!(eptc_wgpu::validate::validate(h).is_err(), "{}", h.name);
+    }
+    let ts = WgpuBackend::new().kernels(&g, 2, DType::F16).unwrap();
+    assert!(ts
+        .iter()
+        .zip(&k16)
+        .all(|(t, k)| t.name == k.name && t.source == k.source));
+}
+
+#[test]
+fn bf16_is_refused() {
+    let g = tiny_vit();
+    let be = WgpuBackend::new();
+    let e = be.kernels(&g, 2, DType::BF16).unwrap_err().to_string();
+    assert!(e.contains("no bf16") && e.contains("f16 or f32"), "{e}");
+    let opts = CompileOptions {
+        dtype: DType::BF16,
+        ..Default::default()
+    };
+    // Refused before any device is looked for.
+    let e = match be.compile(&g, &weights(&g, 1), &opts) {
+        Ok(_) => panic!("bf16 compiled"),
+        Err(e) => e.to_string(),
+    };
+    assert!(e.contains("no bf16"), "{e}");
 }
 
 // ---- the runtime with hand-written kernels (no code generator involved) ---------------

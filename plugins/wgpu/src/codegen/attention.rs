@@ -3,8 +3,10 @@
 //! `m`, sum `l` and an accumulator of the output row in a private array. With a sink the
 //! row starts from `m = z`, `l = exp(z - z)`, `acc = 0`. Output rows longer than
 //! [`MAX_ACC`] are done [`MAX_ACC`] columns at a time (the scores recomputed per chunk).
+//! q, k, v and z are loaded as f32 from the bindings' [`Storage`]: the scores, the online
+//! softmax and the accumulator are f32 whatever the storage.
 
-use super::wgsl::{self, entry_1d, launch_1d, lit, offsets, u, Func, NAN, NEG_INF};
+use super::wgsl::{self, entry_1d, launch_1d, lit, offsets, u, Func, Storage, NAN, NEG_INF};
 use super::Kernel;
 
 const WG: usize = 64;
@@ -32,21 +34,22 @@ pub struct Spec {
     pub z: Option<Vec<usize>>,
 }
 
-pub fn attention(name: &str, s: &Spec) -> Kernel {
+pub fn attention(st: Storage, name: &str, s: &Spec) -> Kernel {
     let rows = s.lead.iter().product::<usize>() * s.n;
     let launch = launch_1d(rows, WG);
     let mut inputs = vec!["q", "k", "v"];
     if s.z.is_some() {
         inputs.push("z");
     }
-    let mut src = format!(
+    let mut src = st.preamble().to_string();
+    src += &format!(
         "// {name}: attention, one query row per invocation ({rows} rows of {d} against {m} keys, {e} outputs){}.\n",
         if s.z.is_some() { ", with a sink logit" } else { "" },
         d = s.d,
         m = s.m,
         e = s.e
     );
-    src += &wgsl::bindings(&inputs, "out");
+    src += &wgsl::bindings(st, &inputs, "out");
     src += "\n";
     if s.z.is_some() {
         src += &wgsl::library(&[Func::IsFinite]);
@@ -78,18 +81,19 @@ pub fn attention(name: &str, s: &Spec) -> Kernel {
     let q_priv = s.d > 0 && s.d <= MAX_Q;
     let qi = if q_priv {
         src += &format!(
-            "    var qr: array<f32, {}>;\n    for (var i = 0u; i < {d}; i++) {{\n        qr[i] = q[oq + i];\n    }}\n",
-            s.d
+            "    var qr: array<f32, {}>;\n    for (var i = 0u; i < {d}; i++) {{\n        qr[i] = {};\n    }}\n",
+            s.d,
+            st.load("q[oq + i]")
         );
         "qr[i]".to_string()
     } else {
-        "q[oq + i]".to_string()
+        st.load("q[oq + i]")
     };
     let (m0, l0) = match &s.z {
         // l = exp(z - z): 1 for a finite z, NaN for +inf or NaN, except that z = -inf
         // (no sink) contributes nothing. By classification: drivers may fold z - z to 0.
         Some(_) => (
-            "z[oz]".to_string(),
+            st.load("z[oz]"),
             format!("select(select({NAN}, 1.0f, is_finite(m0)), 0.0f, m0 == {NEG_INF})"),
         ),
         None => (NEG_INF.to_string(), "0.0f".to_string()),
@@ -109,15 +113,19 @@ pub fn attention(name: &str, s: &Spec) -> Kernel {
         "        var acc: array<f32, {ch}>;\n        var mx = m0;\n        var l = {l0};\n"
     );
     src += &format!(
-        "        for (var j = 0u; j < {m}; j++) {{\n            var dot = 0.0f;\n            for (var i = 0u; i < {d}; i++) {{\n                dot += {qi} * k[ok + j * {d} + i];\n            }}\n            let sc = dot * {scale};\n",
-        scale = lit(s.scale)
+        "        for (var j = 0u; j < {m}; j++) {{\n            var dot = 0.0f;\n            for (var i = 0u; i < {d}; i++) {{\n                dot += {qi} * {kj};\n            }}\n            let sc = dot * {scale};\n",
+        scale = lit(s.scale),
+        kj = st.load(&format!("k[ok + j * {d} + i]")),
     );
     // A NaN score is ignored by the max but poisons l through p; -inf scores (masks)
     // contribute 0 even while the running max is -inf.
     src += &format!(
         "            let mn = select(mx, sc, sc > mx);\n            let corr = select(exp(mx - mn), 1.0f, mx == mn);\n            let p = select(exp(sc - mn), 0.0f, sc == {NEG_INF});\n            l = l * corr + p;\n            let vb = ov + j * {e} + c0;\n            for (var t = 0u; t < {}; t++) {{\n                {}\n            }}\n            mx = mn;\n        }}\n",
         u(ch),
-        col_ok("acc[t] = acc[t] * corr + p * v[vb + t];")
+        col_ok(&format!(
+            "acc[t] = acc[t] * corr + p * {};",
+            st.load("v[vb + t]")
+        ))
     );
     // No keys: the product with an empty v is 0 (as the CPU reference computes it).
     let inv = if s.m == 0 {
@@ -128,7 +136,10 @@ pub fn attention(name: &str, s: &Spec) -> Kernel {
     src += &format!(
         "        let inv = {inv};\n        for (var t = 0u; t < {}; t++) {{\n            {}\n        }}\n    }}\n}}\n",
         u(ch),
-        col_ok(&format!("out[idx * {e} + c0 + t] = acc[t] * inv;"))
+        col_ok(&format!(
+            "out[idx * {e} + c0 + t] = {};",
+            st.store("acc[t] * inv")
+        ))
     );
     Kernel {
         name: name.to_string(),

@@ -1,19 +1,28 @@
 //! One invocation per output element: unary and binary ops, and the data movement ops
-//! (a strided gather for permute, broadcast and patchify; slice; concat).
+//! (a strided gather for permute, broadcast and patchify; slice; concat). Every template
+//! takes the bindings' [`Storage`]: elements are loaded as f32 and stored back.
 
 use eptc_ir::{BinaryOp, UnaryOp};
 
-use super::wgsl::{self, entry_1d, launch_1d, offsets, u, Func};
+use super::wgsl::{self, entry_1d, launch_1d, offsets, u, Func, Storage};
 use super::Kernel;
 
 const WG: usize = 256;
 
 /// A 1-D kernel over `n` output elements whose body (given `idx`) ends by writing
 /// `out[idx]`.
-fn kernel_1d(name: &str, inputs: &[&str], funcs: &[Func], n: usize, body: &str) -> Kernel {
+fn kernel_1d(
+    st: Storage,
+    name: &str,
+    inputs: &[&str],
+    funcs: &[Func],
+    n: usize,
+    body: &str,
+) -> Kernel {
     let launch = launch_1d(n, WG);
-    let mut src = format!("// {name}: one invocation per output element ({n}).\n");
-    src += &wgsl::bindings(inputs, "out");
+    let mut src = st.preamble().to_string();
+    src += &format!("// {name}: one invocation per output element ({n}).\n");
+    src += &wgsl::bindings(st, inputs, "out");
     src += "\n";
     if !funcs.is_empty() {
         src += &wgsl::library(funcs);
@@ -54,15 +63,26 @@ pub fn unary_expr(op: UnaryOp, x: &str) -> (String, Vec<Func>) {
 }
 
 /// `out = op(x)` over `n` elements.
-pub fn unary(name: &str, op: UnaryOp, n: usize) -> Kernel {
+pub fn unary(st: Storage, name: &str, op: UnaryOp, n: usize) -> Kernel {
     let (e, funcs) = unary_expr(op, "v");
-    let body = format!("    let v = x[idx];\n    out[idx] = {e};\n");
-    kernel_1d(name, &["x"], &funcs, n, &body)
+    let body = format!(
+        "    let v = {};\n    out[idx] = {};\n",
+        st.load("x[idx]"),
+        st.store(&e)
+    );
+    kernel_1d(st, name, &["x"], &funcs, n, &body)
 }
 
 /// `out = op(a, b)` with `a` and `b` read through broadcast strides `sa`, `sb` over the
 /// output shape `out`.
-pub fn binary(name: &str, op: BinaryOp, out: &[usize], sa: &[usize], sb: &[usize]) -> Kernel {
+pub fn binary(
+    st: Storage,
+    name: &str,
+    op: BinaryOp,
+    out: &[usize],
+    sa: &[usize],
+    sb: &[usize],
+) -> Kernel {
     let n: usize = out.iter().product();
     let (e, funcs) = match op {
         BinaryOp::Add => ("va + vb".to_string(), vec![]),
@@ -81,36 +101,54 @@ pub fn binary(name: &str, op: BinaryOp, out: &[usize], sa: &[usize], sb: &[usize
         &["oa", "ob"],
         "    ",
     );
-    body += &format!("    let va = a[oa];\n    let vb = b[ob];\n    out[idx] = {e};\n");
-    kernel_1d(name, &["a", "b"], &funcs, n, &body)
+    body += &format!(
+        "    let va = {};\n    let vb = {};\n    out[idx] = {};\n",
+        st.load("a[oa]"),
+        st.load("b[ob]"),
+        st.store(&e)
+    );
+    kernel_1d(st, name, &["a", "b"], &funcs, n, &body)
 }
 
 /// `out[i] = x[sum_d i_d * strides[d]]` over the row-major index space `shape`
 /// (permute, broadcast, patchify).
-pub fn gather(name: &str, shape: &[usize], strides: &[usize]) -> Kernel {
+pub fn gather(st: Storage, name: &str, shape: &[usize], strides: &[usize]) -> Kernel {
     let n: usize = shape.iter().product();
     let mut body = offsets("o", "idx", shape, &[strides.to_vec()], &["ox"], "    ");
-    body += "    out[idx] = x[ox];\n";
-    kernel_1d(name, &["x"], &[], n, &body)
+    body += &format!("    out[idx] = {};\n", st.store(&st.load("x[ox]")));
+    kernel_1d(st, name, &["x"], &[], n, &body)
 }
 
 /// Elements `start..end` along an axis: `x` seen as `[outer, n, inner]`, the output as
 /// `[outer, end - start, inner]`.
-pub fn slice(name: &str, outer: usize, n: usize, inner: usize, start: usize, len: usize) -> Kernel {
+pub fn slice(
+    st: Storage,
+    name: &str,
+    outer: usize,
+    n: usize,
+    inner: usize,
+    start: usize,
+    len: usize,
+) -> Kernel {
     let total = outer * len * inner;
-    let body = format!(
-        "    let i = idx % {inner};\n    let t = idx / {inner};\n    let a = t % {len};\n    let o = t / {len};\n    out[idx] = x[(o * {n} + a + {start}) * {inner} + i];\n",
+    let read = format!(
+        "x[(o * {n} + a + {start}) * {inner} + i]",
         inner = u(inner),
-        len = u(len),
         n = u(n),
         start = u(start),
     );
-    kernel_1d(name, &["x"], &[], total, &body)
+    let body = format!(
+        "    let i = idx % {inner};\n    let t = idx / {inner};\n    let a = t % {len};\n    let o = t / {len};\n    out[idx] = {v};\n",
+        inner = u(inner),
+        len = u(len),
+        v = st.store(&st.load(&read)),
+    );
+    kernel_1d(st, name, &["x"], &[], total, &body)
 }
 
 /// The parts (sizes `sizes` along the axis) joined along an axis: each part seen as
 /// `[outer, sizes[p], inner]`.
-pub fn concat(name: &str, outer: usize, sizes: &[usize], inner: usize) -> Kernel {
+pub fn concat(st: Storage, name: &str, outer: usize, sizes: &[usize], inner: usize) -> Kernel {
     let total_axis: usize = sizes.iter().sum();
     let total = outer * total_axis * inner;
     let names: Vec<String> = (0..sizes.len()).map(|p| format!("p{p}")).collect();
@@ -124,12 +162,13 @@ pub fn concat(name: &str, outer: usize, sizes: &[usize], inner: usize) -> Kernel
     // binding is used.
     let mut start = 0;
     for (p, &sz) in sizes.iter().enumerate() {
-        let read = format!(
-            "out[idx] = p{p}[(o * {} + (a - {})) * {} + i];",
+        let elem = format!(
+            "p{p}[(o * {} + (a - {})) * {} + i]",
             u(sz),
             u(start),
             u(inner)
         );
+        let read = format!("out[idx] = {};", st.store(&st.load(&elem)));
         let end = start + sz;
         if p == 0 {
             body += &format!("    if (a < {}) {{\n        {read}\n    }}", u(end));
@@ -140,5 +179,5 @@ pub fn concat(name: &str, outer: usize, sizes: &[usize], inner: usize) -> Kernel
         }
         start = end;
     }
-    kernel_1d(name, &refs, &[], total, &body)
+    kernel_1d(st, name, &refs, &[], total, &body)
 }

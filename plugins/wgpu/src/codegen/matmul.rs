@@ -8,10 +8,13 @@
 //! invocations on a large tile. Invocation `(x, y)` owns rows `y + 16 i` and columns
 //! `x + 16 j` of the tile: neighbouring invocations read neighbouring workgroup-memory
 //! words and write neighbouring output elements.
+//!
+//! With f16 [`Storage`] the operands are converted to f32 as they are staged: the slabs
+//! in workgroup memory, the products and the accumulators are all f32.
 
 use std::fmt::Write;
 
-use super::wgsl::{self, offsets, scaled, u, Func};
+use super::wgsl::{self, offsets, scaled, u, Func, Storage};
 use super::Kernel;
 
 /// Invocations per workgroup along each axis.
@@ -56,6 +59,7 @@ fn per_thread(n: usize) -> usize {
 /// `out[l, m, n] = epilogue(sum_k A[l, m, k] B[l, k, n])` for the leading axes `lead`.
 #[allow(clippy::too_many_arguments)]
 pub fn matmul(
+    st: Storage,
     name: &str,
     what: &str,
     lead: &[usize],
@@ -79,10 +83,11 @@ pub fn matmul(
     if epi.residual {
         inputs.push("res");
     }
-    let mut src = format!(
+    let mut src = st.preamble().to_string();
+    src += &format!(
         "// {name}: {what}; [{m} x {k}] x [{k} x {n}] for {nb} batch entries; {tile_m}x{tile_n} tiles, {rm}x{rn} outputs per invocation, K in slabs of {KS}.\n"
     );
-    src += &wgsl::bindings(&inputs, "out");
+    src += &wgsl::bindings(st, &inputs, "out");
     src += "\n";
     if epi.gelu {
         src += &wgsl::library(&[Func::Gelu]);
@@ -132,8 +137,8 @@ pub fn matmul(
         u(k),
         u(KS)
     );
-    src += &stage("ta", "a", "oa", a, "m0", m, tile_m, true, k);
-    src += &stage("tb", "b", "ob", b, "n0", n, tile_n, false, k);
+    src += &stage(st, "ta", "a", "oa", a, "m0", m, tile_m, true, k);
+    src += &stage(st, "tb", "b", "ob", b, "n0", n, tile_n, false, k);
     src += "        workgroupBarrier();\n";
     let _ = writeln!(src, "        for (var kk = 0u; kk < {}; kk++) {{", u(KS));
     for i in 0..rm {
@@ -175,15 +180,19 @@ pub fn matmul(
                 u(n)
             );
             if epi.bias {
-                let _ = writeln!(src, "        v = v + bias[col{j}];");
+                let _ = writeln!(
+                    src,
+                    "        v = v + {};",
+                    st.load(&format!("bias[col{j}]"))
+                );
             }
             if epi.gelu {
                 src += "        v = gelu(v);\n";
             }
             if epi.residual {
-                let _ = writeln!(src, "        v = v + res[{o}];");
+                let _ = writeln!(src, "        v = v + {};", st.load(&format!("res[{o}]")));
             }
-            let _ = writeln!(src, "        out[{o}] = v;\n    }}");
+            let _ = writeln!(src, "        out[{o}] = {};\n    }}", st.store("v"));
         }
     }
     src += "}\n";
@@ -203,6 +212,7 @@ pub fn matmul(
 /// along whichever of the two axes is contiguous in memory.
 #[allow(clippy::too_many_arguments)]
 fn stage(
+    st: Storage,
     dst: &str,
     buf: &str,
     off: &str,
@@ -230,9 +240,12 @@ fn stage(
         };
         let _ = write!(
             s,
-            "        {{\n            let t = {t};\n            let kk = {kk};\n            let tt = {t0} + t;\n            let kg = k0 + kk;\n            var v = 0.0f;\n            if (tt < {tmax} && kg < {k}) {{\n                v = {buf}[{off} + {} + {}];\n            }}\n            {dst}[kk * {} + t] = v;\n        }}\n",
-            scaled("tt", ts),
-            scaled("kg", ks),
+            "        {{\n            let t = {t};\n            let kk = {kk};\n            let tt = {t0} + t;\n            let kg = k0 + kk;\n            var v = 0.0f;\n            if (tt < {tmax} && kg < {k}) {{\n                v = {};\n            }}\n            {dst}[kk * {} + t] = v;\n        }}\n",
+            st.load(&format!(
+                "{buf}[{off} + {} + {}]",
+                scaled("tt", ts),
+                scaled("kg", ks)
+            )),
             u(tile),
             tmax = u(tmax),
             k = u(k),

@@ -7,6 +7,8 @@
 
 use std::fmt::Write;
 
+use eptc_ir::DType;
+
 /// The most workgroups along one dispatch dimension (WebGPU's default limit).
 pub const MAX_GROUPS: usize = 65_535;
 
@@ -36,19 +38,90 @@ pub fn scaled(var: &str, stride: usize) -> String {
     }
 }
 
+/// The element type of every tensor binding (`eptc compile --dtype`). Only storage:
+/// every load converts to f32 ([`Storage::load`]), all arithmetic and accumulation is
+/// f32, and every store converts back ([`Storage::store`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Storage {
+    #[default]
+    F32,
+    /// `array<f16>` bindings; the module enables WGSL's `f16` extension.
+    F16,
+}
+
+impl Storage {
+    /// The storage type for an IR dtype, or why there is none (bf16: WGSL has no such
+    /// type).
+    pub fn of(dtype: DType) -> Result<Self, String> {
+        match dtype {
+            DType::F32 => Ok(Storage::F32),
+            DType::F16 => Ok(Storage::F16),
+            DType::BF16 => Err("wgpu has no bf16 storage; use f16 or f32".into()),
+        }
+    }
+
+    pub fn dtype(self) -> DType {
+        match self {
+            Storage::F32 => DType::F32,
+            Storage::F16 => DType::F16,
+        }
+    }
+
+    /// The WGSL scalar type of a binding's elements.
+    pub fn scalar(self) -> &'static str {
+        match self {
+            Storage::F32 => "f32",
+            Storage::F16 => "f16",
+        }
+    }
+
+    /// Bytes per element.
+    pub fn bytes(self) -> usize {
+        match self {
+            Storage::F32 => 4,
+            Storage::F16 => 2,
+        }
+    }
+
+    /// What a module starts with: the `enable` directive its storage type needs.
+    pub fn preamble(self) -> &'static str {
+        match self {
+            Storage::F32 => "",
+            Storage::F16 => "enable f16;\n",
+        }
+    }
+
+    /// The f32 value of the stored element `elem` (an expression such as `x[i]`).
+    pub fn load(self, elem: &str) -> String {
+        match self {
+            Storage::F32 => elem.to_string(),
+            Storage::F16 => format!("f32({elem})"),
+        }
+    }
+
+    /// The expression storing the f32 value `v` into an element.
+    pub fn store(self, v: &str) -> String {
+        match self {
+            Storage::F32 => v.to_string(),
+            Storage::F16 => format!("f16({v})"),
+        }
+    }
+}
+
 /// The storage bindings: operand `i` read-only at binding `i`, the output read-write at
-/// binding `inputs.len()`.
-pub fn bindings(inputs: &[&str], out: &str) -> String {
+/// binding `inputs.len()`, every one an `array` of `st`'s scalar.
+pub fn bindings(st: Storage, inputs: &[&str], out: &str) -> String {
+    let t = st.scalar();
     let mut s = String::new();
     for (i, name) in inputs.iter().enumerate() {
         let _ = writeln!(
             s,
-            "@group(0) @binding({i}) var<storage, read> {name}: array<f32>;"
+            "@group(0) @binding({i}) var<storage, read> {name}: array<{t}>;"
         );
     }
     let _ = writeln!(
         s,
-        "@group(0) @binding({}) var<storage, read_write> {out}: array<f32>;",
+        "@group(0) @binding({}) var<storage, read_write> {out}: array<{t}>;",
         inputs.len()
     );
     s

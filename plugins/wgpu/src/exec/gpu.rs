@@ -18,6 +18,9 @@ pub(crate) struct Gpu {
     pub queue: wgpu::Queue,
     /// The limits the device was opened with (the adapter's best).
     pub limits: wgpu::Limits,
+    /// Whether the device was opened with `SHADER_F16` (requested whenever the adapter
+    /// offers it, since every executable shares the device): f16 storage needs it.
+    pub f16: bool,
     /// Errors no error scope caught, in order.
     uncaptured: Arc<Mutex<Vec<String>>>,
     _adapter: wgpu::Adapter,
@@ -51,20 +54,27 @@ async fn probe() -> Result<Gpu, String> {
         .await
         .map_err(|_| NO_ADAPTER.to_string())?;
     let info = adapter.get_info();
-    let f16 = if adapter.features().contains(wgpu::Features::SHADER_F16) {
-        ", offers shader-f16"
-    } else {
-        ", no shader-f16"
-    };
+    let f16 = adapter.features().contains(wgpu::Features::SHADER_F16);
     let desc = format!(
-        "{} ({:?}, {:?}{f16})",
-        info.name, info.device_type, info.backend
+        "{} ({:?}, {:?}, {})",
+        info.name,
+        info.device_type,
+        info.backend,
+        if f16 {
+            "offers shader-f16"
+        } else {
+            "no shader-f16"
+        }
     );
     let limits = adapter.limits();
     let (device, queue) = adapter
         .request_device(&wgpu::DeviceDescriptor {
             label: Some("eptc"),
-            required_features: wgpu::Features::empty(),
+            required_features: if f16 {
+                wgpu::Features::SHADER_F16
+            } else {
+                wgpu::Features::empty()
+            },
             required_limits: limits.clone(),
             memory_hints: wgpu::MemoryHints::Performance,
             ..Default::default()
@@ -83,6 +93,7 @@ async fn probe() -> Result<Gpu, String> {
         device,
         queue,
         limits,
+        f16,
         uncaptured,
         _adapter: adapter,
         _instance: instance,
