@@ -1,0 +1,571 @@
+//! CUDA C kernels from typed templates: every node becomes (at most) one kernel whose
+//! shapes, strides and attributes are baked in as constants for the node's concrete
+//! shapes at a given batch size (the runtime regenerates the kernels per batch size).
+//! The same op coverage and semantics as the wgpu backend's WGSL templates.
+//!
+//! The templates (Rust functions from shapes and attributes to CUDA C) live in the
+//! submodules: `elementwise` (one thread per output element: unary, binary with numpy
+//! broadcasting, permute / broadcast / patchify as a strided gather, slice, concat),
+//! `rows` (one warp per row with shuffle reductions: reductions, softmax, softmax with a
+//! sink, LayerNorm and its gradient; non-contiguous reductions 8 threads per output),
+//! `matmul` (16x16 threads, tiles up to 64x64 staged in shared memory, up to 4x4 outputs
+//! per thread; `linear` with its epilogue) and `attention` (one warp per query row, keys
+//! and values staged in shared memory, online softmax with the optional sink logit);
+//! `cuda` holds the shared pieces (index arithmetic, the prelude).
+//!
+//! # Conventions (what the runtime relies on)
+//!
+//! - Entry point: `extern "C" __global__ void <name>(const T* __restrict__ in0, ...,
+//!   T* __restrict__ out)`: the operands in node order, then the output; nothing else
+//!   (shapes, strides and attributes are compile-time constants). Operand and output
+//!   buffers must not overlap.
+//! - Launch with exactly [`Kernel::grid`], [`Kernel::block`] and
+//!   [`Kernel::shared_bytes`] (always 0: the kernels use static shared memory only).
+//!   Grid y and z are always 1.
+//! - `T` is the storage type (`float` for f32, `unsigned short` holding the bits for bf16
+//!   and f16); every kernel reads and writes through the prelude's `ld`/`st` and
+//!   computes and accumulates in f32. The prelude comes from [`module_source`], once per
+//!   translation unit. The graph's own element types are not consulted: `dtype` decides.
+//! - Every output element is written (no kernel relies on a zeroed output), and no
+//!   kernel reads its output, except [`linear_epilogue`], which updates in place.
+//! - No `#include`s: NVRTC needs no headers.
+
+mod attention;
+pub(crate) mod cuda;
+mod elementwise;
+mod matmul;
+mod rows;
+
+use eptc_ir::{Activation, DType, Graph, NodeId, Op};
+use thiserror::Error;
+
+use cuda::{broadcast_strides, contiguous_strides};
+
+/// One kernel for one node.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Kernel {
+    /// Unique within a graph and a valid C identifier: `n<node>_<op kind>` (plus a suffix
+    /// when a node needs several). It is also the name of the `extern "C" __global__`
+    /// entry point in `source`.
+    pub name: String,
+    /// The kernel's CUDA C, without the shared prelude ([`module_source`] prepends it).
+    pub source: String,
+    /// Parameters of the entry point: operands `0..inputs` as `const T* __restrict__`,
+    /// then the output as `T* __restrict__` (T the storage type), nothing else.
+    pub inputs: usize,
+    pub grid: [u32; 3],
+    pub block: [u32; 3],
+    /// Dynamic shared memory in bytes.
+    pub shared_bytes: u32,
+}
+
+impl Kernel {
+    /// The source with the kernel's name masked: two kernels with the same masked
+    /// source (and launch) compute the same thing, so one compiled function can serve
+    /// both. The name appears in the source only in the header comment and the entry
+    /// line.
+    pub fn masked_source(&self) -> String {
+        self.source.replace(&self.name, "@")
+    }
+}
+
+#[derive(Debug, Error)]
+pub enum CodegenError {
+    #[error("node %{node} ({op}): {msg}")]
+    Unsupported {
+        node: usize,
+        op: String,
+        msg: String,
+    },
+}
+
+/// The largest tensor (in elements) a kernel indexes: within the grid's reach for one
+/// thread per element (blocks of 256, at most 2^31 - 1 of them).
+pub const MAX_ELEMS: usize = 1 << 39;
+
+/// The kernels of node `id` with the batch bound to `batch` and tensors stored as `dtype`,
+/// in launch order. Empty for leaves, for ops that are views of their operand
+/// (`reshape`: the runtime aliases the operand's buffer) and for empty outputs.
+pub fn node_kernels(
+    g: &Graph,
+    id: NodeId,
+    batch: usize,
+    dtype: DType,
+) -> Result<Vec<Kernel>, CodegenError> {
+    let node = g.node(id);
+    let err = |msg: String| CodegenError::Unsupported {
+        node: id.index(),
+        op: node.op.kind().to_string(),
+        msg,
+    };
+    // Every storage type has a prelude; the match keeps a new one from slipping by.
+    match dtype {
+        DType::F32 | DType::BF16 | DType::F16 => {}
+    }
+    if node.op.is_leaf() || matches!(node.op, Op::Reshape { .. }) {
+        return Ok(Vec::new());
+    }
+    let operands = g.operands(id);
+    if let Some(n) = node.op.arity() {
+        if operands.len() != n {
+            return Err(err(format!(
+                "{} operands, the op takes {n}",
+                operands.len()
+            )));
+        }
+    } else if operands.len() < 2 {
+        return Err(err(format!(
+            "{} operands, the op takes at least 2",
+            operands.len()
+        )));
+    }
+    let shapes: Vec<Vec<usize>> = operands
+        .iter()
+        .map(|&o| g.ty(o).shape.resolve(batch))
+        .collect();
+    for s in &shapes {
+        check_size(s).map_err(&err)?;
+    }
+    let out = node.ty.shape.resolve(batch);
+    check_size(&out).map_err(&err)?;
+    if out.iter().product::<usize>() == 0 {
+        return Ok(Vec::new());
+    }
+    let name = format!("n{}_{}", id.index(), node.op.kind());
+    let k = generate(&name, &node.op, &shapes, &out).map_err(err)?;
+    Ok(vec![k])
+}
+
+fn check_size(s: &[usize]) -> Result<(), String> {
+    let n = s.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+    match n {
+        Some(n) if n <= MAX_ELEMS => Ok(()),
+        _ => Err(format!(
+            "a tensor of shape {s:?} is too large (at most {MAX_ELEMS} elements)"
+        )),
+    }
+}
+
+/// The one kernel of a non-leaf, non-view op with operand shapes `x` and output shape
+/// `out` (non-empty).
+fn generate(name: &str, op: &Op, x: &[Vec<usize>], out: &[usize]) -> Result<Kernel, String> {
+    let rank_at_least = |s: &[usize], r: usize, what: &str| {
+        if s.len() < r {
+            Err(format!("{what} has rank {}, needs at least {r}", s.len()))
+        } else {
+            Ok(())
+        }
+    };
+    let bstrides = |from: &[usize], to: &[usize]| -> Result<Vec<usize>, String> {
+        let ok = from.len() <= to.len()
+            && from
+                .iter()
+                .rev()
+                .zip(to.iter().rev())
+                .all(|(&f, &t)| f == t || f == 1);
+        if ok {
+            Ok(broadcast_strides(from, to))
+        } else {
+            Err(format!("{from:?} does not broadcast to {to:?}"))
+        }
+    };
+    let numel = |s: &[usize]| s.iter().product::<usize>();
+    let same_numel = |what: &str, shape: &[usize]| {
+        if numel(shape) == numel(out) {
+            Ok(())
+        } else {
+            Err(format!(
+                "{what} {shape:?} does not have the output's {} elements ({out:?})",
+                numel(out)
+            ))
+        }
+    };
+    match op {
+        Op::Input { .. } | Op::Param { .. } | Op::Const { .. } | Op::Reshape { .. } => {
+            Err("no kernel for a leaf or a view".into())
+        }
+        Op::Unary(u) => {
+            same_numel("the operand", &x[0])?;
+            elementwise::unary(name, *u, numel(out))
+        }
+        Op::Binary(b) => {
+            let sa = bstrides(&x[0], out)?;
+            let sb = bstrides(&x[1], out)?;
+            elementwise::binary(name, *b, out, &sa, &sb, numel(&x[0]), numel(&x[1]))
+        }
+        Op::Broadcast { .. } => {
+            elementwise::gather(name, "broadcast", out, &bstrides(&x[0], out)?, numel(&x[0]))
+        }
+        Op::Permute { perm } => {
+            let own = contiguous_strides(&x[0]);
+            let mut seen = vec![false; own.len()];
+            let valid = perm.len() == x[0].len()
+                && perm
+                    .iter()
+                    .all(|&p| p < own.len() && !std::mem::replace(&mut seen[p], true));
+            if !valid {
+                return Err(format!("permutation {perm:?} for shape {:?}", x[0]));
+            }
+            let shape: Vec<usize> = perm.iter().map(|&p| x[0][p]).collect();
+            if shape != out {
+                return Err(format!(
+                    "permuted shape {shape:?} is not the output's {out:?}"
+                ));
+            }
+            let strides: Vec<usize> = perm.iter().map(|&p| own[p]).collect();
+            elementwise::gather(name, "permute", &shape, &strides, numel(&x[0]))
+        }
+        Op::Patchify { patch } => {
+            let p = *patch;
+            let &[b, c, h, w] = x[0].as_slice() else {
+                return Err(format!("patchify wants rank 4, got {:?}", x[0]));
+            };
+            if p == 0 || !h.is_multiple_of(p) || !w.is_multiple_of(p) {
+                return Err(format!("patch {p} does not tile {h}x{w}"));
+            }
+            same_numel("the image", &x[0])?;
+            let (gh, gw) = (h / p, w / p);
+            let shape = [b, gh, gw, c, p, p];
+            let strides = [c * h * w, p * w, p, h * w, w, 1];
+            elementwise::gather(name, "patchify", &shape, &strides, numel(&x[0]))
+        }
+        Op::Slice { axis, start, end } => {
+            let s = &x[0];
+            if *axis >= s.len() || start >= end || *end > s[*axis] {
+                return Err(format!("slice {start}..{end} along {axis} of {s:?}"));
+            }
+            let outer = numel(&s[..*axis]);
+            let inner = numel(&s[axis + 1..]);
+            if outer * (end - start) * inner != numel(out) {
+                return Err(format!("slice of {s:?} does not give {out:?}"));
+            }
+            elementwise::slice(name, outer, s[*axis], inner, *start, end - start)
+        }
+        Op::Concat { axis } => {
+            let a = *axis;
+            if a >= out.len() || x.iter().any(|s| s.len() != out.len()) {
+                return Err(format!("concat along {a} of {x:?}"));
+            }
+            let fits = x.iter().all(|s| {
+                s.iter()
+                    .zip(out)
+                    .enumerate()
+                    .all(|(d, (&n, &o))| d == a || n == o)
+            });
+            let sizes: Vec<usize> = x.iter().map(|s| s[a]).collect();
+            if !fits || sizes.iter().sum::<usize>() != out[a] {
+                return Err(format!("concat along {a} of {x:?} does not give {out:?}"));
+            }
+            elementwise::concat(name, numel(&out[..a]), &sizes, numel(&out[a + 1..]))
+        }
+        Op::Reduce { op, axes, .. } => {
+            if axes.iter().any(|&a| a >= x[0].len()) {
+                return Err(format!("axes {axes:?} out of range for {:?}", x[0]));
+            }
+            let kept: usize = x[0]
+                .iter()
+                .enumerate()
+                .filter(|(d, _)| !axes.contains(d))
+                .map(|(_, &n)| n)
+                .product();
+            if kept != numel(out) {
+                return Err(format!(
+                    "reducing {:?} over {axes:?} does not give {out:?}",
+                    x[0]
+                ));
+            }
+            rows::reduce(name, *op, &x[0], axes)
+        }
+        Op::Softmax { axis } => {
+            let s = &x[0];
+            if *axis >= s.len() {
+                return Err(format!("axis {axis} out of range for {s:?}"));
+            }
+            same_numel("the operand", s)?;
+            rows::softmax(name, numel(&s[..*axis]), s[*axis], numel(&s[axis + 1..]))
+        }
+        Op::SoftmaxSink => {
+            let s = &x[0];
+            rank_at_least(s, 1, "s")?;
+            same_numel("s", s)?;
+            let row_shape = &s[..s.len() - 1];
+            let mut rows1 = row_shape.to_vec();
+            rows1.push(1);
+            let zs = bstrides(&x[1], &rows1)?;
+            rows::softmax_sink(
+                name,
+                row_shape,
+                s[s.len() - 1],
+                &zs[..zs.len() - 1],
+                numel(&x[1]),
+            )
+        }
+        Op::LayerNorm { eps } | Op::LayerNormGrad { eps } => {
+            rank_at_least(&x[0], 1, "x")?;
+            same_numel("x", &x[0])?;
+            let d = *x[0].last().unwrap_or(&1);
+            let want = [d];
+            if x[1] != want || (matches!(op, Op::LayerNorm { .. }) && x[2] != want) {
+                return Err(format!("gamma/beta must be [{d}], got {:?}", &x[1..]));
+            }
+            if matches!(op, Op::LayerNormGrad { .. }) && x[2] != x[0] {
+                return Err(format!("dy {:?} must have the shape of x {:?}", x[2], x[0]));
+            }
+            let rows = numel(&x[0]) / d;
+            if matches!(op, Op::LayerNorm { .. }) {
+                rows::layernorm(name, rows, d, *eps)
+            } else {
+                rows::layernorm_grad(name, rows, d, *eps)
+            }
+        }
+        Op::MatMul {
+            transpose_a,
+            transpose_b,
+        } => {
+            let (a, b) = (&x[0], &x[1]);
+            rank_at_least(a, 2, "a")?;
+            rank_at_least(b, 2, "b")?;
+            let (ra, rb) = (a.len(), b.len());
+            let (m, ka) = if *transpose_a {
+                (a[ra - 1], a[ra - 2])
+            } else {
+                (a[ra - 2], a[ra - 1])
+            };
+            let (kb, n) = if *transpose_b {
+                (b[rb - 1], b[rb - 2])
+            } else {
+                (b[rb - 2], b[rb - 1])
+            };
+            if ka != kb {
+                return Err(format!("inner dims differ: {a:?} and {b:?}"));
+            }
+            if out.len() < 2 || out[out.len() - 2..] != [m, n] {
+                return Err(format!("[{m}, {n}] products do not give {out:?}"));
+            }
+            let lead = &out[..out.len() - 2];
+            let mat_a = a[ra - 2] * a[ra - 1];
+            let mat_b = b[rb - 2] * b[rb - 1];
+            let sa: Vec<usize> = bstrides(&a[..ra - 2], lead)?
+                .iter()
+                .map(|s| s * mat_a)
+                .collect();
+            let sb: Vec<usize> = bstrides(&b[..rb - 2], lead)?
+                .iter()
+                .map(|s| s * mat_b)
+                .collect();
+            // A is [M, K] (stored [K, M] when transposed), B is [K, N] ([N, K]).
+            let opa = matmul::Operand {
+                rs: if *transpose_a { 1 } else { ka },
+                cs: if *transpose_a { m } else { 1 },
+                lead_strides: sa,
+                numel: numel(a),
+            };
+            let opb = matmul::Operand {
+                rs: if *transpose_b { 1 } else { n },
+                cs: if *transpose_b { kb } else { 1 },
+                lead_strides: sb,
+                numel: numel(b),
+            };
+            let what = format!(
+                "matmul{}{}",
+                if *transpose_a { " transpose_a" } else { "" },
+                if *transpose_b { " transpose_b" } else { "" }
+            );
+            matmul::matmul(
+                name,
+                &what,
+                lead,
+                m,
+                n,
+                ka,
+                &opa,
+                &opb,
+                matmul::Epilogue::default(),
+            )
+        }
+        Op::Linear {
+            bias,
+            activation,
+            residual,
+        } => {
+            let (xs, w) = (&x[0], &x[1]);
+            rank_at_least(xs, 1, "x")?;
+            if w.len() != 2 || w[1] != *xs.last().unwrap_or(&0) {
+                return Err(format!(
+                    "w {w:?} must be [out, {}]",
+                    xs.last().unwrap_or(&0)
+                ));
+            }
+            let (o, k) = (w[0], w[1]);
+            let mut want = xs.clone();
+            if let Some(l) = want.last_mut() {
+                *l = o;
+            }
+            if want != out {
+                return Err(format!("x {xs:?} and w {w:?} do not give {out:?}"));
+            }
+            let rows = numel(out) / o.max(1);
+            let mut next = 2;
+            if *bias {
+                if x[next] != [o] {
+                    return Err(format!("bias {:?} must be [{o}]", x[next]));
+                }
+                next += 1;
+            }
+            if *residual && x[next] != out {
+                return Err(format!("residual {:?} must be {out:?}", x[next]));
+            }
+            let opx = matmul::Operand {
+                rs: k,
+                cs: 1,
+                lead_strides: vec![],
+                numel: numel(xs),
+            };
+            let opw = matmul::Operand {
+                rs: 1,
+                cs: k,
+                lead_strides: vec![],
+                numel: numel(w),
+            };
+            let epi = matmul::Epilogue {
+                bias: *bias,
+                gelu: *activation == Activation::Gelu,
+                residual: *residual,
+            };
+            let what = format!(
+                "linear{}{}{}",
+                if *bias { " bias" } else { "" },
+                if epi.gelu { " act=gelu" } else { "" },
+                if *residual { " residual" } else { "" }
+            );
+            matmul::matmul(name, &what, &[], rows, o, k, &opx, &opw, epi)
+        }
+        Op::Attention { scale, sink } => {
+            let (q, k, v) = (&x[0], &x[1], &x[2]);
+            for (s, w) in [(q, "q"), (k, "k"), (v, "v")] {
+                rank_at_least(s, 2, w)?;
+            }
+            let last2 = |s: &[usize]| (s[s.len() - 2], s[s.len() - 1]);
+            let ((n, d), (m, dk), (mv, e)) = (last2(q), last2(k), last2(v));
+            if d != dk || m != mv {
+                return Err(format!("q {q:?}, k {k:?}, v {v:?} do not fit"));
+            }
+            if out.len() < 2 || out[out.len() - 2..] != [n, e] {
+                return Err(format!("attention rows [{n}, {e}] do not give {out:?}"));
+            }
+            let lead = out[..out.len() - 2].to_vec();
+            let ls = |s: &[usize], mat: usize| -> Result<Vec<usize>, String> {
+                Ok(bstrides(&s[..s.len() - 2], &lead)?
+                    .iter()
+                    .map(|x| x * mat)
+                    .collect())
+            };
+            let z = if *sink {
+                let mut rows1 = lead.clone();
+                rows1.extend([n, 1]);
+                let zs = bstrides(&x[3], &rows1)?;
+                Some(zs[..zs.len() - 1].to_vec())
+            } else {
+                None
+            };
+            let spec = attention::Spec {
+                q_lead: ls(q, n * d)?,
+                k_lead: ls(k, m * d)?,
+                v_lead: ls(v, m * e)?,
+                lead,
+                n,
+                m,
+                d,
+                e,
+                scale: *scale,
+                z,
+                max_numel: x.iter().map(|s| numel(s)).max().unwrap_or(0),
+            };
+            attention::attention(name, &spec)
+        }
+    }
+}
+
+/// The epilogue of a linear layer whose product `x w^T` is already in `out` (from
+/// cuBLAS, say), applied in place: `out[r * cols + c] = gelu?(out[r * cols + c] +
+/// bias[c]) (+ residual[r * cols + c])`, in that order (bias, then the exact GELU, then
+/// the residual), as the fused `linear` kernel does. The entry point takes
+/// `(const T* bias, const T* residual, T* out)` with only the present operands, in that
+/// order (so `inputs` is `bias + residual`); `residual` must not overlap `out`. One
+/// thread per element, blocks of 256. With a 16-bit storage type the product is read
+/// back from `out` already rounded to it (the fused kernel keeps it in f32).
+/// `rows * cols` must be non-zero and at most [`MAX_ELEMS`].
+pub fn linear_epilogue(
+    name: &str,
+    rows: usize,
+    cols: usize,
+    bias: bool,
+    gelu: bool,
+    residual: bool,
+    dtype: DType,
+) -> Kernel {
+    let _ = dtype; // The source is the same for every storage type (`T`, `ld`, `st`).
+    let n = rows * cols;
+    let ix = cuda::Ix::for_numel(n);
+    let mut inputs = Vec::new();
+    if bias {
+        inputs.push("bias");
+    }
+    if residual {
+        inputs.push("res");
+    }
+    let wg = elementwise::WG;
+    let mut src = format!(
+        "// {name}: linear epilogue in place over [{rows} x {cols}]:{}{}{}.\n",
+        if bias { " + bias" } else { "" },
+        if gelu { ", gelu" } else { "" },
+        if residual { ", + residual" } else { "" }
+    );
+    src += &cuda::entry(name, &inputs, "out");
+    src += &cuda::prologue_1d(ix, n, wg);
+    src += "    float v = ld(out, idx);\n";
+    if bias {
+        src += &format!("    v = v + ld(bias, idx % {});\n", ix.lit(cols.max(1)));
+    }
+    if gelu {
+        src += "    v = gelu_f(v);\n";
+    }
+    if residual {
+        src += "    v = v + ld(res, idx);\n";
+    }
+    src += "    st(out, idx, v);\n}\n";
+    let blocks = cuda::blocks(n, wg).min(cuda::MAX_GRID_X);
+    Kernel {
+        name: name.to_string(),
+        source: src,
+        inputs: inputs.len(),
+        grid: [blocks as u32, 1, 1],
+        block: [wg as u32, 1, 1],
+        shared_bytes: 0,
+    }
+}
+
+/// A complete translation unit: the prelude for `dtype` once, then each kernel's source
+/// (a kernel whose name was already seen is left out: a name is one kernel).
+pub fn module_source(kernels: &[&Kernel], dtype: DType) -> String {
+    let mut src = cuda::prelude(dtype);
+    let mut seen = std::collections::HashSet::new();
+    for k in kernels {
+        if seen.insert(k.name.as_str()) {
+            src.push('\n');
+            src += &k.source;
+        }
+    }
+    src
+}
+
+/// The op kinds (`Op::kind`) this backend generates kernels for, primitives and fused.
+pub fn supported_kinds() -> Vec<&'static str> {
+    // Every op of the IR: leaves and reshape need no kernel, the rest one each.
+    Op::all_kinds()
+}
+
+/// The storage types the kernels support.
+pub fn supported_dtypes() -> Vec<DType> {
+    vec![DType::F32, DType::BF16, DType::F16]
+}

@@ -1,0 +1,313 @@
+//! Building blocks of the CUDA C templates: literals, the index type, the entry line,
+//! 1-D launches, index arithmetic over baked shapes and strides, and the prelude (the
+//! storage type `T` with its `ld`/`st` conversions and the scalar library every kernel
+//! may call).
+//!
+//! Index arithmetic is `unsigned` (32-bit: cheap division by the baked constants) when
+//! every tensor a kernel touches has fewer than 2^31 elements, else `unsigned long long`
+//! ([`Ix`]).
+
+use std::fmt::Write;
+
+use eptc_ir::DType;
+
+pub use eptc_ir::strides::{broadcast_strides, contiguous_strides};
+
+/// The most blocks along grid x (CUDA's limit).
+pub const MAX_GRID_X: usize = (1 << 31) - 1;
+
+/// An f32 literal that parses back to exactly `v`; non-finite values by their bits.
+pub fn lit(v: f32) -> String {
+    if v.is_finite() {
+        // `{:?}` is the shortest representation that round-trips and always has a `.`
+        // or an exponent (`1.0`, `1e-6`): both valid C float literals with `f`.
+        format!("{v:?}f")
+    } else {
+        format!("__uint_as_float({:#010x}u)", v.to_bits())
+    }
+}
+
+/// The integer type of a kernel's index arithmetic.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ix {
+    pub wide: bool,
+}
+
+impl Ix {
+    /// 32-bit unless a tensor of `max_numel` elements (the largest the kernel touches)
+    /// needs more.
+    pub fn for_numel(max_numel: usize) -> Ix {
+        Ix {
+            wide: max_numel >= (1 << 31),
+        }
+    }
+
+    pub fn ty(self) -> &'static str {
+        if self.wide {
+            "unsigned long long"
+        } else {
+            "unsigned"
+        }
+    }
+
+    /// An integer literal of this type.
+    pub fn lit(self, v: usize) -> String {
+        if self.wide {
+            format!("{v}ull")
+        } else {
+            format!("{v}u")
+        }
+    }
+
+    /// `var * stride`, simplified for strides 0 and 1.
+    pub fn scaled(self, var: &str, stride: usize) -> String {
+        match stride {
+            0 => self.lit(0),
+            1 => var.to_string(),
+            s => format!("{var} * {}", self.lit(s)),
+        }
+    }
+}
+
+/// The entry line: `extern "C" __global__ void name(const T* __restrict__ in.., T*
+/// __restrict__ out) {` (one line; the tests parse it).
+pub fn entry(name: &str, inputs: &[&str], out: &str) -> String {
+    let mut params: Vec<String> = inputs
+        .iter()
+        .map(|n| format!("const T* __restrict__ {n}"))
+        .collect();
+    params.push(format!("T* __restrict__ {out}"));
+    format!(
+        "extern \"C\" __global__ void {name}({}) {{\n",
+        params.join(", ")
+    )
+}
+
+/// Blocks of `per_block` to cover `n` items (at least 1).
+pub fn blocks(n: usize, per_block: usize) -> usize {
+    n.div_ceil(per_block).max(1)
+}
+
+/// The grid of a 1-D launch of `blocks` blocks; `Err` past CUDA's limit.
+pub fn grid_1d(blocks: usize) -> Result<[u32; 3], String> {
+    if blocks > MAX_GRID_X {
+        return Err(format!(
+            "{blocks} blocks exceed CUDA's grid limit ({MAX_GRID_X})"
+        ));
+    }
+    Ok([blocks as u32, 1, 1])
+}
+
+/// The prologue of a kernel with one thread per item (`threads` items, blocks of `wg`):
+/// defines `idx` (of type `ix`) and returns past the end.
+pub fn prologue_1d(ix: Ix, threads: usize, wg: usize) -> String {
+    format!(
+        "    const unsigned long long gi = (unsigned long long)blockIdx.x * {wg}ull + threadIdx.x;\n    if (gi >= {threads}ull) return;\n    const {t} idx = ({t})gi;\n",
+        t = ix.ty()
+    )
+}
+
+/// Merge the dims of an index space read through several stride sets: size-1 dims
+/// vanish and neighbours fuse where every stride set steps through them as one.
+/// May return no dims at all (a single element).
+pub fn merge_dims(shape: &[usize], strides: &[Vec<usize>]) -> (Vec<usize>, Vec<Vec<usize>>) {
+    let mut dims: Vec<usize> = Vec::new();
+    let mut out: Vec<Vec<usize>> = vec![Vec::new(); strides.len()];
+    for d in 0..shape.len() {
+        if shape[d] == 1 {
+            continue;
+        }
+        let fuse = !dims.is_empty()
+            && strides
+                .iter()
+                .zip(&out)
+                .all(|(s, o)| o.last().is_some_and(|&last| last == s[d] * shape[d]));
+        if fuse {
+            if let Some(l) = dims.last_mut() {
+                *l *= shape[d];
+            }
+            for (s, o) in strides.iter().zip(out.iter_mut()) {
+                if let Some(l) = o.last_mut() {
+                    *l = s[d];
+                }
+            }
+        } else {
+            dims.push(shape[d]);
+            for (s, o) in strides.iter().zip(out.iter_mut()) {
+                o.push(s[d]);
+            }
+        }
+    }
+    (dims, out)
+}
+
+/// C statements defining `const <ix> <name> = sum_d i_d * strides[k][d]` for each stride
+/// set `k`, where `i` is the row-major multi-index of the linear index `index` (an
+/// expression of type `ix`) over `dims`. Dims are merged first; `prefix` keeps the
+/// temporaries' names unique.
+pub fn offsets(
+    ix: Ix,
+    prefix: &str,
+    index: &str,
+    dims: &[usize],
+    strides: &[Vec<usize>],
+    names: &[&str],
+    indent: &str,
+) -> String {
+    let (dims, st) = merge_dims(dims, strides);
+    let t = ix.ty();
+    let mut s = String::new();
+    let mut terms: Vec<Vec<String>> = vec![Vec::new(); names.len()];
+    let n = dims.len();
+    let _ = writeln!(s, "{indent}const {t} {prefix}_r{n} = {index};");
+    // From the innermost dim outwards: i_d = rem % dim, rem = rem / dim; the outermost
+    // takes what is left.
+    for d in (0..n).rev() {
+        let used = st.iter().any(|k| k[d] != 0);
+        let i = format!("{prefix}_i{d}");
+        let rem = format!("{prefix}_r{}", d + 1);
+        if d == 0 {
+            if used {
+                let _ = writeln!(s, "{indent}const {t} {i} = {rem};");
+            }
+        } else {
+            if used {
+                let _ = writeln!(s, "{indent}const {t} {i} = {rem} % {};", ix.lit(dims[d]));
+            }
+            let _ = writeln!(
+                s,
+                "{indent}const {t} {prefix}_r{d} = {rem} / {};",
+                ix.lit(dims[d])
+            );
+        }
+        for (k, tm) in st.iter().zip(terms.iter_mut()) {
+            match k[d] {
+                0 => {}
+                1 => tm.push(i.clone()),
+                stride => tm.push(format!("{i} * {}", ix.lit(stride))),
+            }
+        }
+    }
+    for (name, tm) in names.iter().zip(terms) {
+        let e = if tm.is_empty() {
+            ix.lit(0)
+        } else {
+            tm.join(" + ")
+        };
+        let _ = writeln!(s, "{indent}const {t} {name} = {e};");
+    }
+    // Silence "declared but never referenced" for the outermost remainder when unused.
+    let _ = writeln!(s, "{indent}(void){prefix}_r{n};");
+    s
+}
+
+/// The storage type and its conversions.
+fn storage(dtype: DType) -> &'static str {
+    match dtype {
+        DType::F32 => {
+            "typedef float T;\n\
+             __device__ __forceinline__ float ld(const T* p, long long i) { return p[i]; }\n\
+             __device__ __forceinline__ void st(T* p, long long i, float v) { p[i] = v; }\n"
+        }
+        // bf16 by its bits: the upper half of an f32. Stores round to nearest even; a NaN
+        // stays a (quiet) NaN rather than rounding into an infinity.
+        DType::BF16 => {
+            "typedef unsigned short T;\n\
+             __device__ __forceinline__ float ld(const T* p, long long i) {\n    return __uint_as_float(((unsigned)p[i]) << 16);\n}\n\
+             __device__ __forceinline__ void st(T* p, long long i, float v) {\n    const unsigned u = __float_as_uint(v);\n    unsigned short r;\n    if ((u & 0x7fffffffu) > 0x7f800000u) {\n        r = (unsigned short)((u >> 16) | 0x40u);\n    } else {\n        r = (unsigned short)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);\n    }\n    p[i] = r;\n}\n"
+        }
+        // f16 through PTX's conversions (round to nearest even), no headers needed.
+        DType::F16 => {
+            "typedef unsigned short T;\n\
+             __device__ __forceinline__ float ld(const T* p, long long i) {\n    float f;\n    asm(\"cvt.f32.f16 %0, %1;\" : \"=f\"(f) : \"h\"(p[i]));\n    return f;\n}\n\
+             __device__ __forceinline__ void st(T* p, long long i, float v) {\n    unsigned short h;\n    asm(\"cvt.rn.f16.f32 %0, %1;\" : \"=h\"(h) : \"f\"(v));\n    p[i] = h;\n}\n"
+        }
+    }
+}
+
+/// The scalar library, the same for every storage type. NaN handling follows the CPU
+/// reference: comparisons by the bits where it matters, selects that let NaN through.
+const LIBRARY: &str = r#"#define NEG_INF __uint_as_float(0xff800000u)
+#define POS_INF __uint_as_float(0x7f800000u)
+#define QNAN __uint_as_float(0x7fc00000u)
+__device__ __forceinline__ bool is_nan_f(float x) {
+    return (__float_as_uint(x) & 0x7fffffffu) > 0x7f800000u;
+}
+__device__ __forceinline__ bool is_finite_f(float x) {
+    return (__float_as_uint(x) & 0x7f800000u) != 0x7f800000u;
+}
+// The running maximum / minimum `m` after seeing `v`: NaN, once seen, wins.
+__device__ __forceinline__ float pick_max(float m, float v) {
+    return is_nan_f(m) ? m : ((v > m || is_nan_f(v)) ? v : m);
+}
+__device__ __forceinline__ float pick_min(float m, float v) {
+    return is_nan_f(m) ? m : ((v < m || is_nan_f(v)) ? v : m);
+}
+// The exact GELU x * Phi(x); below -20 the product is -0 in f32 (and -inf gives -0).
+__device__ __forceinline__ float gelu_f(float x) {
+    const float xc = x < -20.0f ? -20.0f : x;
+    return xc * normcdff(xc);
+}
+// Phi(x) + x phi(x), x clamped to [-20, 20] (0 or 1 beyond), NaN kept.
+__device__ __forceinline__ float gelu_deriv_f(float x) {
+    const float xc = x > 20.0f ? 20.0f : (x < -20.0f ? -20.0f : x);
+    const float pdf = expf(-0.5f * (xc * xc)) * 0.3989422804014327f;
+    return normcdff(xc) + xc * pdf;
+}
+// exp of a non-positive number only: no overflow on either side; NaN kept.
+__device__ __forceinline__ float sigmoid_f(float x) {
+    if (x >= 0.0f) {
+        return 1.0f / (1.0f + expf(-x));
+    }
+    const float e = expf(x);
+    return e / (1.0f + e);
+}
+// -1 or 1 by the sign; +-0 and NaN are returned as they are.
+__device__ __forceinline__ float sign_f(float x) {
+    return x > 0.0f ? 1.0f : (x < 0.0f ? -1.0f : x);
+}
+__device__ __forceinline__ float relu_f(float x) {
+    return x < 0.0f ? 0.0f : x;
+}
+// Butterfly reductions over a full warp: every lane gets the result.
+__device__ __forceinline__ float warp_sum(float v) {
+    for (int o = 16; o > 0; o >>= 1) {
+        v += __shfl_xor_sync(0xffffffffu, v, o);
+    }
+    return v;
+}
+__device__ __forceinline__ double warp_sum_d(double v) {
+    for (int o = 16; o > 0; o >>= 1) {
+        v += __shfl_xor_sync(0xffffffffu, v, o);
+    }
+    return v;
+}
+// The maximum of values that are not NaN.
+__device__ __forceinline__ float warp_max(float v) {
+    for (int o = 16; o > 0; o >>= 1) {
+        v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    }
+    return v;
+}
+__device__ __forceinline__ float warp_pick_max(float v) {
+    for (int o = 16; o > 0; o >>= 1) {
+        v = pick_max(v, __shfl_xor_sync(0xffffffffu, v, o));
+    }
+    return v;
+}
+__device__ __forceinline__ float warp_pick_min(float v) {
+    for (int o = 16; o > 0; o >>= 1) {
+        v = pick_min(v, __shfl_xor_sync(0xffffffffu, v, o));
+    }
+    return v;
+}
+"#;
+
+/// The prelude of a module: the storage type `T`, `ld`/`st` (every kernel reads and
+/// writes through them, computing in f32) and the scalar library.
+pub fn prelude(dtype: DType) -> String {
+    format!(
+        "// eptc CUDA kernels: storage type {dtype}, arithmetic in f32.\n{}{LIBRARY}\n",
+        storage(dtype)
+    )
+}
