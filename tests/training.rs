@@ -23,6 +23,8 @@ fn compile(dir: &Path, name: &str, extra: &[&str]) -> PathBuf {
         s(&art),
     ];
     a.extend(extra);
+    let target = target_flags();
+    a.extend(target.iter().map(String::as_str));
     eptc_ok(&a);
     art
 }
@@ -75,7 +77,9 @@ fn grad_matches_pytorch() {
                     let (ws, exp) = tensor(&want, key);
                     assert_eq!(gs, ws, "{name} {key} shape");
                     let e = rel_err(&got, &exp);
-                    assert!(e <= 1e-4, "{name} {key}: relative error {e:e}");
+                    // 16-bit storage (EPTC_TEST_DTYPE=bf16) rounds every activation.
+                    let tol = if half_storage() { 5e-2 } else { 1e-4 };
+                    assert!(e <= tol, "{name} {key}: relative error {e:e}");
                     worst = worst.max(e);
                 }
                 // Only the CLS token reaches the head, so the last block's prompt rows

@@ -6,11 +6,29 @@ use std::process::{Command, Output};
 
 use eptc_frontend::TensorFile;
 
-/// The committed fixtures (made by `scripts/make_fixtures.py`).
+/// The committed fixtures (made by `scripts/make_fixtures.py`); `EPTC_FIXTURES` points
+/// elsewhere (a test binary carried to another machine, as `scripts/gpu-check.sh` does).
 pub fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name)
+    match std::env::var_os("EPTC_FIXTURES") {
+        Some(d) => PathBuf::from(d).join(name),
+        None => Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures")
+            .join(name),
+    }
+}
+
+/// Extra `eptc compile` flags selecting the backend under test: `EPTC_TEST_TARGET`
+/// (default: the CPU backend) and `EPTC_TEST_DTYPE`. The parity and gradient suites run
+/// unchanged on any backend this way (`scripts/gpu-check.sh` runs them on CUDA).
+pub fn target_flags() -> Vec<String> {
+    let mut f = Vec::new();
+    if let Ok(t) = std::env::var("EPTC_TEST_TARGET") {
+        f.extend(["--target".to_string(), t]);
+    }
+    if let Ok(d) = std::env::var("EPTC_TEST_DTYPE") {
+        f.extend(["--dtype".to_string(), d]);
+    }
+    f
 }
 
 /// `‖a − b‖ / ‖b‖` in f64; NaN anywhere gives infinity, so NaN never passes.
@@ -40,7 +58,11 @@ pub fn tensor(path: &Path, key: &str) -> (Vec<usize>, Vec<f32>) {
 
 /// Run the `eptc` binary.
 pub fn eptc(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_eptc"))
+    // `EPTC_BIN`: a binary elsewhere (see `fixture`).
+    let bin = std::env::var_os("EPTC_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_eptc")));
+    Command::new(bin)
         .args(args)
         .output()
         .expect("the eptc binary runs")
@@ -80,4 +102,9 @@ pub fn eptc_err(args: &[&str]) -> String {
 
 pub fn s(p: &Path) -> &str {
     p.to_str().expect("utf-8 path")
+}
+
+/// Whether `EPTC_TEST_DTYPE` selects a 16-bit storage type (looser tolerances).
+pub fn half_storage() -> bool {
+    std::env::var("EPTC_TEST_DTYPE").is_ok_and(|d| d != "f32")
 }

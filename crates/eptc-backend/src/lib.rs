@@ -5,6 +5,8 @@
 //! Built-in backends (`cpu`, later `wgpu`, `cuda`) and dynamically loaded plugins all
 //! implement [`Backend`], so the host has one code path whichever backend runs.
 
+pub mod plan;
+
 use eptc_ir::{DType, Graph, HostTensor, WeightStore};
 use thiserror::Error;
 
@@ -89,6 +91,14 @@ pub trait Executable: Send {
     /// Run the graph on named inputs; returns every graph output by name, in the graph's
     /// output order. The batch size is taken from the inputs.
     fn run(&mut self, inputs: &[(&str, HostTensor)]) -> Result<Vec<(String, HostTensor)>>;
+
+    /// Seconds the device spent on the last `run`'s computation, without the copies of
+    /// inputs and outputs between host and device (measured with device events), where
+    /// the backend can tell; `None` otherwise (and for host backends, whose `run` is all
+    /// computation).
+    fn device_seconds(&self) -> Option<f64> {
+        None
+    }
 }
 
 /// The source of one generated kernel.

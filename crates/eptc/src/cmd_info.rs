@@ -154,9 +154,6 @@ pub fn cmd_plugins(a: &PluginsArgs) -> Result<()> {
                          "ops": caps.ops.len(), "fused_ops": caps.fused_ops}),
         );
     }
-    for (name, why) in backends::NOT_BUILT {
-        rows.push(json!({"name": name, "kind": "planned", "available": false, "detail": why}));
-    }
     if a.json {
         println!("{}", json!({ "backends": rows }));
     } else {

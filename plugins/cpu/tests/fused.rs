@@ -371,6 +371,7 @@ fn degenerate_sizes() {
 fn exec(g: &Graph, inputs: &[Vec<f32>], shapes: &[Vec<usize>], threads: usize) -> HostTensor {
     let opts = CompileOptions {
         threads: Some(threads),
+        ..Default::default()
     };
     let mut exe = CpuBackend::new()
         .compile(g, &WeightStore::new(), &opts)
@@ -497,6 +498,7 @@ fn fused_example_block_equals_its_decomposition() {
     let run_on = |g: &Graph, threads| {
         let opts = CompileOptions {
             threads: Some(threads),
+            ..Default::default()
         };
         let mut exe = CpuBackend::new().compile(g, &w, &opts).unwrap();
         exe.run(&[("x", x.clone())]).unwrap().pop().unwrap().1

@@ -14,6 +14,7 @@ use eptc_ir::{BinaryOp, DType, Graph, HostTensor, ReduceOp, Shape, TensorType, U
 fn compile(g: &Graph, w: &WeightStore, threads: usize) -> Box<dyn Executable> {
     let opts = CompileOptions {
         threads: Some(threads),
+        ..Default::default()
     };
     CpuBackend::new().compile(g, w, &opts).unwrap()
 }

@@ -19,7 +19,6 @@
 
 mod convert;
 mod gpu;
-mod plan;
 
 use std::collections::{HashMap, HashSet};
 use std::num::NonZeroU64;
@@ -34,8 +33,8 @@ use eptc_ir::{DType, Graph, HostTensor, NodeId, Op, Shape, WeightStore};
 use crate::codegen::{self, Kernel, Storage};
 use crate::validate;
 use convert::{decode, encode, stored_bytes};
+use eptc_backend::plan::{self, Loc, Role};
 use gpu::Gpu;
-use plan::{Loc, Role};
 
 /// Batch sizes whose plans (pipelines aside, which are shared) an executable keeps; the
 /// least recently used one is dropped beyond that.

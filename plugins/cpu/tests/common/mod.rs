@@ -125,6 +125,7 @@ pub fn run_with(
     eptc_ir::verify(&g).expect("valid graph");
     let opts = CompileOptions {
         threads: Some(threads),
+        ..Default::default()
     };
     let mut exe = CpuBackend::new()
         .compile(&g, &WeightStore::new(), &opts)

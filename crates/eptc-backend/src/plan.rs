@@ -1,3 +1,4 @@
+//! Shared by the GPU backends (wgpu, cuda).
 //! Buffer planning for one batch size, without a device: which storage every node's
 //! value lives in. Computed values get a slot from a pool keyed by size class; a slot
 //! goes back to the pool right after the last kernel that reads any alias of the value
@@ -8,7 +9,7 @@ use std::collections::HashMap;
 
 /// What a node is, for planning.
 #[derive(Clone, Debug, PartialEq)]
-pub(crate) enum Role {
+pub enum Role {
     /// A leaf that owns its buffer (input, param, const): never recycled.
     Leaf,
     /// A view of the node at this position (`reshape`): shares its storage.
@@ -19,7 +20,7 @@ pub(crate) enum Role {
 
 /// Where a node's value lives.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Loc {
+pub enum Loc {
     /// Zero elements: no buffer at all.
     Empty,
     /// The buffer owned by the leaf at this position.
@@ -29,7 +30,7 @@ pub(crate) enum Loc {
 }
 
 #[derive(Clone, Debug, PartialEq)]
-pub(crate) struct BufferPlan {
+pub struct BufferPlan {
     /// Per node (same positions as the input).
     pub loc: Vec<Loc>,
     /// Per slot: its buffer's size in bytes (a size class, at least every user's bytes).
@@ -39,7 +40,7 @@ pub(crate) struct BufferPlan {
 /// The pool key of a buffer of `bytes`: at least 256 bytes, then rounded up to a quarter
 /// step between powers of two (`1.25, 1.5, 1.75, 2 x 2^k`), so at most 25% is wasted;
 /// never above `max_buffer` (a tensor that fits the limit keeps its exact size then).
-pub(crate) fn size_class(bytes: u64, max_buffer: u64) -> u64 {
+pub fn size_class(bytes: u64, max_buffer: u64) -> u64 {
     let class = if bytes <= 256 {
         256
     } else {
@@ -56,7 +57,7 @@ pub(crate) fn size_class(bytes: u64, max_buffer: u64) -> u64 {
 
 /// Plan the storage of `nodes` (in topological order, `bytes` per node) so that the
 /// values at `outputs` survive to the end.
-pub(crate) fn plan(nodes: &[(Role, u64)], outputs: &[usize], max_buffer: u64) -> BufferPlan {
+pub fn plan(nodes: &[(Role, u64)], outputs: &[usize], max_buffer: u64) -> BufferPlan {
     let n = nodes.len();
     // The node owning each node's storage (itself, or a view's operand's root).
     let mut root: Vec<usize> = (0..n).collect();

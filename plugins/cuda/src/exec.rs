@@ -1,0 +1,1159 @@
+//! The CUDA runtime: the `cuda` [`Backend`] and its [`CudaExecutable`].
+//!
+//! At compile time the parameters are checked against the weight store (the CPU
+//! backend's errors) and uploaded once, in the storage type, with the constants. The
+//! first run with a batch size `B` plans that batch: every live node's kernels are
+//! generated for `B` ([`codegen::node_kernels`]); matrix products and `linear` go to
+//! cuBLAS when it is there (a strided-batched GEMM, f32 accumulation, no TF32, then the
+//! bias/GELU/residual epilogue as one kernel); identical kernels are compiled once, all
+//! of them in one NVRTC module (PTX cached on disk, see [`crate::nvrtc`]); intermediates
+//! get buffers by last use and size class ([`eptc_backend::plan`]). The whole step is
+//! then captured once in a CUDA graph, and every later run with that batch copies the
+//! inputs in, replays the graph, and copies the outputs out: no allocation, no
+//! compilation, one launch. `reshape` is a view of its operand's buffer.
+//!
+//! `EPTC_CUDA_GRAPH=0` launches kernel by kernel instead of replaying a graph;
+//! `EPTC_CUDA_PROFILE=1` does too, waits after each launch, prints the time per op kind
+//! to stderr and names the kernel that failed.
+
+use std::collections::{HashMap, HashSet};
+use std::ffi::{c_void, CString};
+use std::sync::Arc;
+use std::time::Instant;
+
+use cudarc::cublas::{result as br, sys as bs};
+use cudarc::driver::{result as dr, sys as ds};
+use eptc_backend::plan::{self, Loc, Role};
+use eptc_backend::{
+    bind_batch, check_param, Availability, Backend, BackendError, Capabilities, CompileOptions,
+    Executable, KernelSource, Profile, Result,
+};
+use eptc_ir::{Activation, DType, Graph, HostTensor, NodeId, Op, Shape, WeightStore};
+
+use crate::codegen::{self, Kernel};
+use crate::gpu::{self, Gpu};
+
+/// Batch sizes whose plans an executable keeps; the least recently used goes beyond.
+const MAX_PLANS: usize = 4;
+
+/// The `cuda` backend.
+#[derive(Clone, Debug, Default)]
+pub struct CudaBackend;
+
+impl CudaBackend {
+    pub fn new() -> Self {
+        CudaBackend
+    }
+}
+
+/// Ops the executor handles itself, without kernels.
+const RUNTIME_KINDS: [&str; 4] = ["input", "param", "const", "reshape"];
+
+fn other(msg: impl std::fmt::Display) -> BackendError {
+    BackendError::Other(format!("cuda: {msg}"))
+}
+
+impl Backend for CudaBackend {
+    fn name(&self) -> &str {
+        "cuda"
+    }
+
+    fn availability(&self) -> Availability {
+        match gpu::gpu() {
+            Ok(g) => Availability::Available(g.desc.clone()),
+            Err(e) => Availability::Unavailable(e),
+        }
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        let fused = Op::fused_kinds();
+        let all = Op::all_kinds();
+        let _ = RUNTIME_KINDS;
+        Capabilities {
+            ops: all
+                .iter()
+                .filter(|k| !fused.contains(k))
+                .map(|k| k.to_string())
+                .collect(),
+            fused_ops: fused.iter().map(|k| k.to_string()).collect(),
+            dtypes: vec![DType::F32, DType::BF16],
+        }
+    }
+
+    fn compile(
+        &self,
+        graph: &Graph,
+        weights: &WeightStore,
+        opts: &CompileOptions,
+    ) -> Result<Box<dyn Executable>> {
+        Ok(Box::new(self.compile_cuda(graph, weights, opts)?))
+    }
+
+    fn kernels(&self, graph: &Graph, batch: usize, dtype: DType) -> Result<Vec<KernelSource>> {
+        check_dtype(dtype)?;
+        let order = graph.topo_order().map_err(other)?;
+        let mut ks = Vec::new();
+        for id in order {
+            ks.extend(codegen::node_kernels(graph, id, batch, dtype).map_err(other)?);
+        }
+        // Checked by NVRTC where it can be loaded (it needs no GPU).
+        if crate::nvrtc::available().is_ok() {
+            let arch = gpu::gpu().map(|g| g.arch.clone()).unwrap_or("sm_90".into());
+            let refs: Vec<&Kernel> = ks.iter().collect();
+            crate::nvrtc::compile(&codegen::module_source(&refs, dtype), &arch)
+                .map_err(|e| other(format!("NVRTC ({arch}): {e}")))?;
+        }
+        Ok(ks
+            .into_iter()
+            .map(|k| KernelSource {
+                name: k.name,
+                extension: "cu".into(),
+                source: k.source,
+            })
+            .collect())
+    }
+}
+
+fn check_dtype(dtype: DType) -> Result<()> {
+    match dtype {
+        DType::F32 | DType::BF16 => Ok(()),
+        DType::F16 => Err(other(
+            "f16 storage is not supported by the cuda backend; use bf16 or f32",
+        )),
+    }
+}
+
+impl CudaBackend {
+    /// [`Backend::compile`], returning the concrete executable.
+    pub fn compile_cuda(
+        &self,
+        graph: &Graph,
+        weights: &WeightStore,
+        opts: &CompileOptions,
+    ) -> Result<CudaExecutable> {
+        check_dtype(opts.dtype)?;
+        let gpu = gpu::gpu().map_err(BackendError::Unavailable)?;
+        CudaExecutable::new(gpu, graph, weights, opts.dtype)
+    }
+}
+
+// ---- device memory ---------------------------------------------------------------------
+
+/// Device memory owned by an executable, freed on drop.
+struct DevMem {
+    ptr: ds::CUdeviceptr,
+    bytes: usize,
+}
+
+fn alloc(bytes: usize, what: &str) -> Result<DevMem> {
+    let ptr = unsafe { dr::malloc_sync(bytes.max(4)) }.map_err(|e| {
+        other(format!(
+            "allocating {:.1} MiB for {what}: {e} (the model does not fit in the GPU's \
+             memory at this batch size?)",
+            bytes as f64 / (1u64 << 20) as f64
+        ))
+    })?;
+    Ok(DevMem { ptr, bytes })
+}
+
+fn event() -> Result<ds::CUevent> {
+    dr::event::create(ds::CUevent_flags::CU_EVENT_DEFAULT)
+        .map_err(|e| other(format!("creating an event: {e}")))
+}
+
+/// Host values in the storage type, as bytes.
+fn to_storage(values: &[f32], dtype: DType) -> Vec<u8> {
+    match dtype {
+        DType::BF16 => values
+            .iter()
+            .flat_map(|&v| half::bf16::from_f32(v).to_bits().to_le_bytes())
+            .collect(),
+        DType::F16 => values
+            .iter()
+            .flat_map(|&v| half::f16::from_f32(v).to_bits().to_le_bytes())
+            .collect(),
+        DType::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+    }
+}
+
+fn from_storage(bytes: &[u8], dtype: DType) -> Vec<f32> {
+    match dtype {
+        DType::BF16 => bytes
+            .chunks_exact(2)
+            .map(|b| half::bf16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32())
+            .collect(),
+        DType::F16 => bytes
+            .chunks_exact(2)
+            .map(|b| half::f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32())
+            .collect(),
+        DType::F32 => bytes
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect(),
+    }
+}
+
+// ---- the executable -------------------------------------------------------------------
+
+enum Kind {
+    Input(String),
+    Param(String),
+    Const(Option<DevMem>),
+    View(usize),
+    Compute(Vec<usize>),
+}
+
+struct Slot {
+    id: NodeId,
+    op: &'static str,
+    shape: Shape,
+    kind: Kind,
+}
+
+/// A strided-batched GEMM in cuBLAS's column-major terms, repeated at `offsets`
+/// (element offsets of A, B, C).
+#[derive(Clone, Debug)]
+struct Gemm {
+    transa: bool,
+    transb: bool,
+    m: i32,
+    n: i32,
+    k: i32,
+    lda: i32,
+    ldb: i32,
+    ldc: i32,
+    stride_a: i64,
+    stride_b: i64,
+    stride_c: i64,
+    batch: i32,
+    offsets: Vec<(usize, usize, usize)>,
+    /// Device pointers of A, B (cuBLAS's operands) and C.
+    a: u64,
+    b: u64,
+    c: u64,
+}
+
+enum Action {
+    Launch {
+        /// Index into the plan's functions.
+        func: usize,
+        grid: [u32; 3],
+        block: [u32; 3],
+        shared: u32,
+        args: Vec<u64>,
+    },
+    Gemm(Gemm),
+}
+
+struct Step {
+    kind: &'static str,
+    name: String,
+    action: Action,
+}
+
+struct BatchPlan {
+    batch: usize,
+    inputs: Vec<(String, Option<DevMem>)>,
+    /// Pooled intermediates (kept alive for the plan's life).
+    _slots: Vec<DevMem>,
+    steps: Vec<Step>,
+    outputs: Vec<(String, Vec<usize>, Option<u64>)>,
+    module: Option<ds::CUmodule>,
+    functions: Vec<ds::CUfunction>,
+    graph: Option<(ds::CUgraph, ds::CUgraphExec)>,
+    stats: PlanStats,
+}
+
+/// What a batch plan holds (for tests and diagnostics).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PlanStats {
+    pub kernels: usize,
+    pub unique_kernels: usize,
+    pub gemms: usize,
+    pub intermediate_bytes: u64,
+    pub captured: bool,
+}
+
+/// A graph compiled for CUDA.
+pub struct CudaExecutable {
+    gpu: Arc<Gpu>,
+    graph: Graph,
+    dtype: DType,
+    slots: Vec<Slot>,
+    outputs: Vec<(String, usize)>,
+    params: HashMap<String, (Vec<usize>, Option<DevMem>)>,
+    plans: Vec<BatchPlan>,
+    profile: bool,
+    use_graph: bool,
+    /// Events around the computation of a run (start, end), and its last duration.
+    events: (ds::CUevent, ds::CUevent),
+    last_device: Option<f64>,
+}
+
+// Raw driver handles are plain pointers; the executable is used by one thread at a time
+// and binds the context on every call.
+unsafe impl Send for CudaExecutable {}
+
+impl Drop for CudaExecutable {
+    fn drop(&mut self) {
+        if self.gpu.bind().is_err() {
+            return;
+        }
+        let _ = self.gpu.stream.synchronize();
+        for p in self.plans.drain(..) {
+            drop_plan(p);
+        }
+        unsafe {
+            let _ = dr::event::destroy(self.events.0);
+            let _ = dr::event::destroy(self.events.1);
+        }
+        // DevMem values are freed by their own Drop below.
+    }
+}
+
+impl Drop for DevMem {
+    fn drop(&mut self) {
+        unsafe {
+            let _ = dr::free_sync(self.ptr);
+        }
+    }
+}
+
+fn drop_plan(p: BatchPlan) {
+    unsafe {
+        if let Some((g, e)) = p.graph {
+            let _ = dr::graph::exec_destroy(e);
+            let _ = dr::graph::destroy(g);
+        }
+        if let Some(m) = p.module {
+            let _ = dr::module::unload(m);
+        }
+    }
+}
+
+impl CudaExecutable {
+    fn new(gpu: Arc<Gpu>, graph: &Graph, weights: &WeightStore, dtype: DType) -> Result<Self> {
+        gpu.bind().map_err(other)?;
+        let order = graph.topo_order().map_err(other)?;
+        let mut live: HashSet<NodeId> = HashSet::new();
+        let mut stack: Vec<NodeId> = graph.outputs().iter().map(|o| o.1).collect();
+        while let Some(n) = stack.pop() {
+            if !graph.contains(n) {
+                return Err(other(format!("output node %{} missing", n.index())));
+            }
+            if live.insert(n) {
+                stack.extend(graph.operands(n));
+            }
+        }
+        let mut exe = CudaExecutable {
+            gpu,
+            graph: graph.clone(),
+            dtype,
+            slots: Vec::new(),
+            outputs: Vec::new(),
+            params: HashMap::new(),
+            plans: Vec::new(),
+            profile: std::env::var("EPTC_CUDA_PROFILE").is_ok_and(|v| v != "0"),
+            use_graph: std::env::var("EPTC_CUDA_GRAPH").map_or(true, |v| v != "0"),
+            events: (event()?, event()?),
+            last_device: None,
+        };
+        let mut pos: HashMap<NodeId, usize> = HashMap::new();
+        for &id in &order {
+            let node = graph.node(id);
+            let (op, n) = (node.op.kind(), id.index());
+            if node.ty.dtype != DType::F32 {
+                return Err(BackendError::Unsupported {
+                    backend: "cuda".into(),
+                    op: format!("{op} in {}", node.ty.dtype),
+                    node: n,
+                });
+            }
+            let fixed = || {
+                node.ty.shape.as_fixed().ok_or_else(|| {
+                    other(format!(
+                        "node %{n} ({op}): a leaf's shape cannot depend on B"
+                    ))
+                })
+            };
+            if let Op::Param { name, .. } = &node.op {
+                let t = weights
+                    .get(name)
+                    .ok_or_else(|| BackendError::MissingParam(name.clone()))?;
+                check_param(name, &fixed()?, t)?;
+                let have = exe.params.get(name).is_some_and(|p| p.1.is_some());
+                let mem = if live.contains(&id) && !have {
+                    exe.upload(&format!("param {name}"), t.data())?
+                } else {
+                    None
+                };
+                let p = exe
+                    .params
+                    .entry(name.clone())
+                    .or_insert((t.shape.clone(), None));
+                if mem.is_some() {
+                    p.1 = mem;
+                }
+            }
+            if !live.contains(&id) {
+                continue;
+            }
+            let operands: Vec<usize> = graph
+                .operands(id)
+                .iter()
+                .map(|o| {
+                    pos.get(o).copied().ok_or_else(|| {
+                        other(format!(
+                            "node %{n} ({op}): operand is not computed before its user"
+                        ))
+                    })
+                })
+                .collect::<Result<_>>()?;
+            let kind = match &node.op {
+                Op::Input { name } => Kind::Input(name.clone()),
+                Op::Param { name, .. } => Kind::Param(name.clone()),
+                Op::Const { values } => {
+                    if values.len() != fixed()?.iter().product::<usize>() {
+                        return Err(other(format!(
+                            "node %{n} (const): value count does not match shape"
+                        )));
+                    }
+                    Kind::Const(exe.upload(&format!("const %{n}"), values)?)
+                }
+                Op::Reshape { .. } => {
+                    if operands.len() != 1 {
+                        return Err(other(format!("node %{n} (reshape): operand count")));
+                    }
+                    Kind::View(operands[0])
+                }
+                _ => Kind::Compute(operands),
+            };
+            pos.insert(id, exe.slots.len());
+            exe.slots.push(Slot {
+                id,
+                op,
+                shape: node.ty.shape.clone(),
+                kind,
+            });
+        }
+        exe.outputs = graph
+            .outputs()
+            .iter()
+            .map(|(name, id)| (name.clone(), pos[id]))
+            .collect();
+        Ok(exe)
+    }
+
+    /// Upload f32 values in the storage type; `None` for zero elements.
+    fn upload(&self, what: &str, values: &[f32]) -> Result<Option<DevMem>> {
+        if values.is_empty() {
+            return Ok(None);
+        }
+        let bytes = to_storage(values, self.dtype);
+        let mem = alloc(bytes.len(), what)?;
+        unsafe { dr::memcpy_htod_sync(mem.ptr, &bytes) }
+            .map_err(|e| other(format!("uploading {what}: {e}")))?;
+        Ok(Some(mem))
+    }
+
+    /// The plan of a batch size already run, if still kept.
+    pub fn plan_stats(&self, batch: usize) -> Option<PlanStats> {
+        self.plans
+            .iter()
+            .find(|p| p.batch == batch)
+            .map(|p| p.stats)
+    }
+
+    fn elem_bytes(&self) -> usize {
+        self.dtype.size_bytes()
+    }
+
+    /// Build the plan for `batch`: kernels, GEMMs, buffers, the module, the graph.
+    fn make_plan(&mut self, batch: usize) -> Result<BatchPlan> {
+        let eb = self.elem_bytes() as u64;
+        let numel = |s: &Slot| -> usize { s.shape.resolve(batch).iter().product() };
+        // Buffers.
+        let roles: Vec<(Role, u64)> = self
+            .slots
+            .iter()
+            .map(|s| {
+                let role = match &s.kind {
+                    Kind::View(o) => Role::View(*o),
+                    Kind::Compute(ops) => Role::Compute(ops.clone()),
+                    _ => Role::Leaf,
+                };
+                (role, numel(s) as u64 * eb)
+            })
+            .collect();
+        let outs: Vec<usize> = self.outputs.iter().map(|o| o.1).collect();
+        let bp = plan::plan(&roles, &outs, u64::MAX);
+        let mut slot_mem = Vec::new();
+        for (k, &bytes) in bp.slots.iter().enumerate() {
+            slot_mem.push(alloc(bytes as usize, &format!("intermediate buffer {k}"))?);
+        }
+        let mut inputs: Vec<(String, Option<DevMem>)> = Vec::new();
+        let mut input_ptr: HashMap<usize, u64> = HashMap::new();
+        for (i, s) in self.slots.iter().enumerate() {
+            if let Kind::Input(name) = &s.kind {
+                let bytes = numel(s) * eb as usize;
+                let mem = if bytes > 0 {
+                    Some(alloc(bytes, &format!("input {name}"))?)
+                } else {
+                    None
+                };
+                if let Some(m) = &mem {
+                    input_ptr.insert(i, m.ptr);
+                }
+                inputs.push((name.clone(), mem));
+            }
+        }
+        // The device pointer of each slot's value (0: empty).
+        let ptr_of = |i: usize| -> u64 {
+            match bp.loc[i] {
+                Loc::Empty => 0,
+                Loc::Slot(k) => slot_mem[k].ptr,
+                Loc::Leaf(l) => match &self.slots[l].kind {
+                    Kind::Input(_) => input_ptr.get(&l).copied().unwrap_or(0),
+                    Kind::Param(name) => self
+                        .params
+                        .get(name)
+                        .and_then(|p| p.1.as_ref())
+                        .map_or(0, |m| m.ptr),
+                    Kind::Const(m) => m.as_ref().map_or(0, |m| m.ptr),
+                    _ => 0,
+                },
+            }
+        };
+        // Steps.
+        let blas =
+            self.gpu.blas.is_some() && std::env::var("EPTC_CUDA_CUBLAS").map_or(true, |v| v != "0");
+        let mut kernels: Vec<Kernel> = Vec::new();
+        let mut pending: Vec<(usize, &'static str, String, PendingAction)> = Vec::new();
+        let mut gemms = 0;
+        for (i, s) in self.slots.iter().enumerate() {
+            let Kind::Compute(ops) = &s.kind else {
+                continue;
+            };
+            if numel(s) == 0 {
+                continue;
+            }
+            let out = ptr_of(i);
+            let args: Vec<u64> = ops.iter().map(|&o| ptr_of(o)).chain([out]).collect();
+            let node = self.graph.node(s.id);
+            if blas {
+                if let Some((g, epi)) = gemm_for(&self.graph, s.id, batch) {
+                    gemms += 1;
+                    let (a_op, b_op) = (args[0], args[1]);
+                    // cuBLAS computes C^T = B^T A^T: its A is our B.
+                    pending.push((
+                        i,
+                        s.op,
+                        format!("n{}_{}_gemm", s.id.index(), s.op),
+                        PendingAction::Gemm(Gemm {
+                            a: b_op,
+                            b: a_op,
+                            c: out,
+                            ..g
+                        }),
+                    ));
+                    if let Some(e) = epi {
+                        let name = format!("n{}_{}_epilogue", s.id.index(), s.op);
+                        let k = codegen::linear_epilogue(
+                            &name, e.rows, e.cols, e.bias, e.gelu, e.residual, self.dtype,
+                        );
+                        let mut eargs = Vec::new();
+                        if e.bias {
+                            eargs.push(args[2]);
+                        }
+                        if e.residual {
+                            eargs.push(args[if e.bias { 3 } else { 2 }]);
+                        }
+                        eargs.push(out);
+                        pending.push((i, s.op, name, PendingAction::Kernel(kernels.len(), eargs)));
+                        kernels.push(k);
+                    }
+                    continue;
+                }
+            }
+            let _ = node;
+            for k in codegen::node_kernels(&self.graph, s.id, batch, self.dtype).map_err(other)? {
+                pending.push((
+                    i,
+                    s.op,
+                    k.name.clone(),
+                    PendingAction::Kernel(kernels.len(), args.clone()),
+                ));
+                kernels.push(k);
+            }
+        }
+        // One module of the distinct kernels (the name masked), compiled once.
+        let mut unique: Vec<usize> = Vec::new();
+        let mut canon: HashMap<String, usize> = HashMap::new();
+        let mut func_of: Vec<usize> = Vec::with_capacity(kernels.len());
+        for (j, k) in kernels.iter().enumerate() {
+            let key = format!(
+                "{}|{:?}|{:?}|{}",
+                k.source.replace(&k.name, "@"),
+                k.grid,
+                k.block,
+                k.shared_bytes
+            );
+            let f = *canon.entry(key).or_insert_with(|| {
+                unique.push(j);
+                unique.len() - 1
+            });
+            func_of.push(f);
+        }
+        let (module, functions) = if unique.is_empty() {
+            (None, Vec::new())
+        } else {
+            let refs: Vec<&Kernel> = unique.iter().map(|&j| &kernels[j]).collect();
+            let src = codegen::module_source(&refs, self.dtype);
+            let ptx = crate::cache::compile_cached(&src, &self.gpu.arch)
+                .map_err(|e| other(format!("NVRTC ({}): {e}", self.gpu.arch)))?;
+            let c = CString::new(ptx).map_err(|_| other("PTX holds a NUL byte"))?;
+            let module = unsafe { dr::module::load_data(c.as_ptr() as *const c_void) }
+                .map_err(|e| other(format!("loading the PTX module: {e}")))?;
+            let mut fs = Vec::new();
+            for &j in &unique {
+                let name = &kernels[j].name;
+                let f = unsafe {
+                    dr::module::get_function(module, CString::new(name.as_str()).unwrap())
+                }
+                .map_err(|e| other(format!("kernel {name} not in the module: {e}")))?;
+                fs.push(f);
+            }
+            (Some(module), fs)
+        };
+        let steps: Vec<Step> = pending
+            .into_iter()
+            .map(|(_, kind, name, a)| Step {
+                kind,
+                name,
+                action: match a {
+                    PendingAction::Gemm(g) => Action::Gemm(g),
+                    PendingAction::Kernel(j, args) => {
+                        let k = &kernels[j];
+                        Action::Launch {
+                            func: func_of[j],
+                            grid: k.grid,
+                            block: k.block,
+                            shared: k.shared_bytes,
+                            args,
+                        }
+                    }
+                },
+            })
+            .collect();
+        let outputs = self
+            .outputs
+            .iter()
+            .map(|(name, i)| {
+                let s = &self.slots[*i];
+                let p = ptr_of(*i);
+                (name.clone(), s.shape.resolve(batch), (p != 0).then_some(p))
+            })
+            .collect();
+        let stats = PlanStats {
+            kernels: kernels.len(),
+            unique_kernels: unique.len(),
+            gemms,
+            intermediate_bytes: bp.slots.iter().sum(),
+            captured: false,
+        };
+        let mut p = BatchPlan {
+            batch,
+            inputs,
+            _slots: slot_mem,
+            steps,
+            outputs,
+            module,
+            functions,
+            graph: None,
+            stats,
+        };
+        if self.use_graph && !self.profile {
+            match self.capture(&p) {
+                Ok(g) => {
+                    p.graph = Some(g);
+                    p.stats.captured = true;
+                }
+                Err(e) => eprintln!("eptc cuda: not using a CUDA graph: {e}"),
+            }
+        }
+        Ok(p)
+    }
+
+    /// Enqueue one step on the shared stream.
+    fn enqueue(&self, p: &BatchPlan, s: &Step) -> Result<()> {
+        let stream = self.gpu.stream.cu_stream();
+        match &s.action {
+            Action::Launch {
+                func,
+                grid,
+                block,
+                shared,
+                args,
+            } => {
+                let mut vals = args.clone();
+                let mut params: Vec<*mut c_void> = vals
+                    .iter_mut()
+                    .map(|v| v as *mut u64 as *mut c_void)
+                    .collect();
+                unsafe {
+                    dr::launch_kernel(
+                        p.functions[*func],
+                        (grid[0], grid[1], grid[2]),
+                        (block[0], block[1], block[2]),
+                        *shared,
+                        stream,
+                        &mut params,
+                    )
+                }
+                .map_err(|e| other(format!("launching {}: {e}", s.name)))
+            }
+            Action::Gemm(g) => self.gemm(g).map_err(|e| other(format!("{}: {e}", s.name))),
+        }
+    }
+
+    fn gemm(&self, g: &Gemm) -> std::result::Result<(), String> {
+        let blas = self.gpu.blas.as_ref().ok_or("no cuBLAS")?;
+        let blas = blas.lock().map_err(|_| "cuBLAS handle poisoned")?;
+        let (ty, eb) = match self.dtype {
+            DType::BF16 => (bs::cudaDataType::CUDA_R_16BF, 2),
+            DType::F16 => (bs::cudaDataType::CUDA_R_16F, 2),
+            DType::F32 => (bs::cudaDataType::CUDA_R_32F, 4),
+        };
+        let op = |t: bool| {
+            if t {
+                bs::cublasOperation_t::CUBLAS_OP_T
+            } else {
+                bs::cublasOperation_t::CUBLAS_OP_N
+            }
+        };
+        let (alpha, beta) = (1.0f32, 0.0f32);
+        for &(oa, ob, oc) in &g.offsets {
+            unsafe {
+                br::gemm_strided_batched_ex(
+                    blas.handle,
+                    op(g.transa),
+                    op(g.transb),
+                    g.m,
+                    g.n,
+                    g.k,
+                    &alpha as *const f32 as *const c_void,
+                    (g.a + (oa * eb) as u64) as *const c_void,
+                    ty,
+                    g.lda,
+                    g.stride_a,
+                    (g.b + (ob * eb) as u64) as *const c_void,
+                    ty,
+                    g.ldb,
+                    g.stride_b,
+                    &beta as *const f32 as *const c_void,
+                    (g.c + (oc * eb) as u64) as *mut c_void,
+                    ty,
+                    g.ldc,
+                    g.stride_c,
+                    g.batch,
+                    bs::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                    bs::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+                )
+            }
+            .map_err(|e| format!("cuBLAS GEMM: {e}"))?;
+        }
+        Ok(())
+    }
+
+    /// Capture the plan's steps in a CUDA graph.
+    fn capture(&self, p: &BatchPlan) -> Result<(ds::CUgraph, ds::CUgraphExec)> {
+        let stream = self.gpu.stream.cu_stream();
+        unsafe {
+            dr::stream::begin_capture(
+                stream,
+                ds::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL,
+            )
+        }
+        .map_err(|e| other(format!("beginning the capture: {e}")))?;
+        let mut failed = None;
+        for s in &p.steps {
+            if let Err(e) = self.enqueue(p, s) {
+                failed = Some(e);
+                break;
+            }
+        }
+        let graph = unsafe { dr::stream::end_capture(stream) };
+        if let Some(e) = failed {
+            if let Ok(g) = graph {
+                unsafe {
+                    let _ = dr::graph::destroy(g);
+                }
+            }
+            return Err(e);
+        }
+        let graph = graph.map_err(|e| other(format!("ending the capture: {e}")))?;
+        let exec = unsafe { dr::graph::instantiate(graph, ds::CUgraphInstantiate_flags_enum(0)) }
+            .map_err(|e| {
+            unsafe {
+                let _ = dr::graph::destroy(graph);
+            }
+            other(format!("instantiating the graph: {e}"))
+        })?;
+        Ok((graph, exec))
+    }
+}
+
+/// A run's outputs, by name.
+type Outputs = Vec<(String, HostTensor)>;
+
+enum PendingAction {
+    Gemm(Gemm),
+    /// Kernel index, launch arguments.
+    Kernel(usize, Vec<u64>),
+}
+
+/// The bias / GELU / residual epilogue of a `linear` run as a GEMM.
+struct Epi {
+    rows: usize,
+    cols: usize,
+    bias: bool,
+    gelu: bool,
+    residual: bool,
+}
+
+/// The GEMM computing node `id` (a `matmul` or `linear`), if cuBLAS can (operand pointers
+/// left 0, filled by the caller), and the epilogue a `linear` needs after it.
+fn gemm_for(g: &Graph, id: NodeId, batch: usize) -> Option<(Gemm, Option<Epi>)> {
+    let node = g.node(id);
+    let ops = g.operands(id);
+    let shapes: Vec<Vec<usize>> = ops.iter().map(|&o| g.ty(o).shape.resolve(batch)).collect();
+    let out = node.ty.shape.resolve(batch);
+    let fits = |v: usize| i32::try_from(v).ok();
+    match &node.op {
+        Op::MatMul {
+            transpose_a,
+            transpose_b,
+        } => {
+            let (a, b) = (&shapes[0], &shapes[1]);
+            let (ra, rb, ro) = (a.len(), b.len(), out.len());
+            if ra < 2 || rb < 2 || ro < 2 {
+                return None;
+            }
+            let (m, ka) = if *transpose_a {
+                (a[ra - 1], a[ra - 2])
+            } else {
+                (a[ra - 2], a[ra - 1])
+            };
+            let (kb, n) = if *transpose_b {
+                (b[rb - 1], b[rb - 2])
+            } else {
+                (b[rb - 2], b[rb - 1])
+            };
+            if ka != kb || ka == 0 || out[ro - 2] != m || out[ro - 1] != n {
+                return None;
+            }
+            let lead = &out[..ro - 2];
+            let sa = lead_strides(&a[..ra - 2], lead)?
+                .iter()
+                .map(|s| s * a[ra - 2] * a[ra - 1])
+                .collect::<Vec<_>>();
+            let sb = lead_strides(&b[..rb - 2], lead)?
+                .iter()
+                .map(|s| s * b[rb - 2] * b[rb - 1])
+                .collect::<Vec<_>>();
+            let sc: Vec<usize> = eptc_ir::strides::contiguous_strides(lead)
+                .iter()
+                .map(|s| s * m * n)
+                .collect();
+            let (bdim, [stride_a, stride_b, stride_c], offsets) = batching(lead, &[&sa, &sb, &sc]);
+            // Ours: C[M,N] = A[M,K] B[K,N] row-major. cuBLAS (column-major): C^T = B^T A^T
+            // with its A = our B ([K,N] row-major = [N,K] col-major, ld N; transposed when
+            // stored [N,K]) and its B = our A.
+            let gm = Gemm {
+                transa: *transpose_b,
+                transb: *transpose_a,
+                m: fits(n)?,
+                n: fits(m)?,
+                k: fits(ka)?,
+                lda: fits(if *transpose_b { ka } else { n })?,
+                ldb: fits(if *transpose_a { m } else { ka })?,
+                ldc: fits(n)?,
+                stride_a: stride_b as i64,
+                stride_b: stride_a as i64,
+                stride_c: stride_c as i64,
+                batch: fits(bdim)?,
+                // (our A, our B, C) offsets → (cuBLAS A = our B, cuBLAS B = our A, C).
+                offsets: offsets.into_iter().map(|[a, b, c]| (b, a, c)).collect(),
+                a: 0,
+                b: 0,
+                c: 0,
+            };
+            Some((gm, None))
+        }
+        Op::Linear {
+            bias,
+            activation,
+            residual,
+        } => {
+            let (x, w) = (&shapes[0], &shapes[1]);
+            if w.len() != 2 || x.last() != Some(&w[1]) || w[1] == 0 {
+                return None;
+            }
+            let (o, k) = (w[0], w[1]);
+            let rows = x.iter().product::<usize>() / k;
+            let gm = Gemm {
+                transa: true,
+                transb: false,
+                m: fits(o)?,
+                n: fits(rows)?,
+                k: fits(k)?,
+                lda: fits(k)?,
+                ldb: fits(k)?,
+                ldc: fits(o)?,
+                stride_a: 0,
+                stride_b: 0,
+                stride_c: 0,
+                batch: 1,
+                offsets: vec![(0, 0, 0)],
+                a: 0,
+                b: 0,
+                c: 0,
+            };
+            let gelu = *activation == Activation::Gelu;
+            let epi = (*bias || gelu || *residual).then_some(Epi {
+                rows,
+                cols: o,
+                bias: *bias,
+                gelu,
+                residual: *residual,
+            });
+            Some((gm, epi))
+        }
+        _ => None,
+    }
+}
+
+/// Broadcast strides (in units of `from`'s elements) of `from` read as `to`.
+fn lead_strides(from: &[usize], to: &[usize]) -> Option<Vec<usize>> {
+    if from.len() > to.len() {
+        return None;
+    }
+    let own = eptc_ir::strides::contiguous_strides(from);
+    let pad = to.len() - from.len();
+    let mut s = vec![0; to.len()];
+    for (i, &t) in to.iter().enumerate().skip(pad) {
+        let f = from[i - pad];
+        if f == t {
+            s[i] = own[i - pad];
+        } else if f != 1 {
+            return None;
+        }
+    }
+    Some(s)
+}
+
+/// Split the lead dims into one strided batch (the innermost dims that merge for every
+/// operand) and a host loop over the rest: (batch count, its strides, per-loop offsets).
+fn batching(lead: &[usize], strides: &[&Vec<usize>; 3]) -> (usize, [usize; 3], Vec<[usize; 3]>) {
+    if lead.is_empty() {
+        return (1, [0; 3], vec![[0; 3]]);
+    }
+    let r = lead.len();
+    let mut first = r - 1;
+    let mut count = lead[r - 1];
+    while first > 0 {
+        let i = first - 1;
+        let merges = strides.iter().all(|s| s[i] == s[first] * lead[first]);
+        if !merges {
+            break;
+        }
+        count *= lead[i];
+        first = i;
+    }
+    let st = [strides[0][r - 1], strides[1][r - 1], strides[2][r - 1]];
+    let outer = &lead[..first];
+    let n_outer: usize = outer.iter().product();
+    let mut offsets = Vec::with_capacity(n_outer);
+    for flat in 0..n_outer {
+        let mut rem = flat;
+        let mut off = [0usize; 3];
+        for d in (0..first).rev() {
+            let idx = rem % lead[d];
+            rem /= lead[d];
+            for (o, s) in off.iter_mut().zip(strides) {
+                *o += idx * s[d];
+            }
+        }
+        offsets.push(off);
+    }
+    (count, st, offsets)
+}
+
+impl Executable for CudaExecutable {
+    fn set_param(&mut self, name: &str, value: HostTensor) -> Result<()> {
+        let (shape, mem) = self
+            .params
+            .get(name)
+            .ok_or_else(|| BackendError::MissingParam(name.into()))?;
+        check_param(name, shape, &value)?;
+        if let Some(m) = mem {
+            self.gpu.bind().map_err(other)?;
+            // Replayed graphs read the same buffer: order the copy after earlier work.
+            self.gpu.stream.synchronize().map_err(other)?;
+            let bytes = to_storage(value.data(), self.dtype);
+            debug_assert_eq!(bytes.len(), m.bytes);
+            unsafe { dr::memcpy_htod_sync(m.ptr, &bytes) }
+                .map_err(|e| other(format!("uploading param {name}: {e}")))?;
+        }
+        Ok(())
+    }
+
+    fn run(&mut self, inputs: &[(&str, HostTensor)]) -> Result<Vec<(String, HostTensor)>> {
+        let batch = bind_batch(&self.graph, inputs)?;
+        self.gpu.bind().map_err(other)?;
+        let i = match self.plans.iter().position(|p| p.batch == batch) {
+            Some(i) => i,
+            None => {
+                if self.plans.len() >= MAX_PLANS {
+                    let old = self.plans.remove(0);
+                    self.gpu.stream.synchronize().map_err(other)?;
+                    drop_plan(old);
+                }
+                let p = self.make_plan(batch)?;
+                self.plans.push(p);
+                self.plans.len() - 1
+            }
+        };
+        let p = self.plans.remove(i);
+        let r = self.run_plan(&p, inputs);
+        self.plans.push(p);
+        let (out, secs) = r?;
+        self.last_device = secs;
+        Ok(out)
+    }
+
+    fn device_seconds(&self) -> Option<f64> {
+        self.last_device
+    }
+}
+
+impl CudaExecutable {
+    fn run_plan(
+        &self,
+        p: &BatchPlan,
+        inputs: &[(&str, HostTensor)],
+    ) -> Result<(Outputs, Option<f64>)> {
+        let stream = self.gpu.stream.cu_stream();
+        let sync = || {
+            self.gpu
+                .stream
+                .synchronize()
+                .map_err(|e| other(format!("running the step: {e}")))
+        };
+        // Inputs, converted to the storage type (held until the copies are done).
+        let mut staged = Vec::new();
+        for (name, mem) in &p.inputs {
+            let Some(mem) = mem else { continue };
+            let t = &inputs.iter().find(|(n, _)| n == name).expect("bound").1;
+            let bytes = to_storage(t.data(), self.dtype);
+            unsafe { dr::memcpy_htod_async(mem.ptr, &bytes, stream) }
+                .map_err(|e| other(format!("copying input {name}: {e}")))?;
+            staged.push(bytes);
+        }
+        let ev = |e: ds::CUevent| {
+            unsafe { dr::event::record(e, stream) }.map_err(|e| other(format!("event: {e}")))
+        };
+        ev(self.events.0)?;
+        if let Some((_, exec)) = p.graph {
+            unsafe { dr::graph::launch(exec, stream) }
+                .map_err(|e| other(format!("launching the graph: {e}")))?;
+        } else if self.profile {
+            sync()?;
+            let mut prof = Profile::default();
+            for s in &p.steps {
+                let t = Instant::now();
+                self.enqueue(p, s)?;
+                self.gpu
+                    .stream
+                    .synchronize()
+                    .map_err(|e| other(format!("{} failed: {e}", s.name)))?;
+                prof.record(s.kind, t.elapsed().as_secs_f64());
+            }
+            prof.print("eptc cuda profile", "kernels and GEMMs", "launches");
+        } else {
+            for s in &p.steps {
+                self.enqueue(p, s)?;
+            }
+        }
+        ev(self.events.1)?;
+        sync()?;
+        drop(staged);
+        let secs = unsafe { dr::event::elapsed(self.events.0, self.events.1) }
+            .ok()
+            .map(|ms| f64::from(ms) / 1e3);
+        let eb = self.elem_bytes();
+        let mut out = Vec::new();
+        for (name, shape, ptr) in &p.outputs {
+            let n: usize = shape.iter().product();
+            let data = match ptr {
+                Some(ptr) if n > 0 => {
+                    let mut bytes = vec![0u8; n * eb];
+                    unsafe { dr::memcpy_dtoh_sync(&mut bytes, *ptr) }
+                        .map_err(|e| other(format!("reading output {name}: {e}")))?;
+                    from_storage(&bytes, self.dtype)
+                }
+                _ => vec![0.0; n],
+            };
+            out.push((name.clone(), HostTensor::new(shape.clone(), data)));
+        }
+        Ok((out, secs))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batching_merges_contiguous_lead_dims() {
+        // [2, 3] lead, A contiguous, B broadcast over both, C contiguous.
+        let lead = [2, 3];
+        let sa = vec![3 * 10, 10];
+        let sb = vec![0, 0];
+        let sc = vec![3 * 4, 4];
+        let (n, st, offs) = batching(&lead, &[&sa, &sb, &sc]);
+        assert_eq!(n, 6);
+        assert_eq!(st, [10, 0, 4]);
+        assert_eq!(offs, vec![[0, 0, 0]]);
+    }
+
+    #[test]
+    fn batching_loops_over_dims_that_do_not_merge() {
+        // B broadcast over the outer dim only: [0, 7].
+        let lead = [2, 3];
+        let sa = vec![30, 10];
+        let sb = vec![0, 7];
+        let sc = vec![12, 4];
+        let (n, st, offs) = batching(&lead, &[&sa, &sb, &sc]);
+        assert_eq!(n, 3);
+        assert_eq!(st, [10, 7, 4]);
+        assert_eq!(offs, vec![[0, 0, 0], [30, 0, 12]]);
+    }
+
+    #[test]
+    fn lead_strides_broadcast() {
+        assert_eq!(lead_strides(&[3], &[2, 3]), Some(vec![0, 1]));
+        assert_eq!(lead_strides(&[2, 1], &[2, 3]), Some(vec![1, 0]));
+        assert_eq!(lead_strides(&[4], &[2, 3]), None);
+    }
+
+    #[test]
+    fn storage_round_trips() {
+        let v = [1.0f32, -2.5, 0.1, 3.0e-3];
+        assert_eq!(from_storage(&to_storage(&v, DType::F32), DType::F32), v);
+        let b = from_storage(&to_storage(&v, DType::BF16), DType::BF16);
+        for (x, y) in v.iter().zip(&b) {
+            assert!((x - y).abs() <= x.abs() / 128.0, "{x} {y}");
+        }
+    }
+}

@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# Everything eptc needs a GPU for, in one call (well under 10 minutes), on a machine with
+# an NVIDIA GPU, PyTorch + timm and the CUDA 13 driver, but no Rust toolchain:
+#
+#   here:   bash scripts/gpu-prepare.sh          (release eptc + test binaries -> .gpu/)
+#   there:  bash scripts/gpu-check.sh [OUT]      (the device tool carries .gpu and .gl)
+#
+# 1. the machine: nvidia-smi, `eptc plugins` (the cuda and wgpu backends' devices);
+# 2. the CUDA backend's own parity tests against the CPU backend (tiny ViT, f32, bf16);
+# 3. the workspace's parity suite (every EPT mode, depth and checkpoint layout against
+#    PyTorch float64 logits) and gradient suite, run on --target cuda, f32 then bf16;
+# 4. benches/gpu_compare.py: ViT-B/16 + EPT parity against PyTorch float64 on the GPU,
+#    and the side-by-side timing against PyTorch eager and torch.compile (bf16);
+# 5. the wgpu backend through Vulkan on the same GPU (ViT-B/16 forward, batch 1 and 64).
+# Each part runs even when an earlier one fails; logs and tables go to OUT (default
+# $OUT, else ./gpu-out), the summary table last on stdout.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${1:-${OUT:-gpu-out}}
+mkdir -p "$out"
+bin=$PWD/.gpu
+[ -x "$bin/eptc" ] || { echo "no .gpu/eptc: run scripts/gpu-prepare.sh first (here)"; exit 1; }
+t_start=$(date +%s)
+stamp() { echo "[$(( $(date +%s) - t_start )) s] $*"; }
+
+# Vulkan's loader (for wgpu), unpacked from the carried Debian packages if the image
+# lacks it.
+if ! ldconfig -p | grep -q libvulkan.so.1 && ls .gl/*.deb >/dev/null 2>&1; then
+  for f in .gl/*.deb; do dpkg -x "$f" /; done
+  ldconfig
+fi
+if [ -f /usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json ]; then
+  export VK_DRIVER_FILES=${VK_DRIVER_FILES:-/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json}
+fi
+export XDG_RUNTIME_DIR=$(mktemp -d)
+# NVRTC and cuBLAS from the CUDA wheels next to PyTorch.
+libs=$(python3 - <<'PY'
+import glob, os, site
+dirs = set()
+for sp in site.getsitepackages():
+    for pat in ("nvidia/cu13/lib/libnvrtc.so*", "nvidia/cu13/lib/libcublas.so*",
+                "nvidia/*/lib/libnvrtc.so*", "nvidia/*/lib/libcublas.so*"):
+        dirs.update(os.path.dirname(p) for p in glob.glob(os.path.join(sp, pat)))
+print(":".join(sorted(dirs)))
+PY
+)
+for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib; do
+  [ -d "$d" ] && libs=${libs:+$libs:}$d
+done
+export LD_LIBRARY_PATH=${libs}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+export EPTC_CUDA_CACHE=$PWD/.gpu-cache
+stamp "libraries: $libs"
+
+stamp "== 1. machine"
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv 2>&1 | tee "$out/nvidia-smi.txt"
+"$bin/eptc" plugins 2>&1 | tee "$out/plugins.txt"
+
+stamp "== 2. cuda backend parity (tiny ViT vs the CPU backend)"
+EPTC_REQUIRE_CUDA=1 timeout 120 "$bin/test-cuda-parity" --nocapture --test-threads 1 \
+  > "$out/cuda-parity.log" 2>&1; echo "exit $?" >> "$out/cuda-parity.log"
+grep -E "error|relative|plan for|test result|panicked|skipped|^exit" "$out/cuda-parity.log" | head -40
+
+export EPTC_BIN=$bin/eptc EPTC_FIXTURES=$PWD/tests/fixtures EPTC_TEST_TARGET=cuda
+for dt in f32 bf16; do
+  stamp "== 3. parity + gradient suites on --target cuda --dtype $dt"
+  EPTC_TEST_DTYPE=$dt timeout 240 "$bin/test-parity" --test-threads 8 --nocapture \
+    > "$out/suite-parity-$dt.log" 2>&1; echo "exit $?" >> "$out/suite-parity-$dt.log"
+  grep -E "test result|FAILED|panicked|^exit" "$out/suite-parity-$dt.log" | head -20
+  grep -Eo "rel err [0-9.e+-]+" "$out/suite-parity-$dt.log" | sort -k3 -g | tail -1
+  EPTC_TEST_DTYPE=$dt timeout 180 "$bin/test-training" grad_matches_pytorch --nocapture \
+    > "$out/suite-grad-$dt.log" 2>&1; echo "exit $?" >> "$out/suite-grad-$dt.log"
+  grep -E "worst|test result|panicked|relative error|^exit" "$out/suite-grad-$dt.log" | head -10
+done
+unset EPTC_TEST_DTYPE EPTC_TEST_TARGET
+
+stamp "== 4. ViT-B/16: parity against PyTorch float64 and timing against PyTorch"
+PYTHONUNBUFFERED=1 timeout ${GPU_COMPARE_TIMEOUT:-330} python3 benches/gpu_compare.py \
+  --eptc "$bin/eptc" --work /tmp/eptc-gpu --out "$out" \
+  --targets "cuda:f32,cuda:bf16${GPU_COMPARE_WGPU:+,wgpu:f32}" ${GPU_COMPARE_ARGS:-} \
+  > "$out/gpu_compare.log" 2>&1; echo "exit $?" >> "$out/gpu_compare.log"
+tail -5 "$out/gpu_compare.log"
+
+stamp "== 5. wgpu on this GPU through Vulkan (ViT-B/16 forward)"
+if [ -d /tmp/eptc-gpu ] && [ -f /tmp/eptc-gpu/vit_b16_timm.safetensors ]; then
+  (timeout 60 "$bin/eptc" compile /tmp/eptc-gpu/vit_b16_timm.safetensors --peft ept \
+     --prompt-len 100 --num-classes 10 --target wgpu -o /tmp/eptc-gpu/art_wgpu \
+   && for b in 1 64; do timeout 60 "$bin/eptc" bench /tmp/eptc-gpu/art_wgpu --batch $b \
+        --iters 5 --warmup 1; done) > "$out/wgpu.log" 2>&1; echo "exit $?" >> "$out/wgpu.log"
+  cat "$out/wgpu.log" | grep -v "^\s*$" | tail -12
+fi
+
+stamp "== summary"
+cat "$out/gpu_compare.md" 2>/dev/null || echo "(no gpu_compare.md)"
+stamp "done"
