@@ -204,15 +204,41 @@ def eptc_bench(args, art, batch, train, iters):
             "device": r.get("device_median_s") is not None}
 
 
-def timing(args, work, model, tensors, layers, arts, results):
+def render_timing(args, arts, rows):
+    keys = ["eager", "compile"] + [t for t in arts if "bf16" in t or args.all_dtypes]
+    lines = ["| step | batch | " + " | ".join(
+        f"{k} ms (img/s)" for k in keys) + " | eptc / compile | PyTorch eager peak MiB |",
+             "|---|---|" + "---|" * (len(keys) + 2)]
+    for r in rows:
+        cells = []
+        for k in keys:
+            v = r.get(k, {})
+            if "median_s" in v:
+                cell = f"{v['median_s'] * 1e3:.2f} ({r['batch'] / v['median_s']:.0f})"
+                if "wall_s" in v:
+                    cell += f"; wall {v['wall_s'] * 1e3:.1f}"
+                cells.append(cell)
+            else:
+                cells.append("error" if "error" in v else "-")
+        ek = next((k for k in keys if k.startswith("cuda") and "median_s" in r.get(k, {})), None)
+        comp = r.get("compile", {}).get("median_s")
+        ratio = f"{comp / r[ek]['median_s']:.2f}x" if ek and comp else "-"
+        peak = r.get("eager", {}).get("peak_bytes")
+        lines.append(f"| {r['what']} | {r['batch']} | " + " | ".join(cells) +
+                     f" | {ratio} | {peak / 2**20:.0f} |" if peak else
+                     f"| {r['what']} | {r['batch']} | " + " | ".join(cells) + f" | {ratio} | - |")
+    return "\n".join(lines)
+
+
+def timing(args, work, model, tensors, layers, arts, results, partial=None):
     cases = [("inference", 1, False), ("inference", 64, False), ("inference", 256, False),
              ("training step", 4, True), ("training step", 64, True)]
     rows = []
     for what, batch, train in cases:
         row = {"what": what, "batch": batch}
-        iters = 30 if batch <= 4 else 15
+        iters = 20 if batch <= 4 else 10
         for key, compiled in [("eager", False), ("compile", True)]:
-            if compiled and args.no_compile:
+            if compiled and (args.no_compile or f"{what}:{batch}" not in args.compile_cases.split(",")):
                 continue
             try:
                 row[key] = torch_bench(model, tensors, layers, batch, train, compiled, iters)
@@ -228,27 +254,10 @@ def timing(args, work, model, tensors, layers, arts, results):
                 row[tag] = {"error": str(e)[-1500:]}
                 log(f"  {tag} {what} b{batch}: {row[tag]['error']}")
         rows.append(row)
+        if partial:
+            partial(render_timing(args, arts, rows))
     results["timing"] = rows
-    keys = ["eager", "compile"] + [t for t in arts if "bf16" in t or args.all_dtypes]
-    lines = ["| step | batch | " + " | ".join(
-        f"{k} ms (img/s)" for k in keys) + " | eptc / compile | PyTorch eager peak MiB |",
-             "|---|---|" + "---|" * (len(keys) + 2)]
-    for r in rows:
-        cells = []
-        for k in keys:
-            v = r.get(k, {})
-            if "median_s" in v:
-                cells.append(f"{v['median_s'] * 1e3:.2f} ({r['batch'] / v['median_s']:.0f})")
-            else:
-                cells.append("error" if "error" in v else "-")
-        ek = next((k for k in keys if k.startswith("cuda") and "median_s" in r.get(k, {})), None)
-        comp = r.get("compile", {}).get("median_s")
-        ratio = f"{comp / r[ek]['median_s']:.2f}x" if ek and comp else "-"
-        peak = r.get("eager", {}).get("peak_bytes")
-        lines.append(f"| {r['what']} | {r['batch']} | " + " | ".join(cells) +
-                     f" | {ratio} | {peak / 2**20:.0f} |" if peak else
-                     f"| {r['what']} | {r['batch']} | " + " | ".join(cells) + f" | {ratio} | - |")
-    return "\n".join(lines)
+    return render_timing(args, arts, rows)
 
 
 def main() -> int:
@@ -261,6 +270,8 @@ def main() -> int:
                     help="artifacts to build, TARGET:DTYPE comma-separated (wgpu:f32 too)")
     ap.add_argument("--no-compile", action="store_true", help="skip torch.compile")
     ap.add_argument("--no-timing", action="store_true")
+    ap.add_argument("--compile-cases", default="inference:256,training step:64",
+                    help="the cases timed with torch.compile too (each costs a compilation)")
     ap.add_argument("--all-dtypes", action="store_true", help="time f32 artifacts as well")
     ap.add_argument("--device", default="cuda", help="PyTorch's device for the parity part "
                     "(cpu: a dry run of the script with --targets cpu:f32 --no-timing)")
@@ -294,9 +305,15 @@ def main() -> int:
     except Exception:  # noqa: BLE001
         report += ["parity failed:", "```", traceback.format_exc()[-2000:], "```"]
     log("\n".join(report))
+
+    def partial(table):
+        # Written after every row: a run cut short still leaves what it measured.
+        (args.out / "gpu_compare.md").write_text("\n".join(report + [table, ""]) + "\n")
+        (args.out / "gpu_compare.json").write_text(json.dumps(results, indent=1, default=str))
+    partial("")
     if not args.no_timing:
         try:
-            report += [timing(args, args.work, model, tensors, layers, arts, results), ""]
+            report += [timing(args, args.work, model, tensors, layers, arts, results, partial), ""]
         except Exception:  # noqa: BLE001
             report += ["timing failed:", "```", traceback.format_exc()[-2000:], "```"]
     text = "\n".join(report)

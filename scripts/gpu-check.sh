@@ -8,7 +8,8 @@
 # 1. the machine: nvidia-smi, `eptc plugins` (the cuda and wgpu backends' devices);
 # 2. the CUDA backend's own parity tests against the CPU backend (tiny ViT, f32, bf16);
 # 3. the workspace's parity suite (every EPT mode, depth and checkpoint layout against
-#    PyTorch float64 logits) and gradient suite, run on --target cuda, f32 then bf16;
+#    PyTorch float64 logits) and gradient suite, run on --target cuda (f32; bf16 too
+#    with GPU_SUITE_DTYPES="f32 bf16");
 # 4. benches/gpu_compare.py: ViT-B/16 + EPT parity against PyTorch float64 on the GPU,
 #    and the side-by-side timing against PyTorch eager and torch.compile (bf16);
 # 5. the wgpu backend through Vulkan on the same GPU (ViT-B/16 forward, batch 1 and 64).
@@ -56,35 +57,42 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm 
 "$bin/eptc" plugins 2>&1 | tee "$out/plugins.txt"
 
 stamp "== 2. cuda backend parity (tiny ViT vs the CPU backend)"
-EPTC_REQUIRE_CUDA=1 timeout 120 "$bin/test-cuda-parity" --nocapture --test-threads 1 \
+EPTC_REQUIRE_CUDA=1 timeout 60 "$bin/test-cuda-parity" --nocapture --test-threads 1 \
   > "$out/cuda-parity.log" 2>&1; echo "exit $?" >> "$out/cuda-parity.log"
 grep -E "error|relative|plan for|test result|panicked|skipped|^exit" "$out/cuda-parity.log" | head -40
 
 export EPTC_BIN=$bin/eptc EPTC_FIXTURES=$PWD/tests/fixtures EPTC_TEST_TARGET=cuda
-for dt in f32 bf16; do
+for dt in ${GPU_SUITE_DTYPES:-f32}; do
   stamp "== 3. parity + gradient suites on --target cuda --dtype $dt"
-  EPTC_TEST_DTYPE=$dt timeout 240 "$bin/test-parity" --test-threads 8 --nocapture \
+  EPTC_TEST_DTYPE=$dt timeout 100 "$bin/test-parity" --test-threads 8 --nocapture \
     > "$out/suite-parity-$dt.log" 2>&1; echo "exit $?" >> "$out/suite-parity-$dt.log"
   grep -E "test result|FAILED|panicked|^exit" "$out/suite-parity-$dt.log" | head -20
   grep -Eo "rel err [0-9.e+-]+" "$out/suite-parity-$dt.log" | sort -k3 -g | tail -1
-  EPTC_TEST_DTYPE=$dt timeout 180 "$bin/test-training" grad_matches_pytorch --nocapture \
+  EPTC_TEST_DTYPE=$dt timeout 60 "$bin/test-training" grad_matches_pytorch --nocapture \
     > "$out/suite-grad-$dt.log" 2>&1; echo "exit $?" >> "$out/suite-grad-$dt.log"
   grep -E "worst|test result|panicked|relative error|^exit" "$out/suite-grad-$dt.log" | head -10
 done
 unset EPTC_TEST_DTYPE EPTC_TEST_TARGET
 
 stamp "== 4. ViT-B/16: parity against PyTorch float64 and timing against PyTorch"
-PYTHONUNBUFFERED=1 timeout ${GPU_COMPARE_TIMEOUT:-330} python3 benches/gpu_compare.py \
+PYTHONUNBUFFERED=1 timeout ${GPU_COMPARE_TIMEOUT:-200} python3 benches/gpu_compare.py \
   --eptc "$bin/eptc" --work /tmp/eptc-gpu --out "$out" \
   --targets "cuda:f32,cuda:bf16${GPU_COMPARE_WGPU:+,wgpu:f32}" ${GPU_COMPARE_ARGS:-} \
   > "$out/gpu_compare.log" 2>&1; echo "exit $?" >> "$out/gpu_compare.log"
 tail -5 "$out/gpu_compare.log"
 
+stamp "== 4b. where the CUDA step's time goes (ViT-B/16 bf16, batch 64, per op kind)"
+if [ -d /tmp/eptc-gpu/art_cuda_bf16 ]; then
+  EPTC_CUDA_PROFILE=1 timeout 30 "$bin/eptc" bench /tmp/eptc-gpu/art_cuda_bf16 --batch 64 \
+    --iters 1 --warmup 1 > "$out/profile.log" 2>&1; echo "exit $?" >> "$out/profile.log"
+  grep -A14 "eptc cuda profile" "$out/profile.log" | tail -15
+fi
+
 stamp "== 5. wgpu on this GPU through Vulkan (ViT-B/16 forward)"
 if [ -d /tmp/eptc-gpu ] && [ -f /tmp/eptc-gpu/vit_b16_timm.safetensors ]; then
-  (timeout 60 "$bin/eptc" compile /tmp/eptc-gpu/vit_b16_timm.safetensors --peft ept \
+  (timeout 20 "$bin/eptc" compile /tmp/eptc-gpu/vit_b16_timm.safetensors --peft ept \
      --prompt-len 100 --num-classes 10 --target wgpu -o /tmp/eptc-gpu/art_wgpu \
-   && for b in 1 64; do timeout 60 "$bin/eptc" bench /tmp/eptc-gpu/art_wgpu --batch $b \
+   && for b in 1 64; do timeout 30 "$bin/eptc" bench /tmp/eptc-gpu/art_wgpu --batch $b \
         --iters 5 --warmup 1; done) > "$out/wgpu.log" 2>&1; echo "exit $?" >> "$out/wgpu.log"
   cat "$out/wgpu.log" | grep -v "^\s*$" | tail -12
 fi

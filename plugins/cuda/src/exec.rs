@@ -99,8 +99,13 @@ impl Backend for CudaBackend {
         // Checked by NVRTC where it can be loaded (it needs no GPU).
         if crate::nvrtc::available().is_ok() {
             let arch = gpu::gpu().map(|g| g.arch.clone()).unwrap_or("sm_90".into());
-            let refs: Vec<&Kernel> = ks.iter().collect();
-            crate::nvrtc::compile(&codegen::module_source(&refs, dtype), &arch)
+            // Identical kernels (the name aside) compile once.
+            let mut seen = HashSet::new();
+            let refs: Vec<&Kernel> = ks
+                .iter()
+                .filter(|k| seen.insert(k.masked_source()))
+                .collect();
+            crate::cache::compile_cached(&codegen::module_source(&refs, dtype), &arch)
                 .map_err(|e| other(format!("NVRTC ({arch}): {e}")))?;
         }
         Ok(ks
