@@ -81,15 +81,23 @@ PYTHONUNBUFFERED=1 timeout ${GPU_COMPARE_TIMEOUT:-200} python3 benches/gpu_compa
   > "$out/gpu_compare.log" 2>&1; echo "exit $?" >> "$out/gpu_compare.log"
 tail -5 "$out/gpu_compare.log"
 
-stamp "== 4b. where the CUDA step's time goes (ViT-B/16 bf16, batch 64, per op kind)"
+stamp "== 4b. attention as cuBLAS GEMMs (default) or the fused kernel; where the time goes"
 if [ -d /tmp/eptc-gpu/art_cuda_bf16 ]; then
+  for mode in gemm fused; do
+    for tr in "" --train; do
+      EPTC_CUDA_ATTENTION=$mode timeout 30 "$bin/eptc" bench /tmp/eptc-gpu/art_cuda_bf16 \
+        --batch 64 --iters 10 --warmup 2 $tr --json 2>>"$out/attention-modes.err" | python3 -c "
+import json, sys; r = json.loads(sys.stdin.read()); d = r.get('device_median_s') or float('nan')
+print(f'  attention={sys.argv[1]:5} {r[\"what\"]:13} b64 bf16: device {d*1e3:.2f} ms, wall {r[\"median_s\"]*1e3:.2f} ms')" $mode
+    done
+  done 2>&1 | tee "$out/attention-modes.txt"
   EPTC_CUDA_PROFILE=1 timeout 30 "$bin/eptc" bench /tmp/eptc-gpu/art_cuda_bf16 --batch 64 \
     --iters 1 --warmup 1 > "$out/profile.log" 2>&1; echo "exit $?" >> "$out/profile.log"
   grep -A14 "eptc cuda profile" "$out/profile.log" | tail -15
 fi
 
 stamp "== 5. wgpu on this GPU through Vulkan (ViT-B/16 forward)"
-if [ -d /tmp/eptc-gpu ] && [ -f /tmp/eptc-gpu/vit_b16_timm.safetensors ]; then
+if [ -z "${GPU_SKIP_WGPU:-}" ] && [ -d /tmp/eptc-gpu ] && [ -f /tmp/eptc-gpu/vit_b16_timm.safetensors ]; then
   (timeout 20 "$bin/eptc" compile /tmp/eptc-gpu/vit_b16_timm.safetensors --peft ept \
      --prompt-len 100 --num-classes 10 --target wgpu -o /tmp/eptc-gpu/art_wgpu \
    && for b in 1 64; do timeout 30 "$bin/eptc" bench /tmp/eptc-gpu/art_wgpu --batch $b \

@@ -232,6 +232,8 @@ struct Gemm {
     stride_c: i64,
     batch: i32,
     offsets: Vec<(usize, usize, usize)>,
+    /// C = alpha · op(A) op(B).
+    alpha: f32,
     /// Device pointers of A, B (cuBLAS's operands) and C.
     a: u64,
     b: u64,
@@ -535,6 +537,10 @@ impl CudaExecutable {
         let mut kernels: Vec<Kernel> = Vec::new();
         let mut pending: Vec<(usize, &'static str, String, PendingAction)> = Vec::new();
         let mut gemms = 0;
+        // `attention` as two cuBLAS GEMMs around a softmax kernel (the default), or the
+        // generated fused kernel (`EPTC_CUDA_ATTENTION=fused`, or without cuBLAS).
+        let attention_gemm = std::env::var("EPTC_CUDA_ATTENTION").map_or(true, |v| v != "fused");
+        let mut scratch_elems = 0usize;
         for (i, s) in self.slots.iter().enumerate() {
             let Kind::Compute(ops) = &s.kind else {
                 continue;
@@ -545,6 +551,49 @@ impl CudaExecutable {
             let out = ptr_of(i);
             let args: Vec<u64> = ops.iter().map(|&o| ptr_of(o)).chain([out]).collect();
             let node = self.graph.node(s.id);
+            if blas && attention_gemm {
+                if let Some(at) = attention_for(&self.graph, s.id, batch) {
+                    let id = s.id.index();
+                    gemms += 2;
+                    scratch_elems = scratch_elems.max(at.s_elems);
+                    let (q, k, v) = (args[0], args[1], args[2]);
+                    // Scratch pointers are patched in once the scratch is allocated.
+                    pending.push((
+                        i,
+                        s.op,
+                        format!("n{id}_attention_qk"),
+                        PendingAction::Gemm(Gemm {
+                            a: k,
+                            b: q,
+                            c: SCRATCH_S,
+                            ..at.qk
+                        }),
+                    ));
+                    let mut kargs = vec![SCRATCH_S];
+                    if at.sink {
+                        kargs.push(args[3]);
+                    }
+                    kargs.push(SCRATCH_P);
+                    let mut kk = at.softmax;
+                    let name = format!("n{id}_attention_softmax");
+                    kk.source = kk.source.replace(&kk.name, &name);
+                    kk.name = name.clone();
+                    pending.push((i, s.op, name, PendingAction::Kernel(kernels.len(), kargs)));
+                    kernels.push(kk);
+                    pending.push((
+                        i,
+                        s.op,
+                        format!("n{id}_attention_pv"),
+                        PendingAction::Gemm(Gemm {
+                            a: v,
+                            b: SCRATCH_P,
+                            c: out,
+                            ..at.pv
+                        }),
+                    ));
+                    continue;
+                }
+            }
             if blas {
                 if let Some((g, epi)) = gemm_for(&self.graph, s.id, batch) {
                     gemms += 1;
@@ -590,6 +639,33 @@ impl CudaExecutable {
                 ));
                 kernels.push(k);
             }
+        }
+        // The scores and probabilities of the attention GEMMs: one pair for the plan (the
+        // attention nodes run one after another).
+        let mut scratch = Vec::new();
+        if scratch_elems > 0 {
+            let bytes = scratch_elems * eb as usize;
+            let sm = alloc(bytes, "attention scores")?;
+            let pm = alloc(bytes, "attention probabilities")?;
+            let patch = |p: &mut u64| {
+                if *p == SCRATCH_S {
+                    *p = sm.ptr;
+                } else if *p == SCRATCH_P {
+                    *p = pm.ptr;
+                }
+            };
+            for (_, _, _, a) in pending.iter_mut() {
+                match a {
+                    PendingAction::Gemm(g) => {
+                        patch(&mut g.a);
+                        patch(&mut g.b);
+                        patch(&mut g.c);
+                    }
+                    PendingAction::Kernel(_, args) => args.iter_mut().for_each(patch),
+                }
+            }
+            scratch.push(sm);
+            scratch.push(pm);
         }
         // One module of the distinct kernels (the name masked), compiled once.
         let mut unique: Vec<usize> = Vec::new();
@@ -669,7 +745,7 @@ impl CudaExecutable {
         let mut p = BatchPlan {
             batch,
             inputs,
-            _slots: slot_mem,
+            _slots: slot_mem.into_iter().chain(scratch).collect(),
             steps,
             outputs,
             module,
@@ -736,7 +812,7 @@ impl CudaExecutable {
                 bs::cublasOperation_t::CUBLAS_OP_N
             }
         };
-        let (alpha, beta) = (1.0f32, 0.0f32);
+        let (alpha, beta) = (g.alpha, 0.0f32);
         for &(oa, ob, oc) in &g.offsets {
             unsafe {
                 br::gemm_strided_batched_ex(
@@ -889,6 +965,7 @@ fn gemm_for(g: &Graph, id: NodeId, batch: usize) -> Option<(Gemm, Option<Epi>)> 
                 batch: fits(bdim)?,
                 // (our A, our B, C) offsets → (cuBLAS A = our B, cuBLAS B = our A, C).
                 offsets: offsets.into_iter().map(|[a, b, c]| (b, a, c)).collect(),
+                alpha: 1.0,
                 a: 0,
                 b: 0,
                 c: 0,
@@ -920,6 +997,7 @@ fn gemm_for(g: &Graph, id: NodeId, batch: usize) -> Option<(Gemm, Option<Epi>)> 
                 stride_c: 0,
                 batch: 1,
                 offsets: vec![(0, 0, 0)],
+                alpha: 1.0,
                 a: 0,
                 b: 0,
                 c: 0,
@@ -936,6 +1014,125 @@ fn gemm_for(g: &Graph, id: NodeId, batch: usize) -> Option<(Gemm, Option<Epi>)> 
         }
         _ => None,
     }
+}
+
+/// Placeholders for the attention scratch buffers in pending launches (never valid
+/// device addresses: odd).
+const SCRATCH_S: u64 = 1;
+const SCRATCH_P: u64 = 3;
+
+/// `attention` as GEMMs: `S = scale · Q Kᵀ`, `P = softmax(S [, z])` (a generated kernel),
+/// `O = P V`.
+struct AttentionGemms {
+    qk: Gemm,
+    softmax: Kernel,
+    pv: Gemm,
+    sink: bool,
+    /// Elements of S (and of P).
+    s_elems: usize,
+}
+
+fn attention_for(g: &Graph, id: NodeId, batch: usize) -> Option<AttentionGemms> {
+    let node = g.node(id);
+    let Op::Attention { scale, sink } = &node.op else {
+        return None;
+    };
+    let ops = g.operands(id);
+    let x: Vec<Vec<usize>> = ops.iter().map(|&o| g.ty(o).shape.resolve(batch)).collect();
+    let out = node.ty.shape.resolve(batch);
+    let (q, k, v) = (&x[0], &x[1], &x[2]);
+    let r = out.len();
+    if r < 2 || q.len() < 2 || k.len() < 2 || v.len() < 2 {
+        return None;
+    }
+    let last2 = |s: &[usize]| (s[s.len() - 2], s[s.len() - 1]);
+    let ((n, d), (m, dk), (mv, e)) = (last2(q), last2(k), last2(v));
+    if d != dk || m != mv || d == 0 || m == 0 || out[r - 2..] != [n, e] {
+        return None;
+    }
+    let lead = out[..r - 2].to_vec();
+    let ls = |s: &[usize], mat: usize| -> Option<Vec<usize>> {
+        Some(
+            lead_strides(&s[..s.len() - 2], &lead)?
+                .iter()
+                .map(|x| x * mat)
+                .collect(),
+        )
+    };
+    let (sq, sk, sv) = (ls(q, n * d)?, ls(k, m * d)?, ls(v, m * e)?);
+    let contiguous = |mat: usize| -> Vec<usize> {
+        eptc_ir::strides::contiguous_strides(&lead)
+            .iter()
+            .map(|x| x * mat)
+            .collect()
+    };
+    let (ss, so) = (contiguous(n * m), contiguous(n * e));
+    let fits = |v: usize| i32::try_from(v).ok();
+    // S[n, m] = Q[n, d] K[m, d]^T: cuBLAS's A is K (transposed), its B is Q.
+    let (cnt, [st_q, st_k, st_s], offs) = batching(&lead, &[&sq, &sk, &ss]);
+    let qk = Gemm {
+        transa: true,
+        transb: false,
+        m: fits(m)?,
+        n: fits(n)?,
+        k: fits(d)?,
+        lda: fits(d)?,
+        ldb: fits(d)?,
+        ldc: fits(m)?,
+        stride_a: st_k as i64,
+        stride_b: st_q as i64,
+        stride_c: st_s as i64,
+        batch: fits(cnt)?,
+        offsets: offs.into_iter().map(|[oq, ok, os]| (ok, oq, os)).collect(),
+        alpha: *scale,
+        a: 0,
+        b: 0,
+        c: 0,
+    };
+    // O[n, e] = P[n, m] V[m, e]: cuBLAS's A is V, its B is P.
+    let (cnt, [st_p, st_v, st_o], offs) = batching(&lead, &[&ss, &sv, &so]);
+    let pv = Gemm {
+        transa: false,
+        transb: false,
+        m: fits(e)?,
+        n: fits(n)?,
+        k: fits(m)?,
+        lda: fits(e)?,
+        ldb: fits(m)?,
+        ldc: fits(e)?,
+        stride_a: st_v as i64,
+        stride_b: st_p as i64,
+        stride_c: st_o as i64,
+        batch: fits(cnt)?,
+        offsets: offs.into_iter().map(|[op, ov, oo]| (ov, op, oo)).collect(),
+        alpha: 1.0,
+        a: 0,
+        b: 0,
+        c: 0,
+    };
+    // The softmax over the last axis of S (with the sink logit z), generated from a graph
+    // of that one op.
+    let mut sg = Graph::new("attention-softmax");
+    let mut s_shape = lead.clone();
+    s_shape.extend([n, m]);
+    let si = sg.input("s", eptc_ir::TensorType::f32(Shape::fixed(&s_shape)));
+    let y = if *sink {
+        let zi = sg.input("z", eptc_ir::TensorType::f32(Shape::fixed(&x[3])));
+        sg.softmax_sink(si, zi).ok()?
+    } else {
+        sg.softmax(si, s_shape.len() - 1).ok()?
+    };
+    let mut ks = codegen::node_kernels(&sg, y, batch, DType::F32).ok()?;
+    if ks.len() != 1 {
+        return None;
+    }
+    Some(AttentionGemms {
+        qk,
+        softmax: ks.pop()?,
+        pv,
+        sink: *sink,
+        s_elems: s_shape.iter().product(),
+    })
 }
 
 /// Broadcast strides (in units of `from`'s elements) of `from` read as `to`.
@@ -1150,6 +1347,191 @@ mod tests {
         assert_eq!(lead_strides(&[3], &[2, 3]), Some(vec![0, 1]));
         assert_eq!(lead_strides(&[2, 1], &[2, 3]), Some(vec![1, 0]));
         assert_eq!(lead_strides(&[4], &[2, 3]), None);
+    }
+
+    /// cuBLAS's strided-batched GEMM on the host (column-major, f64 accumulation).
+    fn emulate(g: &Gemm, a: &[f64], b: &[f64], c: &mut [f64]) {
+        let (m, n, k) = (g.m as usize, g.n as usize, g.k as usize);
+        let (lda, ldb, ldc) = (g.lda as usize, g.ldb as usize, g.ldc as usize);
+        for &(oa, ob, oc) in &g.offsets {
+            for i in 0..g.batch as usize {
+                let a0 = oa + i * g.stride_a as usize;
+                let b0 = ob + i * g.stride_b as usize;
+                let c0 = oc + i * g.stride_c as usize;
+                for r in 0..m {
+                    for q in 0..n {
+                        let mut acc = 0.0;
+                        for p in 0..k {
+                            let av = if g.transa {
+                                a[a0 + p + r * lda]
+                            } else {
+                                a[a0 + r + p * lda]
+                            };
+                            let bv = if g.transb {
+                                b[b0 + q + p * ldb]
+                            } else {
+                                b[b0 + p + q * ldb]
+                            };
+                            acc += av * bv;
+                        }
+                        c[c0 + r + q * ldc] = f64::from(g.alpha) * acc;
+                    }
+                }
+            }
+        }
+    }
+
+    fn values(n: usize, seed: u64) -> Vec<f64> {
+        // A small deterministic generator (no rand dependency in the library).
+        let mut x = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (0..n)
+            .map(|_| {
+                x = x
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((x >> 33) as f64 / (1u64 << 31) as f64) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    fn reference(g: &Graph, inputs: &[(&str, Vec<usize>, Vec<f64>)]) -> Vec<f64> {
+        let vals = inputs
+            .iter()
+            .map(|(n, s, v)| {
+                (
+                    n.to_string(),
+                    eptc_ir::reference::Tensor64::new(s.clone(), v.clone()),
+                )
+            })
+            .collect();
+        eptc_ir::reference::eval(g, &vals).unwrap()[0]
+            .1
+            .data
+            .clone()
+    }
+
+    fn close(got: &[f64], want: &[f64]) {
+        assert_eq!(got.len(), want.len());
+        for (i, (a, b)) in got.iter().zip(want).enumerate() {
+            assert!(
+                (a - b).abs() <= 1e-9 * (1.0 + b.abs()),
+                "element {i}: {a} vs {b}"
+            );
+        }
+    }
+
+    #[test]
+    fn matmul_gemm_mapping_matches_the_reference() {
+        use eptc_ir::TensorType;
+        // Every transpose combination, a broadcast lead dim on either side, a lead dim
+        // that is not merged ([0, x] strides) and none.
+        let cases: &[(&[usize], &[usize], bool, bool)] = &[
+            (&[2, 3, 4, 5], &[2, 3, 5, 6], false, false),
+            (&[2, 3, 5, 4], &[3, 5, 6], true, false),
+            (&[3, 4, 5], &[2, 3, 6, 5], false, true),
+            (&[1, 3, 5, 4], &[2, 1, 6, 5], true, true),
+            (&[4, 5], &[5, 6], false, false),
+        ];
+        for (ci, &(sa, sb, ta, tb)) in cases.iter().enumerate() {
+            let mut g = Graph::new("mm");
+            let a = g.input("a", TensorType::f32(Shape::fixed(sa)));
+            let b = g.input("b", TensorType::f32(Shape::fixed(sb)));
+            let y = g.matmul(a, b, ta, tb).unwrap();
+            g.set_output("y", y);
+            let out = g.ty(y).shape.resolve(1);
+            let (va, vb) = (
+                values(sa.iter().product(), ci as u64),
+                values(sb.iter().product(), 100 + ci as u64),
+            );
+            let want = reference(
+                &g,
+                &[
+                    ("a", sa.to_vec(), va.clone()),
+                    ("b", sb.to_vec(), vb.clone()),
+                ],
+            );
+            let (gm, epi) = gemm_for(&g, y, 1).expect("a GEMM");
+            assert!(epi.is_none());
+            let mut c = vec![f64::NAN; out.iter().product()];
+            // cuBLAS's A is our B.
+            emulate(&gm, &vb, &va, &mut c);
+            close(&c, &want);
+        }
+    }
+
+    #[test]
+    fn linear_gemm_mapping_matches_the_reference() {
+        use eptc_ir::TensorType;
+        let mut g = Graph::new("lin");
+        let x = g.input("x", TensorType::f32(Shape::fixed(&[2, 3, 5])));
+        let w = g.input("w", TensorType::f32(Shape::fixed(&[4, 5])));
+        let y = g.linear(x, w, None, Activation::None, None).unwrap();
+        g.set_output("y", y);
+        let (vx, vw) = (values(30, 1), values(20, 2));
+        let want = reference(
+            &g,
+            &[
+                ("x", vec![2, 3, 5], vx.clone()),
+                ("w", vec![4, 5], vw.clone()),
+            ],
+        );
+        let (gm, _) = gemm_for(&g, y, 1).unwrap();
+        let mut c = vec![f64::NAN; 24];
+        emulate(&gm, &vw, &vx, &mut c);
+        close(&c, &want);
+    }
+
+    #[test]
+    fn attention_gemm_mapping_matches_the_reference() {
+        use eptc_ir::TensorType;
+        for sink in [false, true] {
+            let (b, h, n, m, d, e) = (2, 3, 5, 7, 4, 6);
+            let mut g = Graph::new("att");
+            let q = g.input("q", TensorType::f32(Shape::fixed(&[b, h, n, d])));
+            // K shared across the batch (a broadcast lead dim).
+            let k = g.input("k", TensorType::f32(Shape::fixed(&[h, m, d])));
+            let v = g.input("v", TensorType::f32(Shape::fixed(&[b, h, m, e])));
+            let z = g.input("z", TensorType::f32(Shape::fixed(&[n, 1])));
+            let y = g.attention(q, k, v, sink.then_some(z), 0.37).unwrap();
+            g.set_output("y", y);
+            let inputs = [
+                ("q", vec![b, h, n, d], values(b * h * n * d, 1)),
+                ("k", vec![h, m, d], values(h * m * d, 2)),
+                ("v", vec![b, h, m, e], values(b * h * m * e, 3)),
+                ("z", vec![n, 1], values(n, 4)),
+            ];
+            let want = reference(&g, if sink { &inputs[..] } else { &inputs[..3] });
+            let at = attention_for(&g, y, 1).expect("attention as GEMMs");
+            assert_eq!(at.sink, sink);
+            assert_eq!(at.s_elems, b * h * n * m);
+            let mut sc = vec![f64::NAN; at.s_elems];
+            emulate(&at.qk, &inputs[1].2, &inputs[0].2, &mut sc);
+            // The softmax (with the sink) on the host, as the kernel computes it.
+            let zv = &inputs[3].2;
+            let mut p = vec![0.0; sc.len()];
+            for r in 0..b * h * n {
+                let row = &sc[r * m..(r + 1) * m];
+                let z = if sink { zv[r % n] } else { f64::NEG_INFINITY };
+                let mx = row.iter().cloned().fold(z, f64::max);
+                let den: f64 = row.iter().map(|x| (x - mx).exp()).sum::<f64>() + (z - mx).exp();
+                for j in 0..m {
+                    p[r * m + j] = (row[j] - mx).exp() / den;
+                }
+            }
+            let mut o = vec![f64::NAN; b * h * n * e];
+            emulate(&at.pv, &inputs[2].2, &p, &mut o);
+            close(&o, &want);
+            // The kernel's entry takes (s[, z], out).
+            let entry = at
+                .softmax
+                .source
+                .lines()
+                .find(|l| l.contains("__global__"))
+                .unwrap();
+            assert_eq!(at.softmax.inputs, if sink { 2 } else { 1 }, "{entry}");
+        }
     }
 
     #[test]
