@@ -132,8 +132,63 @@ pub fn node_kernels(
         return Ok(Vec::new());
     }
     let name = format!("n{}_{}", id.index(), node.op.kind());
-    let k = generate(&name, &node.op, &shapes, &out).map_err(err)?;
+    let mut k = generate(&name, &node.op, &shapes, &out).map_err(err)?;
+    k.source = format!("{}{}", bound_comment(&node.op, &shapes, &out), k.source);
     Ok(vec![k])
+}
+
+/// H100 SXM figures the kernels' comments are stated against: the device-to-device copy
+/// rate measured on such a machine (3.0 TB/s, read + write) and the FP32 FMA rate of its
+/// datasheet (67 TFLOP/s; these kernels use no tensor cores).
+const H100_BYTES_PER_S: f64 = 3.0e12;
+const H100_FP32_FLOPS: f64 = 67e12;
+
+/// The kernel's bound, stated as a comment: the fewest bytes it must move (every operand
+/// read once, the output written once) and the floating-point operations it must do,
+/// each over the H100's rate; the larger time is the floor no version beats by much.
+fn bound_comment(op: &Op, x: &[Vec<usize>], out: &[usize]) -> String {
+    let numel = |s: &[usize]| s.iter().product::<usize>() as f64;
+    let elems = x.iter().map(|s| numel(s)).sum::<f64>() + numel(out);
+    let flops = match op {
+        Op::MatMul {
+            transpose_a,
+            transpose_b: _,
+        } => {
+            let a = &x[0];
+            let k = if *transpose_a {
+                a[a.len() - 2]
+            } else {
+                a[a.len() - 1]
+            };
+            2.0 * numel(out) * k as f64
+        }
+        Op::Linear { .. } => 2.0 * numel(out) * *x[0].last().unwrap_or(&0) as f64,
+        Op::Attention { .. } => {
+            // Scores (d per score) and the weighted sum (e per score).
+            let (q, k, v) = (&x[0], &x[1], &x[2]);
+            let (d, m, e) = (q[q.len() - 1], k[k.len() - 2], v[v.len() - 1]);
+            let scores = numel(out) / e.max(1) as f64 * m as f64;
+            2.0 * scores * (d + e) as f64
+        }
+        // A handful of operations per element: far below the ridge point.
+        _ => 4.0 * elems,
+    };
+    let us = |bytes_per_elem: f64| elems * bytes_per_elem / H100_BYTES_PER_S * 1e6;
+    let compute_us = flops / H100_FP32_FLOPS * 1e6;
+    let (m32, m16) = (us(4.0), us(2.0));
+    let bound = if compute_us > m16 {
+        "compute"
+    } else {
+        "memory"
+    };
+    format!(
+        "// bound: {bound}. Moves {elems:.0} elements ({:.3} MB in f32, {:.3} MB in bf16/f16): \
+         >= {m32:.2} / {m16:.2} us at 3.0 TB/s (H100 copy rate); {:.4} GFLOP: >= {compute_us:.2} \
+         us at 67 TFLOP/s FP32 FMA (H100).\n",
+        elems * 4e-6,
+        elems * 2e-6,
+        flops * 1e-9
+    )
 }
 
 fn check_size(s: &[usize]) -> Result<(), String> {

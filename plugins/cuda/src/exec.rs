@@ -292,6 +292,9 @@ pub struct CudaExecutable {
     plans: Vec<BatchPlan>,
     profile: bool,
     use_graph: bool,
+    /// `EPTC_CUDA_TF32=1`: f32 GEMMs on the tensor cores' TF32 mode (about 3e-4 relative
+    /// error instead of f32's 1e-6); off unless asked.
+    tf32: bool,
     /// Events around the computation of a run (start, end), and its last duration.
     events: (ds::CUevent, ds::CUevent),
     last_device: Option<f64>,
@@ -362,6 +365,7 @@ impl CudaExecutable {
             plans: Vec::new(),
             profile: std::env::var("EPTC_CUDA_PROFILE").is_ok_and(|v| v != "0"),
             use_graph: std::env::var("EPTC_CUDA_GRAPH").map_or(true, |v| v != "0"),
+            tf32: std::env::var("EPTC_CUDA_TF32").is_ok_and(|v| v == "1"),
             events: (event()?, event()?),
             last_device: None,
         };
@@ -813,6 +817,11 @@ impl CudaExecutable {
             }
         };
         let (alpha, beta) = (g.alpha, 0.0f32);
+        let compute = if self.tf32 && self.dtype == DType::F32 {
+            bs::cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_TF32
+        } else {
+            bs::cublasComputeType_t::CUBLAS_COMPUTE_32F
+        };
         for &(oa, ob, oc) in &g.offsets {
             unsafe {
                 br::gemm_strided_batched_ex(
@@ -837,7 +846,7 @@ impl CudaExecutable {
                     g.ldc,
                     g.stride_c,
                     g.batch,
-                    bs::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                    compute,
                     bs::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
                 )
             }
