@@ -31,69 +31,7 @@ fn compile(dir: &Path, name: &str, extra: &[&str]) -> PathBuf {
 
 #[test]
 fn grad_matches_pytorch() {
-    // The fixture script's expected loss and gradients (float64 PyTorch, the official
-    // EPT semantics, mmcls's losses) for cat / multi-cat, deep / shallow, BCE / CE.
-    let d = tempfile::tempdir().unwrap();
-    let mut worst: f64 = 0.0;
-    for mode in ["cat", "multi-cat"] {
-        for depth in ["deep", "shallow"] {
-            for task in ["multilabel", "multiclass"] {
-                let name = format!("{mode}_{depth}_{task}");
-                let art = compile(
-                    d.path(),
-                    &name,
-                    &[
-                        "--ept-mode",
-                        mode,
-                        "--depth",
-                        depth,
-                        "--num-classes",
-                        "5",
-                        "--task",
-                        task,
-                    ],
-                );
-                let out = d.path().join(format!("{name}.safetensors"));
-                let adapter = fixture(&format!("adapter_{mode}_{depth}.safetensors"));
-                let batch = fixture(&format!("batch_{task}.safetensors"));
-                eptc_ok(&[
-                    "grad",
-                    s(&art),
-                    "--adapter",
-                    s(&adapter),
-                    "--input",
-                    s(&batch),
-                    "--output",
-                    s(&out),
-                ]);
-                let want = fixture(&format!("grad_{name}.safetensors"));
-                for key in [
-                    "loss",
-                    "grad.ept.prompts",
-                    "grad.head.weight",
-                    "grad.head.bias",
-                ] {
-                    let (gs, got) = tensor(&out, key);
-                    let (ws, exp) = tensor(&want, key);
-                    assert_eq!(gs, ws, "{name} {key} shape");
-                    let e = rel_err(&got, &exp);
-                    // 16-bit storage (EPTC_TEST_DTYPE=bf16) rounds every activation.
-                    let tol = if half_storage() { 5e-2 } else { 1e-4 };
-                    assert!(e <= tol, "{name} {key}: relative error {e:e}");
-                    worst = worst.max(e);
-                }
-                // Only the CLS token reaches the head, so the last block's prompt rows
-                // other than CLS get exactly no gradient (as in PyTorch).
-                if depth == "deep" {
-                    let (sh, g) = tensor(&out, "grad.ept.prompts");
-                    let per = sh[1] * sh[2];
-                    let last = &g[per..];
-                    assert!(last[sh[2]..].iter().all(|&v| v == 0.0), "{name}");
-                    assert!(last[..sh[2]].iter().any(|&v| v != 0.0), "{name}");
-                }
-            }
-        }
-    }
+    let worst = suites::grad_matches_pytorch(&target_flags());
     println!("worst relative gradient error against PyTorch: {worst:e}");
 }
 

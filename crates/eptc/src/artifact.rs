@@ -97,6 +97,10 @@ pub struct Manifest {
     pub trainable_params: usize,
     pub frozen_params: usize,
     pub target: String,
+    /// The plugin library of a plugin target (absolute path); `run`, `train`... load it
+    /// from there. Absent for built-in backends.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plugin: Option<PathBuf>,
     pub dtype: String,
     pub optimizer: OptimizerInfo,
     /// Stage name -> IR file in the artifact.
@@ -128,6 +132,16 @@ impl Manifest {
             );
         }
         let m: Manifest = serde_json::from_value(v).with_context(bad)?;
+        // A plugin target: load its library again (the path the user named at compile).
+        if let Some(lib) = &m.plugin {
+            crate::backends::load_plugin(lib).with_context(|| {
+                format!(
+                    "{}: the artifact was compiled for plugin {:?}",
+                    p.display(),
+                    m.target
+                )
+            })?;
+        }
         Ok(m)
     }
 

@@ -27,10 +27,12 @@ pub struct CompileArgs {
     pub peft: PeftArgs,
     #[command(flatten)]
     pub opt: OptArgs,
-    /// Backend: cpu (built in; `eptc plugins` lists the others)
+    /// Backend: cpu, wgpu or cuda (built in), the name of a plugin loaded with --plugin,
+    /// or the path of a plugin library (`eptc plugins` lists them)
     #[arg(long, default_value = "cpu")]
     pub target: String,
-    /// Storage type of the compiled model: f32 (f16 and bf16 need a GPU backend)
+    /// Storage type of device tensors (arithmetic stays f32): f32; f16 on wgpu (adapters
+    /// with shader-f16); bf16 on cuda
     #[arg(long, default_value = "f32")]
     pub dtype: String,
     /// Artifact folder to write [default: <model name>-eptc]
@@ -60,13 +62,17 @@ pub fn compile(a: &CompileArgs) -> Result<(PathBuf, Manifest, TargetCheck)> {
         }
     }
     let backend = crate::backends::find(&a.target)?;
+    // `--target PATH` loads a plugin: from here on it is its backend's name, and the
+    // manifest records the library so `run`, `train`... load it again.
+    let target = backend.name().to_string();
+    let plugin = crate::backends::plugin_path(&target);
     let dtype = eptc_ir::DType::from_name(&a.dtype)
         .with_context(|| format!("--dtype {:?}: expected f32, f16 or bf16", a.dtype))?;
     if !backend.capabilities().dtypes.contains(&dtype) {
         bail!(
             "--dtype {}: the {} backend stores tensors as {} only",
             a.dtype,
-            a.target,
+            target,
             backend
                 .capabilities()
                 .dtypes
@@ -77,12 +83,12 @@ pub fn compile(a: &CompileArgs) -> Result<(PathBuf, Manifest, TargetCheck)> {
         );
     }
     let (sha256, bytes) = artifact::hash_file(&a.model)?;
-    let c = pipeline::build(&a.model, &a.model_args, &a.peft, &a.opt, &a.target)?;
+    let c = pipeline::build(&a.model, &a.model_args, &a.peft, &a.opt, &target)?;
     // Every kernel the target generates is checked by its validator, device or not.
     let mut kernels = Vec::new();
     for (stage, g) in [(RUN_STAGE, &c.optimized), (TRAIN_STAGE, &c.train)] {
-        for k in pipeline::kernels(&a.target, g, 1, dtype)
-            .with_context(|| format!("{} kernels of the {stage} stage", a.target))?
+        for k in pipeline::kernels(&target, g, 1, dtype)
+            .with_context(|| format!("{} kernels of the {stage} stage", target))?
         {
             kernels.push((stage, k));
         }
@@ -91,8 +97,8 @@ pub fn compile(a: &CompileArgs) -> Result<(PathBuf, Manifest, TargetCheck)> {
     let availability = backend.availability();
     if availability.is_available() {
         let weights = pipeline::weights_with(&c.model, &c.folded, &c.adapter);
-        pipeline::executable(&a.target, &c.optimized, &weights, None, dtype)?;
-        pipeline::executable(&a.target, &c.train, &weights, None, dtype)
+        pipeline::executable(&target, &c.optimized, &weights, None, dtype)?;
+        pipeline::executable(&target, &c.train, &weights, None, dtype)
             .context("the backend cannot run the training graph")?;
     }
 
@@ -121,7 +127,7 @@ pub fn compile(a: &CompileArgs) -> Result<(PathBuf, Manifest, TargetCheck)> {
     let plan = if a.emit.iter().any(|e| e == "plan") {
         artifact::write_atomic(
             &dir.join("plan.json"),
-            serde_json::to_string_pretty(&plan_json(&c.optimized, &a.target)?)?.as_bytes(),
+            serde_json::to_string_pretty(&plan_json(&c.optimized, &target)?)?.as_bytes(),
         )?;
         Some("plan.json".to_string())
     } else {
@@ -161,7 +167,8 @@ pub fn compile(a: &CompileArgs) -> Result<(PathBuf, Manifest, TargetCheck)> {
         seed: a.peft.seed,
         trainable_params: trainable,
         frozen_params: frozen_count(&c.peft),
-        target: a.target.clone(),
+        target: target.clone(),
+        plugin,
         dtype: a.dtype.clone(),
         optimizer: OptimizerInfo {
             enabled: !a.opt.no_optimize,

@@ -124,34 +124,28 @@ pub fn cmd_ir(a: &IrArgs) -> Result<()> {
     Ok(())
 }
 
+/// Built-in backends and the plugins loaded with `--plugin PATH` / `EPTC_PLUGIN_PATH`
+/// (e.g. `eptc plugins --plugin target/release/libeptc_cpu_plugin.so`).
 #[derive(Args, Debug)]
 pub struct PluginsArgs {
-    /// A backend plugin (dynamic library) to load and describe
-    #[arg(long)]
-    pub plugin: Vec<PathBuf>,
     /// Print one JSON object
     #[arg(long)]
     pub json: bool,
 }
 
 pub fn cmd_plugins(a: &PluginsArgs) -> Result<()> {
-    if let Some(p) = a.plugin.first() {
-        bail!(
-            "--plugin {}: loading backend plugins is not supported yet (issue #7)",
-            p.display()
-        );
-    }
     let mut rows = Vec::new();
-    for b in backends::all() {
+    for (b, origin) in backends::all_with_origin() {
         let (ok, why) = match b.availability() {
             eptc_backend::Availability::Available(d) => (true, d),
             eptc_backend::Availability::Unavailable(w) => (false, w),
         };
         let caps = b.capabilities();
         rows.push(
-            json!({"name": b.name(), "kind": "built-in", "available": ok, "detail": why,
-                         "dtypes": caps.dtypes.iter().map(|d| d.name()).collect::<Vec<_>>(),
-                         "ops": caps.ops.len(), "fused_ops": caps.fused_ops}),
+            json!({"name": b.name(), "kind": origin.kind, "available": ok, "detail": why,
+                   "path": origin.path, "version": origin.version,
+                   "dtypes": caps.dtypes.iter().map(|d| d.name()).collect::<Vec<_>>(),
+                   "ops": caps.ops.len(), "fused_ops": caps.fused_ops}),
         );
     }
     if a.json {
@@ -169,6 +163,16 @@ pub fn cmd_plugins(a: &PluginsArgs) -> Result<()> {
                 },
                 r["detail"].as_str().unwrap_or("")
             );
+            if let Some(p) = r["path"].as_str() {
+                println!(
+                    "       {} {}, {} ops + fused {}, dtypes {}",
+                    p,
+                    r["version"].as_str().unwrap_or(""),
+                    r["ops"],
+                    r["fused_ops"],
+                    r["dtypes"]
+                );
+            }
         }
     }
     Ok(())

@@ -31,6 +31,11 @@ use clap::{Parser, Subcommand};
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Load a backend plugin (a dynamic library speaking eptc's plugin ABI; see
+    /// plugins/README.md) from this path; repeatable. EPTC_PLUGIN_PATH adds more
+    /// (paths separated by `:`). Its backend is then a `--target` by name.
+    #[arg(long, global = true, value_name = "PATH")]
+    plugin: Vec<std::path::PathBuf>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -68,6 +73,10 @@ fn main() -> ExitCode {
         eprintln!("eptc: internal error: {info}\nThis is a bug in eptc; please report it with the command line that caused it.");
     }));
     let cli = Cli::parse();
+    if let Err(e) = backends::load_user_plugins(&cli.plugin) {
+        eprintln!("error: {e:#}");
+        return ExitCode::from(2);
+    }
     let result = match &cli.command {
         Command::Inspect(a) => cmd_info::cmd_inspect(a),
         Command::Compile(a) => cmd_compile::cmd_compile(a),

@@ -214,5 +214,19 @@ pub fn executable(
     let caps = backend.capabilities();
     let mut g = graph.clone();
     eptc_ir::decompose::lower_unsupported(&mut g, &|k| caps.supports(k))?;
+    // Primitives have no fallback: a backend (a plugin) that lacks one is told so here,
+    // with the node, rather than handed a graph it cannot run.
+    for id in g.node_ids() {
+        let kind = g.node(id).op.kind();
+        if !caps.supports(kind) {
+            bail!(
+                "backend {} does not support op {kind} (node %{}), which this graph needs; \
+                 its capabilities list {} ops",
+                backend.name(),
+                id.index(),
+                caps.ops.len() + caps.fused_ops.len()
+            );
+        }
+    }
     Ok(backend.compile(&g, weights, &CompileOptions { threads, dtype })?)
 }
