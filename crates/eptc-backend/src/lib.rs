@@ -5,6 +5,7 @@
 //! Built-in backends (`cpu`, later `wgpu`, `cuda`) and dynamically loaded plugins all
 //! implement [`Backend`], so the host has one code path whichever backend runs.
 
+pub mod dims;
 pub mod plan;
 
 use eptc_ir::{DType, Graph, HostTensor, WeightStore};

@@ -23,6 +23,7 @@ use std::time::Instant;
 
 use cudarc::cublas::{result as br, sys as bs};
 use cudarc::driver::{result as dr, sys as ds};
+use eptc_backend::dims;
 use eptc_backend::plan::{self, Loc, Role};
 use eptc_backend::{
     bind_batch, check_param, Availability, Backend, BackendError, Capabilities, CompileOptions,
@@ -911,74 +912,77 @@ struct Epi {
     residual: bool,
 }
 
+/// Our row-major `C[.., M, N] = alpha · A[.., M, K] B[.., K, N]` (A stored `[K, M]` when
+/// `ta`, B stored `[N, K]` when `tb`) over leading dims `lead` with the operands' lead
+/// strides, as a cuBLAS (column-major) GEMM: `Cᵀ = Bᵀ Aᵀ`, so cuBLAS's A is our B
+/// (`[K, N]` row-major is `[N, K]` column-major, ld N; transposed when stored `[N, K]`)
+/// and its B is our A. Operand pointers are left 0 for the caller.
+#[allow(clippy::too_many_arguments)]
+fn cublas_gemm(
+    ta: bool,
+    tb: bool,
+    m: usize,
+    n: usize,
+    k: usize,
+    lead: &[usize],
+    sa: &[usize],
+    sb: &[usize],
+    alpha: f32,
+) -> Option<Gemm> {
+    let fits = |v: usize| i32::try_from(v).ok();
+    let sc = dims::lead_contiguous(lead, m * n);
+    let (sa, sb) = (sa.to_vec(), sb.to_vec());
+    let (count, [st_a, st_b, st_c], offsets) = batching(lead, &[&sa, &sb, &sc]);
+    Some(Gemm {
+        transa: tb,
+        transb: ta,
+        m: fits(n)?,
+        n: fits(m)?,
+        k: fits(k)?,
+        lda: fits(if tb { k } else { n })?,
+        ldb: fits(if ta { m } else { k })?,
+        ldc: fits(n)?,
+        stride_a: st_b as i64,
+        stride_b: st_a as i64,
+        stride_c: st_c as i64,
+        batch: fits(count)?,
+        // (our A, our B, C) offsets → (cuBLAS A = our B, cuBLAS B = our A, C).
+        offsets: offsets.into_iter().map(|[a, b, c]| (b, a, c)).collect(),
+        alpha,
+        a: 0,
+        b: 0,
+        c: 0,
+    })
+}
+
 /// The GEMM computing node `id` (a `matmul` or `linear`), if cuBLAS can (operand pointers
-/// left 0, filled by the caller), and the epilogue a `linear` needs after it.
+/// left 0, filled by the caller; cuBLAS's A is our B), and the epilogue a `linear` needs
+/// after it.
 fn gemm_for(g: &Graph, id: NodeId, batch: usize) -> Option<(Gemm, Option<Epi>)> {
     let node = g.node(id);
     let ops = g.operands(id);
-    let shapes: Vec<Vec<usize>> = ops.iter().map(|&o| g.ty(o).shape.resolve(batch)).collect();
+    let x: Vec<Vec<usize>> = ops.iter().map(|&o| g.ty(o).shape.resolve(batch)).collect();
     let out = node.ty.shape.resolve(batch);
-    let fits = |v: usize| i32::try_from(v).ok();
     match &node.op {
         Op::MatMul {
             transpose_a,
             transpose_b,
         } => {
-            let (a, b) = (&shapes[0], &shapes[1]);
-            let (ra, rb, ro) = (a.len(), b.len(), out.len());
-            if ra < 2 || rb < 2 || ro < 2 {
+            let mm = dims::matmul(&x[0], &x[1], *transpose_a, *transpose_b, &out).ok()?;
+            if mm.k == 0 {
                 return None;
             }
-            let (m, ka) = if *transpose_a {
-                (a[ra - 1], a[ra - 2])
-            } else {
-                (a[ra - 2], a[ra - 1])
-            };
-            let (kb, n) = if *transpose_b {
-                (b[rb - 1], b[rb - 2])
-            } else {
-                (b[rb - 2], b[rb - 1])
-            };
-            if ka != kb || ka == 0 || out[ro - 2] != m || out[ro - 1] != n {
-                return None;
-            }
-            let lead = &out[..ro - 2];
-            let sa = lead_strides(&a[..ra - 2], lead)?
-                .iter()
-                .map(|s| s * a[ra - 2] * a[ra - 1])
-                .collect::<Vec<_>>();
-            let sb = lead_strides(&b[..rb - 2], lead)?
-                .iter()
-                .map(|s| s * b[rb - 2] * b[rb - 1])
-                .collect::<Vec<_>>();
-            let sc: Vec<usize> = eptc_ir::strides::contiguous_strides(lead)
-                .iter()
-                .map(|s| s * m * n)
-                .collect();
-            let (bdim, [stride_a, stride_b, stride_c], offsets) = batching(lead, &[&sa, &sb, &sc]);
-            // Ours: C[M,N] = A[M,K] B[K,N] row-major. cuBLAS (column-major): C^T = B^T A^T
-            // with its A = our B ([K,N] row-major = [N,K] col-major, ld N; transposed when
-            // stored [N,K]) and its B = our A.
-            let gm = Gemm {
-                transa: *transpose_b,
-                transb: *transpose_a,
-                m: fits(n)?,
-                n: fits(m)?,
-                k: fits(ka)?,
-                lda: fits(if *transpose_b { ka } else { n })?,
-                ldb: fits(if *transpose_a { m } else { ka })?,
-                ldc: fits(n)?,
-                stride_a: stride_b as i64,
-                stride_b: stride_a as i64,
-                stride_c: stride_c as i64,
-                batch: fits(bdim)?,
-                // (our A, our B, C) offsets → (cuBLAS A = our B, cuBLAS B = our A, C).
-                offsets: offsets.into_iter().map(|[a, b, c]| (b, a, c)).collect(),
-                alpha: 1.0,
-                a: 0,
-                b: 0,
-                c: 0,
-            };
+            let gm = cublas_gemm(
+                *transpose_a,
+                *transpose_b,
+                mm.m,
+                mm.n,
+                mm.k,
+                &mm.lead,
+                &mm.a.lead_strides,
+                &mm.b.lead_strides,
+                1.0,
+            )?;
             Some((gm, None))
         }
         Op::Linear {
@@ -986,31 +990,11 @@ fn gemm_for(g: &Graph, id: NodeId, batch: usize) -> Option<(Gemm, Option<Epi>)> 
             activation,
             residual,
         } => {
-            let (x, w) = (&shapes[0], &shapes[1]);
-            if w.len() != 2 || x.last() != Some(&w[1]) || w[1] == 0 {
+            let dims::Linear { rows, o, k } = dims::linear(&x, *bias, *residual, &out).ok()?;
+            if k == 0 {
                 return None;
             }
-            let (o, k) = (w[0], w[1]);
-            let rows = x.iter().product::<usize>() / k;
-            let gm = Gemm {
-                transa: true,
-                transb: false,
-                m: fits(o)?,
-                n: fits(rows)?,
-                k: fits(k)?,
-                lda: fits(k)?,
-                ldb: fits(k)?,
-                ldc: fits(o)?,
-                stride_a: 0,
-                stride_b: 0,
-                stride_c: 0,
-                batch: 1,
-                offsets: vec![(0, 0, 0)],
-                alpha: 1.0,
-                a: 0,
-                b: 0,
-                c: 0,
-            };
+            let gm = cublas_gemm(false, true, rows, o, k, &[], &[], &[], 1.0)?;
             let gelu = *activation == Activation::Gelu;
             let epi = (*bias || gelu || *residual).then_some(Epi {
                 rows,
@@ -1049,80 +1033,21 @@ fn attention_for(g: &Graph, id: NodeId, batch: usize) -> Option<AttentionGemms> 
     let ops = g.operands(id);
     let x: Vec<Vec<usize>> = ops.iter().map(|&o| g.ty(o).shape.resolve(batch)).collect();
     let out = node.ty.shape.resolve(batch);
-    let (q, k, v) = (&x[0], &x[1], &x[2]);
-    let r = out.len();
-    if r < 2 || q.len() < 2 || k.len() < 2 || v.len() < 2 {
+    let at = dims::attention(&x, *sink, &out).ok()?;
+    let (n, m, d, e) = (at.n, at.m, at.d, at.e);
+    if d == 0 || m == 0 {
         return None;
     }
-    let last2 = |s: &[usize]| (s[s.len() - 2], s[s.len() - 1]);
-    let ((n, d), (m, dk), (mv, e)) = (last2(q), last2(k), last2(v));
-    if d != dk || m != mv || d == 0 || m == 0 || out[r - 2..] != [n, e] {
-        return None;
-    }
-    let lead = out[..r - 2].to_vec();
-    let ls = |s: &[usize], mat: usize| -> Option<Vec<usize>> {
-        Some(
-            lead_strides(&s[..s.len() - 2], &lead)?
-                .iter()
-                .map(|x| x * mat)
-                .collect(),
-        )
-    };
-    let (sq, sk, sv) = (ls(q, n * d)?, ls(k, m * d)?, ls(v, m * e)?);
-    let contiguous = |mat: usize| -> Vec<usize> {
-        eptc_ir::strides::contiguous_strides(&lead)
-            .iter()
-            .map(|x| x * mat)
-            .collect()
-    };
-    let (ss, so) = (contiguous(n * m), contiguous(n * e));
-    let fits = |v: usize| i32::try_from(v).ok();
-    // S[n, m] = Q[n, d] K[m, d]^T: cuBLAS's A is K (transposed), its B is Q.
-    let (cnt, [st_q, st_k, st_s], offs) = batching(&lead, &[&sq, &sk, &ss]);
-    let qk = Gemm {
-        transa: true,
-        transb: false,
-        m: fits(m)?,
-        n: fits(n)?,
-        k: fits(d)?,
-        lda: fits(d)?,
-        ldb: fits(d)?,
-        ldc: fits(m)?,
-        stride_a: st_k as i64,
-        stride_b: st_q as i64,
-        stride_c: st_s as i64,
-        batch: fits(cnt)?,
-        offsets: offs.into_iter().map(|[oq, ok, os]| (ok, oq, os)).collect(),
-        alpha: *scale,
-        a: 0,
-        b: 0,
-        c: 0,
-    };
-    // O[n, e] = P[n, m] V[m, e]: cuBLAS's A is V, its B is P.
-    let (cnt, [st_p, st_v, st_o], offs) = batching(&lead, &[&ss, &sv, &so]);
-    let pv = Gemm {
-        transa: false,
-        transb: false,
-        m: fits(e)?,
-        n: fits(n)?,
-        k: fits(m)?,
-        lda: fits(e)?,
-        ldb: fits(m)?,
-        ldc: fits(e)?,
-        stride_a: st_v as i64,
-        stride_b: st_p as i64,
-        stride_c: st_o as i64,
-        batch: fits(cnt)?,
-        offsets: offs.into_iter().map(|[op, ov, oo]| (ov, op, oo)).collect(),
-        alpha: 1.0,
-        a: 0,
-        b: 0,
-        c: 0,
-    };
+    // S[n, m] = scale · Q[n, d] K[m, d]ᵀ, then O[n, e] = P[n, m] V[m, e].
+    let qk = cublas_gemm(
+        false, true, n, m, d, &at.lead, &at.q_lead, &at.k_lead, *scale,
+    )?;
+    let sp = dims::lead_contiguous(&at.lead, n * m);
+    let pv = cublas_gemm(false, false, n, e, m, &at.lead, &sp, &at.v_lead, 1.0)?;
     // The softmax over the last axis of S (with the sink logit z), generated from a graph
     // of that one op.
     let mut sg = Graph::new("attention-softmax");
-    let mut s_shape = lead.clone();
+    let mut s_shape = at.lead.clone();
     s_shape.extend([n, m]);
     let si = sg.input("s", eptc_ir::TensorType::f32(Shape::fixed(&s_shape)));
     let y = if *sink {
@@ -1142,25 +1067,6 @@ fn attention_for(g: &Graph, id: NodeId, batch: usize) -> Option<AttentionGemms> 
         sink: *sink,
         s_elems: s_shape.iter().product(),
     })
-}
-
-/// Broadcast strides (in units of `from`'s elements) of `from` read as `to`.
-fn lead_strides(from: &[usize], to: &[usize]) -> Option<Vec<usize>> {
-    if from.len() > to.len() {
-        return None;
-    }
-    let own = eptc_ir::strides::contiguous_strides(from);
-    let pad = to.len() - from.len();
-    let mut s = vec![0; to.len()];
-    for (i, &t) in to.iter().enumerate().skip(pad) {
-        let f = from[i - pad];
-        if f == t {
-            s[i] = own[i - pad];
-        } else if f != 1 {
-            return None;
-        }
-    }
-    Some(s)
 }
 
 /// Split the lead dims into one strided batch (the innermost dims that merge for every
@@ -1349,13 +1255,6 @@ mod tests {
         assert_eq!(n, 3);
         assert_eq!(st, [10, 7, 4]);
         assert_eq!(offs, vec![[0, 0, 0], [30, 0, 12]]);
-    }
-
-    #[test]
-    fn lead_strides_broadcast() {
-        assert_eq!(lead_strides(&[3], &[2, 3]), Some(vec![0, 1]));
-        assert_eq!(lead_strides(&[2, 1], &[2, 3]), Some(vec![1, 0]));
-        assert_eq!(lead_strides(&[4], &[2, 3]), None);
     }
 
     /// cuBLAS's strided-batched GEMM on the host (column-major, f64 accumulation).

@@ -31,11 +31,12 @@ mod matmul;
 mod rows;
 pub(crate) mod wgsl;
 
+use eptc_backend::dims;
 use eptc_ir::{Activation, DType, Graph, NodeId, Op};
 use thiserror::Error;
 
+use wgsl::contiguous_strides;
 pub use wgsl::Storage;
-use wgsl::{broadcast_strides, contiguous_strides};
 
 /// One compute kernel for one node.
 #[derive(Clone, Debug, PartialEq)]
@@ -158,19 +159,7 @@ fn generate(
             Ok(())
         }
     };
-    let bstrides = |from: &[usize], to: &[usize]| -> Result<Vec<usize>, String> {
-        let ok = from.len() <= to.len()
-            && from
-                .iter()
-                .rev()
-                .zip(to.iter().rev())
-                .all(|(&f, &t)| f == t || f == 1);
-        if ok {
-            Ok(broadcast_strides(from, to))
-        } else {
-            Err(format!("{from:?} does not broadcast to {to:?}"))
-        }
-    };
+    let bstrides = dims::broadcast;
     let numel = |s: &[usize]| s.iter().product::<usize>();
     Ok(match op {
         Op::Input { .. } | Op::Param { .. } | Op::Const { .. } | Op::Reshape { .. } => {
@@ -271,44 +260,17 @@ fn generate(
             transpose_a,
             transpose_b,
         } => {
-            let (a, b) = (&x[0], &x[1]);
-            rank_at_least(a, 2, "a")?;
-            rank_at_least(b, 2, "b")?;
-            let (ra, rb) = (a.len(), b.len());
-            let (m, ka) = if *transpose_a {
-                (a[ra - 1], a[ra - 2])
-            } else {
-                (a[ra - 2], a[ra - 1])
-            };
-            let (kb, n) = if *transpose_b {
-                (b[rb - 1], b[rb - 2])
-            } else {
-                (b[rb - 2], b[rb - 1])
-            };
-            if ka != kb {
-                return Err(format!("inner dims differ: {a:?} and {b:?}"));
-            }
-            let lead = &out[..out.len().saturating_sub(2)];
-            let mat_a = a[ra - 2] * a[ra - 1];
-            let mat_b = b[rb - 2] * b[rb - 1];
-            let sa: Vec<usize> = bstrides(&a[..ra - 2], lead)?
-                .iter()
-                .map(|s| s * mat_a)
-                .collect();
-            let sb: Vec<usize> = bstrides(&b[..rb - 2], lead)?
-                .iter()
-                .map(|s| s * mat_b)
-                .collect();
-            // A is [M, K] (stored [K, M] when transposed), B is [K, N] ([N, K]).
+            let mm = dims::matmul(&x[0], &x[1], *transpose_a, *transpose_b, out)?;
+            let (lead, m, n, ka) = (&mm.lead[..], mm.m, mm.n, mm.k);
             let opa = matmul::Operand {
-                rs: if *transpose_a { 1 } else { ka },
-                cs: if *transpose_a { m } else { 1 },
-                lead_strides: sa,
+                rs: mm.a.rs,
+                cs: mm.a.cs,
+                lead_strides: mm.a.lead_strides,
             };
             let opb = matmul::Operand {
-                rs: if *transpose_b { 1 } else { n },
-                cs: if *transpose_b { kb } else { 1 },
-                lead_strides: sb,
+                rs: mm.b.rs,
+                cs: mm.b.cs,
+                lead_strides: mm.b.lead_strides,
             };
             let what = format!(
                 "matmul{}{}",
@@ -333,28 +295,7 @@ fn generate(
             activation,
             residual,
         } => {
-            let (xs, w) = (&x[0], &x[1]);
-            rank_at_least(xs, 1, "x")?;
-            if w.len() != 2 || w[1] != *xs.last().unwrap_or(&0) {
-                return Err(format!(
-                    "w {w:?} must be [out, {}]",
-                    xs.last().unwrap_or(&0)
-                ));
-            }
-            let (o, k) = (w[0], w[1]);
-            let rows = numel(xs) / k.max(1);
-            // With K = 0 the rows of x are empty: their count comes from the output.
-            let rows = if k == 0 { numel(out) / o.max(1) } else { rows };
-            let mut next = 2;
-            if *bias {
-                if x[next] != [o] {
-                    return Err(format!("bias {:?} must be [{o}]", x[next]));
-                }
-                next += 1;
-            }
-            if *residual && x[next] != out {
-                return Err(format!("residual {:?} must be {out:?}", x[next]));
-            }
+            let dims::Linear { rows, o, k } = dims::linear(x, *bias, *residual, out)?;
             let opx = matmul::Operand {
                 rs: k,
                 cs: 1,
@@ -379,41 +320,18 @@ fn generate(
             matmul::matmul(st, name, &what, &[], rows, o, k, &opx, &opw, epi)
         }
         Op::Attention { scale, sink } => {
-            let (q, k, v) = (&x[0], &x[1], &x[2]);
-            for (s, w) in [(q, "q"), (k, "k"), (v, "v")] {
-                rank_at_least(s, 2, w)?;
-            }
-            let last2 = |s: &[usize]| (s[s.len() - 2], s[s.len() - 1]);
-            let ((n, d), (m, dk), (mv, e)) = (last2(q), last2(k), last2(v));
-            if d != dk || m != mv {
-                return Err(format!("q {q:?}, k {k:?}, v {v:?} do not fit"));
-            }
-            let lead = out[..out.len() - 2].to_vec();
-            let ls = |s: &[usize], mat: usize| -> Result<Vec<usize>, String> {
-                Ok(bstrides(&s[..s.len() - 2], &lead)?
-                    .iter()
-                    .map(|x| x * mat)
-                    .collect())
-            };
-            let z = if *sink {
-                let mut rows1 = lead.clone();
-                rows1.extend([n, 1]);
-                let zs = bstrides(&x[3], &rows1)?;
-                Some(zs[..zs.len() - 1].to_vec())
-            } else {
-                None
-            };
+            let at = dims::attention(x, *sink, out)?;
             let spec = attention::Spec {
-                q_lead: ls(q, n * d)?,
-                k_lead: ls(k, m * d)?,
-                v_lead: ls(v, m * e)?,
-                lead,
-                n,
-                m,
-                d,
-                e,
+                q_lead: at.q_lead,
+                k_lead: at.k_lead,
+                v_lead: at.v_lead,
+                lead: at.lead,
+                n: at.n,
+                m: at.m,
+                d: at.d,
+                e: at.e,
                 scale: *scale,
-                z,
+                z: at.z,
             };
             attention::attention(st, name, &spec)
         }

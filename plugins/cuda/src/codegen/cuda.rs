@@ -11,7 +11,7 @@ use std::fmt::Write;
 
 use eptc_ir::DType;
 
-pub use eptc_ir::strides::{broadcast_strides, contiguous_strides};
+pub use eptc_ir::strides::contiguous_strides;
 
 /// The most blocks along grid x (CUDA's limit).
 pub const MAX_GRID_X: usize = (1 << 31) - 1;

@@ -168,7 +168,7 @@ pub fn entry_1d(wg: usize) -> String {
     )
 }
 
-pub use eptc_ir::strides::{broadcast_strides, contiguous_strides};
+pub use eptc_ir::strides::contiguous_strides;
 
 /// Merge the dims of an index space read through several stride sets: size-1 dims
 /// vanish and neighbours fuse where every stride set steps through them as one.
