@@ -4,6 +4,7 @@
 Everything here is deterministic (fixed seeds, CPU only, nothing downloaded).
 
     python scripts/make_fixtures.py --out tests/fixtures     # tiny, committed fixtures
+    python scripts/make_fixtures.py --peft-zoo tests/fixtures  # only the PEFT-zoo ones
     python scripts/make_fixtures.py --vit-b16 DIR            # ViT-B/16 parity set (not committed)
     python scripts/make_fixtures.py --bench-torch            # PyTorch EPT timing, JSON on stdout
     python scripts/make_fixtures.py --vit-b16-grad DIR       # + ViT-B/16 gradients (after --vit-b16)
@@ -554,6 +555,101 @@ def make_grads(out: Path, model: VisionTransformer, x: torch.Tensor, tokens: int
 
 
 # ---------------------------------------------------------------------------------------
+# The PEFT zoo: methods that train existing weights (full, partial-k, bias)
+# ---------------------------------------------------------------------------------------
+
+# method -> (tasks, whether the adapter is perturbed away from the checkpoint values).
+# A perturbed adapter makes `eptc` prove it reads the trained values (a fold into frozen
+# weights would ignore them); `full` stays at the checkpoint so its file stays small.
+ZOO = {
+    "bias": (TASKS, True),
+    "partial-1": (("multiclass",), True),
+    "full": (("multiclass",), False),
+}
+ZOO_PERTURB = 0.3
+
+
+def zoo_trainable(method: str, names, depth: int) -> list:
+    """The timm keys `eptc compile --peft METHOD` trains (the head always trains)."""
+    if method == "full":
+        keep = lambda k: True
+    elif method == "bias":
+        # BitFit as the paper's code: every bias term (LayerNorm, qkv, patch embedding).
+        keep = lambda k: k.endswith(".bias")
+    elif method.startswith("partial-"):
+        k = int(method.split("-")[1])
+        last = tuple(f"blocks.{i}." for i in range(depth - k, depth))
+        keep = lambda n: n.startswith(last) or n.startswith("norm.")
+    else:
+        raise ValueError(method)
+    return [n for n in names if keep(n) or n.startswith("head.")]
+
+
+def zoo_loss(model64: nn.Module, values: dict, pixels: torch.Tensor, labels: torch.Tensor,
+             task: str):
+    """(loss, logits) of the float64 model with `values` replacing its parameters."""
+    logits = torch.func.functional_call(model64, values, (pixels.double(),))
+    loss = task_loss(logits, labels, task)
+    assert torch.isfinite(loss) and torch.isfinite(logits).all(), "NaN/Inf in loss"
+    return loss, logits
+
+
+def make_peft_zoo(out: Path) -> None:
+    """`adapter_{method}` and `grad_{method}_{task}` (see tests/fixtures/README.md).
+
+    Reads `tiny_timm` and `batch_{task}` from `out` (written by `--out` first), so it can
+    run alone (`--peft-zoo DIR`) and never changes the other fixtures.
+    """
+    print("PEFT zoo (eptc grad --peft full|partial-k|bias):")
+    sd = load_file(str(out / "tiny_timm.safetensors"))
+    model = tiny_model()
+    model.load_state_dict(sd, strict=True)
+    model64 = f64_copy(model, EPS["ln6"])
+    for p in model64.parameters():
+        p.requires_grad_(False)
+    names = list(sd)
+    report = []
+    for method, (tasks, perturb) in ZOO.items():
+        keys = zoo_trainable(method, names, TINY["depth"])
+        adapter = {k: sd[k].clone() for k in keys}
+        name = f"adapter_{method}"
+        if perturb:
+            gen = seeded(name)
+            for k in keys:
+                v = adapter[k]
+                noise = torch.randn(v.shape, generator=gen, dtype=torch.float32)
+                adapter[k] = v + ZOO_PERTURB * float(v.abs().mean()) * noise
+            cfg = {"method": method, "layers": [], "prompt_len": 0, "num_classes": NUM_CLASSES,
+                   "task": "multiclass"}
+            save(out / f"{name}.safetensors", adapter,
+                 {"peft": json.dumps(cfg, separators=(",", ":"))})
+        for task in tasks:
+            batch = load_file(str(out / f"batch_{task}.safetensors"))
+            x, labels = batch["pixel_values"], batch["labels"]
+            params = {k: adapter[k].double().clone().requires_grad_(True) for k in keys}
+            loss, logits = zoo_loss(model64, params, x, labels, task)
+            grads = torch.autograd.grad(loss, [params[k] for k in keys])
+            tensors = {"loss": loss.detach(), "logits": logits.detach()}
+            tensors.update({f"grad.{k}": g for k, g in zip(keys, grads)})
+            meta = {"grad": json.dumps({"adapter": name if perturb else "checkpoint",
+                                        "input": f"batch_{task}", "task": task, "ln_eps": 1e-6,
+                                        "computed": "float64"}, sort_keys=True)}
+            save(out / f"grad_{method}_{task}.safetensors", tensors, meta)
+            with torch.no_grad():
+                _, base = zoo_loss(model64, {}, x, labels, task)
+            moved = rel_diff(logits.detach(), base) if perturb else 0.0
+            small = min(float(g.norm()) for g in grads)
+            report.append((f"{method}_{task}", float(loss.detach()), len(keys),
+                           sum(g.numel() for g in grads), moved, small))
+    print("sanity: loss, trainable tensors / scalars, logits moved by the perturbed adapter "
+          "(rel L2), smallest gradient L2 norm")
+    for tag, loss, n, numel, moved, small in report:
+        print(f"  {tag:22s} loss {loss:.6f}  {n} tensors / {numel} scalars  moved {moved:.3f}  "
+              f"min |g| {small:.2e}")
+        assert small > 0, f"{tag}: a trainable tensor gets no gradient"
+
+
+# ---------------------------------------------------------------------------------------
 # The tiny fixtures (committed)
 # ---------------------------------------------------------------------------------------
 
@@ -641,6 +737,7 @@ def make_tiny(out: Path) -> None:
 
     # Loss and gradients for `eptc grad` (after everything above; own fixed labels).
     make_grads(out, model, x, tokens, D)
+    make_peft_zoo(out)
 
 
 # ---------------------------------------------------------------------------------------
@@ -798,13 +895,16 @@ def main() -> int:
                     help="time PyTorch ViT-B/16 + EPT forward (batch 8, 2 threads), JSON on stdout")
     ap.add_argument("--vit-b16-grad", type=Path, metavar="DIR",
                     help="add the ViT-B/16 gradient parity set to DIR (after --vit-b16 DIR)")
+    ap.add_argument("--peft-zoo", type=Path, metavar="DIR",
+                    help="write only the PEFT-zoo fixtures (adapter_/grad_{full,partial-1,bias}) "
+                         "to DIR, reading DIR's tiny_timm and batch files")
     ap.add_argument("--bench-torch-train", action="store_true",
                     help="time a PyTorch ViT-B/16 + EPT training step (batch 4, 2 threads), JSON")
     args = ap.parse_args()
     if not (args.out or args.vit_b16 or args.bench_torch or args.vit_b16_grad
-            or args.bench_torch_train):
-        ap.error("nothing to do: give --out, --vit-b16, --vit-b16-grad, --bench-torch "
-                 "and/or --bench-torch-train")
+            or args.bench_torch_train or args.peft_zoo):
+        ap.error("nothing to do: give --out, --peft-zoo, --vit-b16, --vit-b16-grad, "
+                 "--bench-torch and/or --bench-torch-train")
 
     torch.manual_seed(0)  # nothing should depend on the global RNG; belt and braces
     if args.bench_torch:
@@ -818,6 +918,8 @@ def main() -> int:
     try:
         if args.out:
             make_tiny(args.out)
+        if args.peft_zoo:
+            make_peft_zoo(args.peft_zoo)
         if args.vit_b16:
             make_vit_b16(args.vit_b16)
         if args.vit_b16_grad:

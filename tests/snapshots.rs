@@ -85,6 +85,33 @@ fn none_keeps_checkpoint_head() {
     insta::assert_snapshot!(ir("tiny_timm.safetensors", &["--peft", "none"]));
 }
 
+/// The methods that train existing weights: the chosen checkpoint params become
+/// `trainable checkpoint` and carry the method's tag; nothing else changes (`linear`
+/// adds only the head).
+#[test]
+fn peft_full() {
+    let a = ["--peft", "full", "--num-classes", "5"];
+    insta::assert_snapshot!(ir("tiny_timm.safetensors", &a));
+}
+
+#[test]
+fn peft_linear() {
+    let a = ["--peft", "linear", "--num-classes", "5"];
+    insta::assert_snapshot!(ir("tiny_timm.safetensors", &a));
+}
+
+#[test]
+fn peft_partial_1() {
+    let a = ["--peft", "partial-k", "--k", "1", "--num-classes", "5"];
+    insta::assert_snapshot!(ir("tiny_timm.safetensors", &a));
+}
+
+#[test]
+fn peft_bias() {
+    let a = ["--peft", "bias", "--num-classes", "5"];
+    insta::assert_snapshot!(ir("tiny_timm.safetensors", &a));
+}
+
 /// The autodiff pass on the optimized graph: loss (`@loss`), backward (`@autodiff`) and
 /// the gradient outputs, for EPT cat on layer 1 only with a multi-label head. Nothing
 /// before layer 1's attention is differentiated except what its sink needs.

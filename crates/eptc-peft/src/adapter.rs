@@ -1,6 +1,7 @@
 //! Adapters: the values of the trainable tensors, their initialisation, and the file
 //! layout (DESIGN.md §6): `ept.prompts` `[layers, N, L]` stacked in `--layers` order,
-//! `head.weight` `[classes, dim]`, `head.bias` `[classes]`.
+//! `head.weight` `[classes, dim]`, `head.bias` `[classes]`; checkpoint weights that
+//! `full`, `partial-<k>` and `bias` train, under the checkpoint's own key names.
 
 use std::collections::BTreeMap;
 
@@ -38,6 +39,20 @@ pub fn init_values(
             let d = Normal::new(0.0f32, std).expect("finite std");
             (0..n).map(|_| d.sample(rng)).collect()
         };
+        if *init == Init::Checkpoint {
+            // The checkpoint's tensor itself (shared, not copied: `full` holds every weight).
+            let t = from_checkpoint.get(name).ok_or_else(|| {
+                PeftError::Config(format!("no checkpoint value for trainable {name:?}"))
+            })?;
+            if t.shape != shape {
+                return Err(PeftError::Config(format!(
+                    "checkpoint value of {name:?} has shape {:?}, the graph's param {shape:?}",
+                    t.shape
+                )));
+            }
+            out.insert(name.to_string(), t.clone());
+            continue;
+        }
         let data = match *init {
             Init::Zeros | Init::Token => vec![0.0; n],
             Init::Ones => vec![1.0; n],
@@ -45,12 +60,7 @@ pub fn init_values(
             Init::Uniform(b) => (0..n).map(|_| rng.random_range(-b..=b)).collect(),
             // Fan-in of the official stacked [layers, N, L] tensor: N * L; gain sqrt(2).
             Init::Kaiming => normal(&mut rng, (2.0 / n as f32).sqrt()),
-            Init::Checkpoint => {
-                let t = from_checkpoint.get(name).ok_or_else(|| {
-                    PeftError::Config(format!("no checkpoint value for trainable {name:?}"))
-                })?;
-                t.data().to_vec()
-            }
+            Init::Checkpoint => unreachable!("handled above"),
         };
         out.insert(name.to_string(), HostTensor::new(shape, data));
     }

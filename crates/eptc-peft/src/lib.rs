@@ -2,40 +2,77 @@
 //! tagged with the pass's name so snapshots show what it did:
 //!
 //! - [`ept`]: Embedded Prompt Tuning (modes cat, multi-cat, add, mul; any layer set);
-//! - [`head`]: the trainable classification head;
-//! - [`apply`]: the pipeline `ept` (or nothing, for `none`) then `head`.
+//! - [`select`]: the methods that choose which existing weights train: `full`,
+//!   `partial-<k>` (the last k blocks and the final norm), `bias` (BitFit);
+//! - [`head`]: the trainable classification head (all that trains with `linear`/`none`);
+//! - [`apply`]: the pipeline: the method's pass, then `head`.
 
 pub mod adapter;
 pub mod config;
 pub mod ept;
 pub mod error;
 pub mod head;
+pub mod select;
 
 use std::collections::BTreeMap;
 
 pub use config::{EptMode, PeftConfig, PromptInit, Task};
-use eptc_ir::{Graph, HostTensor};
+use eptc_ir::{Graph, HostTensor, Init, Op, WeightStore};
 pub use error::{PeftError, Result};
+
+/// The PEFT methods, as `--peft` and the config's `method` name them (`partial-<k>` in
+/// the config, e.g. `partial-1`, the paper's Partial-1).
+pub const METHODS: &str = "full, linear, partial-k, bias, ept, none";
+
+/// `k` of a `partial-<k>` method name.
+pub fn partial_k(method: &str) -> Option<usize> {
+    method.strip_prefix("partial-")?.parse().ok()
+}
+
+/// The selection of existing weights a method trains, if it is one of those methods.
+pub fn selection(method: &str) -> Option<select::Selection> {
+    match method {
+        "full" => Some(select::Selection::All),
+        "bias" => Some(select::Selection::Biases),
+        m => partial_k(m).map(select::Selection::LastBlocks),
+    }
+}
 
 /// Apply the PEFT method of `cfg` and the head to `g`. `checkpoint_head` holds the
 /// checkpoint's head `(weight, bias)` to start from when the head keeps its classes.
-/// Returns the initial values of every trainable param.
+/// Returns the initial values of every trainable param. Methods that train checkpoint
+/// weights (`full`, `partial-<k>`, `bias`) need them: see [`apply_with_weights`].
 pub fn apply(
     g: &mut Graph,
     cfg: &PeftConfig,
     checkpoint_head: Option<(HostTensor, HostTensor)>,
     seed: u64,
 ) -> Result<BTreeMap<String, HostTensor>> {
-    match cfg.method.as_str() {
+    apply_with_weights(g, cfg, checkpoint_head, seed, &WeightStore::new())
+}
+
+/// [`apply`], with the checkpoint's weights (`Model::weights`) from which trained
+/// checkpoint params start.
+pub fn apply_with_weights(
+    g: &mut Graph,
+    cfg: &PeftConfig,
+    checkpoint_head: Option<(HostTensor, HostTensor)>,
+    seed: u64,
+    weights: &WeightStore,
+) -> Result<BTreeMap<String, HostTensor>> {
+    let method = cfg.method.as_str();
+    let sel = selection(method);
+    match method {
         "ept" => {
             let mode = cfg.mode.unwrap_or(EptMode::Cat);
             let init = cfg.prompt_init.unwrap_or(PromptInit::Normal);
             ept::apply(g, mode, &cfg.layers, cfg.prompt_len, init)?;
         }
-        "none" => {}
+        "none" | "linear" => {}
+        _ if sel.is_some() => {}
         m => {
             return Err(PeftError::Config(format!(
-                "unknown PEFT method {m:?} (ept, none)"
+                "unknown PEFT method {m:?} ({METHODS})"
             )))
         }
     }
@@ -51,6 +88,20 @@ pub fn apply(
         },
     };
     head::apply(g, &head_init)?;
+    // After the head, so a checkpoint head the new one replaced is gone.
+    if let Some(sel) = sel {
+        select::apply(g, sel, method)?;
+    }
     eptc_ir::verify(g)?;
+    for (id, name, trainable) in g.params() {
+        let Op::Param { init, .. } = &g.node(id).op else {
+            unreachable!()
+        };
+        if trainable && *init == Init::Checkpoint && !from_ckpt.contains_key(name) {
+            if let Some(t) = weights.get(name) {
+                from_ckpt.insert(name.to_string(), t.clone());
+            }
+        }
+    }
     adapter::init_values(g, seed, &from_ckpt)
 }

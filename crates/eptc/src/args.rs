@@ -78,10 +78,14 @@ impl OptArgs {
 /// The fine-tuning method and its options.
 #[derive(Args, Debug, Clone)]
 pub struct PeftArgs {
-    /// Fine-tuning method: `ept` (Embedded Prompt Tuning) or `none` (the backbone as it
-    /// is, with a trainable head)
+    /// Fine-tuning method: `ept` (Embedded Prompt Tuning); `full` (every weight),
+    /// `linear` (the head only), `partial-k` (the last --k blocks, the final norm and the
+    /// head), `bias` (every bias term and the head: BitFit); `none` (as `linear`)
     #[arg(long, default_value = "ept")]
     pub peft: String,
+    /// Blocks `partial-k` trains (the last k; the paper's Partial-1 is k = 1)
+    #[arg(long, default_value_t = 1)]
+    pub k: usize,
     /// How prompts enter the attention: cat (official EPT), multi-cat (prompt rows scaled
     /// by each logit row's max - min), add or mul (an [N, N] prompt added to / multiplied
     /// with the logits)
@@ -128,9 +132,16 @@ impl PeftArgs {
             "multiclass" => Task::Multiclass,
             t => bail!("--task {t:?}: expected multilabel or multiclass"),
         };
+        if self.peft == "partial-k" {
+            eptc_peft::select::check_k(self.k, arch.depth)?;
+        }
         match self.peft.as_str() {
-            "none" => Ok(PeftConfig {
-                method: "none".into(),
+            m @ ("none" | "linear" | "full" | "bias" | "partial-k") => Ok(PeftConfig {
+                // The config names Partial-k by its k: `partial-1`.
+                method: match m {
+                    "partial-k" => format!("partial-{}", self.k),
+                    m => m.to_string(),
+                },
                 mode: None,
                 layers: vec![],
                 prompt_len: 0,
@@ -167,7 +178,11 @@ impl PeftArgs {
                     task,
                 })
             }
-            m => bail!("--peft {m:?}: this eptc implements `ept` and `none`"),
+            _ => bail!(
+                "--peft {:?}: expected one of {}",
+                self.peft,
+                eptc_peft::METHODS
+            ),
         }
     }
 }

@@ -129,6 +129,7 @@ pub fn cmd_demo(a: &DemoArgs) -> Result<()> {
             depth: "deep".into(),
             prompt_len: 8,
             prompt_init: "normal".into(),
+            k: 1,
             init_input: None,
             num_classes: Some(CLASSES),
             task: "multiclass".into(),

@@ -60,7 +60,8 @@ pub fn build(
         }
         _ => None,
     };
-    let mut adapter = eptc_peft::apply(&mut peft, &config, ckpt_head, pargs.seed)?;
+    let mut adapter =
+        eptc_peft::apply_with_weights(&mut peft, &config, ckpt_head, pargs.seed, &model.weights)?;
     if config.prompt_init == Some(PromptInit::Token) {
         let file = pargs
             .init_input

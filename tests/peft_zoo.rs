@@ -1,0 +1,510 @@
+//! The PEFT methods that choose which existing weights train (`--peft full | linear |
+//! partial-k | bias`): trainable counts against formulas (tiny model in every layout,
+//! ViT-B/16), the tensors each trains, gradients against PyTorch (float64, from
+//! `scripts/make_fixtures.py`), trained values reaching the logits through the optimizer
+//! (no fold may swallow a trainable weight), training, and the errors.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use common::*;
+use eptc_frontend::{ImportOptions, TensorFile};
+use eptc_ir::{HostTensor, WeightStore};
+use eptc_peft::{PeftConfig, Task};
+
+const METHODS: [&str; 4] = ["full", "linear", "partial-1", "bias"];
+
+fn config(method: &str, classes: usize) -> PeftConfig {
+    PeftConfig {
+        method: method.into(),
+        mode: None,
+        layers: vec![],
+        prompt_len: 0,
+        prompt_init: None,
+        num_classes: classes,
+        task: Task::Multiclass,
+    }
+}
+
+/// The trainable tensors (name -> scalars) after the pass, with the initial values'
+/// scalars checked equal and every checkpoint param starting at its checkpoint value.
+fn trainable(
+    model: &eptc_frontend::Model,
+    method: &str,
+    classes: usize,
+) -> BTreeMap<String, usize> {
+    let mut g = model.graph.clone();
+    let values =
+        eptc_peft::apply_with_weights(&mut g, &config(method, classes), None, 0, &model.weights)
+            .unwrap_or_else(|e| panic!("{method}: {e}"));
+    let names: BTreeMap<String, usize> = g
+        .params()
+        .into_iter()
+        .filter(|p| p.2)
+        .map(|(id, n, _)| (n.to_string(), g.ty(id).shape.numel(1)))
+        .collect();
+    assert_eq!(
+        names.keys().collect::<Vec<_>>(),
+        values.keys().collect::<Vec<_>>()
+    );
+    for (k, v) in values.iter().filter(|(k, _)| !k.starts_with("head.")) {
+        if let Some(w) = model.weights.get(k) {
+            assert_eq!(
+                w.data(),
+                v.data(),
+                "{method}: {k} starts at its checkpoint value"
+            );
+        }
+    }
+    assert_eq!(g.trainable_count(), names.values().sum::<usize>());
+    names
+}
+
+/// Tiny ViT: D = 48, depth 2, MLP 192, 17 tokens, patch 8, 3 channels, 5 classes.
+#[test]
+fn tiny_counts_match_the_formulas_in_every_layout() {
+    let (d, m, n, p, depth, c) = (48, 192, 17, 8, 2, 5);
+    let head = c * (d + 1); // 245
+                            // A block: 2 LayerNorms (2D each), qkv 3D·D + 3D, proj D² + D, fc1 M·D + M, fc2 D·M + D.
+    let block = 2 * 2 * d + (3 * d * d + 3 * d) + (d * d + d) + (m * d + m) + (d * m + d);
+    let embed = (d * 3 * p * p + d) + d + n * d; // patch conv + bias, cls token, pos embed
+    let final_norm = 2 * d;
+    // Bias terms of a block: 2 LayerNorms, qkv, proj, fc1, fc2.
+    let block_bias = 2 * d + 3 * d + d + m + d;
+    let want = [
+        ("full", embed + depth * block + final_norm + head),
+        ("linear", head),
+        ("partial-1", block + final_norm + head),
+        ("partial-2", 2 * block + final_norm + head),
+        ("bias", depth * block_bias + d + d + head),
+    ];
+    assert_eq!(block, 28_272);
+    assert_eq!(
+        want.map(|w| w.1),
+        [67_013, 245, 28_613, 56_885, 1_397],
+        "the formulas on the tiny model"
+    );
+    for file in [
+        "tiny_timm.safetensors",
+        "tiny_hf.safetensors",
+        "tiny_hfcls.safetensors",
+        "tiny_mmcls.safetensors",
+    ] {
+        let opts = ImportOptions {
+            heads: Some(3),
+            ..Default::default()
+        };
+        let model = eptc_frontend::import(&fixture(file), &opts).unwrap();
+        for (method, count) in want {
+            let t = trainable(&model, method, c);
+            assert_eq!(t.values().sum::<usize>(), count, "{file} {method}");
+        }
+        // What partial-1 trains: the last block, the final norm, the head, by key names.
+        let (last, norm) = match file {
+            "tiny_timm.safetensors" => ("blocks.1.", "norm."),
+            "tiny_hf.safetensors" => ("encoder.layer.1.", "layernorm."),
+            "tiny_hfcls.safetensors" => ("vit.encoder.layer.1.", "vit.layernorm."),
+            _ => ("backbone.layers.1.", "backbone.ln1."),
+        };
+        let t = trainable(&model, "partial-1", c);
+        for k in t.keys() {
+            assert!(
+                k.starts_with(last) || k.starts_with(norm) || k.starts_with("head."),
+                "{file}: partial-1 trains {k}"
+            );
+        }
+        assert_eq!(
+            t.keys().filter(|k| k.starts_with(norm)).count(),
+            2,
+            "{file}"
+        );
+        // bias: exactly the `.bias` tensors (+ head.weight).
+        let t = trainable(&model, "bias", c);
+        assert!(t.keys().all(|k| k.ends_with(".bias") || k == "head.weight"));
+        // Bias tensors per block: 2 LayerNorms, qkv (q, k, v in Hugging Face), proj, fc1, fc2.
+        let per_block = if file.contains("hf") { 8 } else { 6 };
+        assert_eq!(
+            t.len(),
+            depth * per_block + 2 + 2,
+            "{file}: + patch, norm, head"
+        );
+    }
+}
+
+/// ViT-B/16 at 224 px with zero weights (shapes only; calloc'd, so cheap).
+fn vit_b16() -> TensorFile {
+    let mut t = BTreeMap::new();
+    let mut z = |k: String, s: &[usize]| {
+        t.insert(k, HostTensor::zeros(s.to_vec()));
+    };
+    let d = 768;
+    z("cls_token".into(), &[1, 1, d]);
+    z("pos_embed".into(), &[1, 197, d]);
+    z("patch_embed.proj.weight".into(), &[d, 3, 16, 16]);
+    z("patch_embed.proj.bias".into(), &[d]);
+    for i in 0..12 {
+        for (n, o, k) in [
+            ("attn.qkv", 3 * d, d),
+            ("attn.proj", d, d),
+            ("mlp.fc1", 4 * d, d),
+            ("mlp.fc2", d, 4 * d),
+        ] {
+            z(format!("blocks.{i}.{n}.weight"), &[o, k]);
+            z(format!("blocks.{i}.{n}.bias"), &[o]);
+        }
+        for n in ["norm1", "norm2"] {
+            z(format!("blocks.{i}.{n}.weight"), &[d]);
+            z(format!("blocks.{i}.{n}.bias"), &[d]);
+        }
+    }
+    z("norm.weight".into(), &[d]);
+    z("norm.bias".into(), &[d]);
+    z("head.weight".into(), &[1000, d]);
+    z("head.bias".into(), &[1000]);
+    TensorFile {
+        path: PathBuf::from("vit_b16"),
+        tensors: t,
+        metadata: Default::default(),
+    }
+}
+
+/// ViT-B/16: D = 768, 12 blocks, MLP 3072, 197 tokens, patch 16; a new 19-class head.
+#[test]
+fn vit_b16_counts_match_the_formulas() {
+    let model = eptc_frontend::import_file(&vit_b16(), &ImportOptions::default()).unwrap();
+    let (d, m, n, p, depth, c) = (768, 3072, 197, 16, 12, 19);
+    let head = c * (d + 1); // 14,611
+    let block = 2 * 2 * d + (3 * d * d + 3 * d) + (d * d + d) + (m * d + m) + (d * m + d);
+    let embed = (d * 3 * p * p + d) + d + n * d;
+    let final_norm = 2 * d;
+    let block_bias = 2 * d + 3 * d + d + m + d;
+    assert_eq!(block, 7_087_872);
+    assert_eq!(embed, 742_656);
+    assert_eq!(block_bias, 8_448);
+    let want = [
+        // timm's vit_base_patch16_224 without its 1000-class head: 85,798,656.
+        (
+            "full",
+            embed + depth * block + final_norm + head,
+            85_813_267,
+        ),
+        ("linear", head, 14_611),
+        ("partial-1", block + final_norm + head, 7_104_019),
+        ("partial-3", 3 * block + final_norm + head, 21_279_763),
+        // 12 × 8,448 + patch-embedding bias 768 + final-norm bias 768 = 102,912.
+        ("bias", depth * block_bias + d + d + head, 117_523),
+    ];
+    assert_eq!(
+        model.param_count() - 1000 * (d + 1) + head,
+        want[0].1,
+        "full = every weight"
+    );
+    for (method, formula, literal) in want {
+        assert_eq!(formula, literal, "{method}: formula");
+        let t = trainable(&model, method, c);
+        assert_eq!(t.values().sum::<usize>(), literal, "{method}");
+    }
+}
+
+fn compile(dir: &Path, name: &str, method: &str, extra: &[&str]) -> PathBuf {
+    let art = dir.join(name);
+    let m = fixture("tiny_timm.safetensors");
+    let mut a = vec!["compile", s(&m), "--heads", "3", "-o", s(&art)];
+    match method.strip_prefix("partial-") {
+        Some(k) => a.extend(["--peft", "partial-k", "--k", k]),
+        None => a.extend(["--peft", method]),
+    }
+    a.extend(extra);
+    let target = target_flags();
+    a.extend(target.iter().map(String::as_str));
+    eptc_ok(&a);
+    art
+}
+
+/// `eptc compile` prints the count and the JSON manifest names the method.
+#[test]
+fn compile_reports_each_method() {
+    let d = tempfile::tempdir().unwrap();
+    for (method, total, peft) in [
+        ("full", "67,013", "66,768"),
+        ("linear", "245", "0"),
+        ("partial-1", "28,613", "28,368"),
+        ("bias", "1,397", "1,152"),
+    ] {
+        let art = d.path().join(method);
+        let m = fixture("tiny_timm.safetensors");
+        let mut a = vec!["compile", s(&m), "--heads", "3", "-o", s(&art)];
+        match method {
+            "partial-1" => a.extend(["--peft", "partial-k"]), // --k defaults to 1
+            _ => a.extend(["--peft", method]),
+        }
+        let out = eptc_ok(&a);
+        let want = format!("trainable parameters: {total} = {peft} (PEFT) + 245 (head, 5 classes)");
+        assert!(out.contains(&want), "{method}: {out}");
+        let manifest = std::fs::read_to_string(art.join("manifest.json")).unwrap();
+        assert!(
+            manifest.contains(&format!("\"method\": \"{method}\"")),
+            "{method}: {manifest}"
+        );
+    }
+}
+
+#[test]
+fn bad_methods_and_k_give_clear_errors() {
+    let d = tempfile::tempdir().unwrap();
+    let m = fixture("tiny_timm.safetensors");
+    let out = d.path().join("a");
+    let base = ["compile", s(&m), "--heads", "3", "-o", s(&out)];
+    for (k, msg) in [
+        (
+            "3",
+            "--k 3: partial-k trains the last k blocks, k in 1..=2 for this model (2 blocks)",
+        ),
+        ("0", "--k 0: partial-k trains the last k blocks, k in 1..=2"),
+    ] {
+        let mut a = base.to_vec();
+        a.extend(["--peft", "partial-k", "--k", k]);
+        let e = eptc_err(&a);
+        assert!(e.contains(msg), "{e}");
+    }
+    let mut a = base.to_vec();
+    a.extend(["--peft", "lora9"]);
+    let e = eptc_err(&a);
+    assert!(
+        e.contains("--peft \"lora9\"") && e.contains("full, linear, partial-k, bias, ept, none"),
+        "{e}"
+    );
+}
+
+/// `eptc grad` against PyTorch in float64: (method, task, adapter file or the
+/// checkpoint's values).
+#[test]
+fn grad_matches_pytorch() {
+    let d = tempfile::tempdir().unwrap();
+    let cases = [
+        ("bias", "multiclass", true),
+        ("bias", "multilabel", true),
+        ("partial-1", "multiclass", true),
+        ("full", "multiclass", false),
+    ];
+    let mut worst = 0.0f64;
+    for (method, task, adapter) in cases {
+        let art = compile(
+            d.path(),
+            &format!("{method}-{task}"),
+            method,
+            &["--task", task],
+        );
+        let out = d.path().join(format!("g-{method}-{task}.safetensors"));
+        let input = fixture(&format!("batch_{task}.safetensors"));
+        let afile = fixture(&format!("adapter_{method}.safetensors"));
+        let mut a = vec!["grad", s(&art), "--input", s(&input), "--output", s(&out)];
+        if adapter {
+            a.extend(["--adapter", s(&afile)]);
+        }
+        eptc_ok(&a);
+        let want = fixture(&format!("grad_{method}_{task}.safetensors"));
+        let got = TensorFile::read(&out).unwrap();
+        let exp = TensorFile::read(&want).unwrap();
+        let keys = |f: &TensorFile| -> BTreeSet<String> {
+            f.tensors
+                .keys()
+                .filter(|k| k.starts_with("grad.") || *k == "loss")
+                .cloned()
+                .collect()
+        };
+        assert_eq!(
+            keys(&got),
+            keys(&exp),
+            "{method} {task}: the gradients written"
+        );
+        for k in keys(&exp) {
+            let (g, e) = (&got.tensors[&k], &exp.tensors[&k]);
+            assert_eq!(g.shape, e.shape, "{method} {task} {k}");
+            let err = rel_err(g.data(), e.data());
+            assert!(err <= 1e-4, "{method} {task} {k}: relative error {err:e}");
+            worst = worst.max(err);
+        }
+    }
+    println!("worst relative gradient error against PyTorch (float64): {worst:e}");
+}
+
+fn run(art: &Path, adapter: Option<&Path>, out: &Path) -> Vec<f32> {
+    let input = fixture("input_b3.safetensors");
+    let mut a = vec!["run", s(art), "--input", s(&input), "--output", s(out)];
+    if let Some(p) = adapter {
+        a.extend(["--adapter", s(p)]);
+    }
+    eptc_ok(&a);
+    tensor(out, "logits").1
+}
+
+/// The trained values reach the logits of the optimized graph: the LayerNorm-affine and
+/// attention-scale folds never consume a trainable weight. `bias` and `partial-1`
+/// adapters (LayerNorm biases/weights, qkv bias and weight perturbed) give PyTorch's
+/// logits, and so does `full` holding the same values.
+#[test]
+fn trained_values_reach_the_logits() {
+    let d = tempfile::tempdir().unwrap();
+    let full = compile(d.path(), "full", "full", &[]);
+    let full_init = TensorFile::read(&full.join("adapter-init.safetensors")).unwrap();
+    for method in ["bias", "partial-1"] {
+        let art = compile(d.path(), method, method, &[]);
+        let afile = fixture(&format!("adapter_{method}.safetensors"));
+        let (_, want) = tensor(
+            &fixture(&format!("grad_{method}_multiclass.safetensors")),
+            "logits",
+        );
+        let init = run(
+            &art,
+            None,
+            &d.path().join(format!("{method}-init.safetensors")),
+        );
+        let got = run(
+            &art,
+            Some(&afile),
+            &d.path().join(format!("{method}.safetensors")),
+        );
+        assert!(
+            rel_err(&init, &want) > 0.05,
+            "{method}: the adapter moves the logits"
+        );
+        let err = rel_err(&got, &want);
+        assert!(err < 1e-5, "{method}: logits relative error {err:e}");
+        // Every LayerNorm and qkv bias on its own still moves the logits.
+        let zoo = TensorFile::read(&afile).unwrap();
+        for key in [
+            "blocks.1.norm1.bias",
+            "blocks.1.norm2.weight",
+            "blocks.1.attn.qkv.bias",
+        ] {
+            let Some(v) = zoo.tensors.get(key) else {
+                continue;
+            };
+            let mut one = full_init.tensors.clone();
+            one.insert(key.to_string(), v.clone());
+            let p = d.path().join(format!("one-{method}-{key}.safetensors"));
+            write(&p, &one);
+            let moved = run(&full, Some(&p), &d.path().join("one-out.safetensors"));
+            let base = run(&full, None, &d.path().join("base-out.safetensors"));
+            assert!(
+                rel_err(&moved, &base) > 1e-3,
+                "{method}: {key} alone does not change full's logits"
+            );
+        }
+        // `full` with the same values.
+        let mut all = full_init.tensors.clone();
+        all.extend(zoo.tensors.clone());
+        let p = d.path().join(format!("full-as-{method}.safetensors"));
+        write(&p, &all);
+        let got = run(&full, Some(&p), &d.path().join("full-out.safetensors"));
+        let err = rel_err(&got, &want);
+        assert!(
+            err < 1e-5,
+            "full as {method}: logits relative error {err:e}"
+        );
+    }
+}
+
+fn write(path: &Path, tensors: &BTreeMap<String, HostTensor>) {
+    let refs: Vec<(&str, &HostTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    eptc_frontend::write_tensors(path, &refs, None).unwrap();
+}
+
+/// `eptc train` learns with every method: the adapter moves and the loss comes down.
+#[test]
+fn train_each_method() {
+    let d = tempfile::tempdir().unwrap();
+    let data = d.path().join("data");
+    eptc_ok(&[
+        "gen-data",
+        "-o",
+        s(&data),
+        "--image-size",
+        "32",
+        "--shots",
+        "4",
+    ]);
+    for method in METHODS {
+        let art = compile(d.path(), method, method, &["--num-classes", "3"]);
+        let run = d.path().join(format!("run-{method}"));
+        let (train, val) = (data.join("train.txt"), data.join("val.txt"));
+        eptc_ok(&[
+            "train",
+            s(&art),
+            "--data",
+            s(&data),
+            "--train",
+            s(&train),
+            "--val",
+            s(&val),
+            "-o",
+            s(&run),
+            "--epochs",
+            "2",
+            "--batch-size",
+            "4",
+            "--lr",
+            "0.01",
+            "--no-augment",
+        ]);
+        let init = TensorFile::read(&art.join("adapter-init.safetensors")).unwrap();
+        let last = TensorFile::read(&run.join("last.safetensors")).unwrap();
+        let keys: BTreeSet<_> = init.tensors.keys().collect();
+        assert_eq!(
+            keys,
+            last.tensors.keys().collect(),
+            "{method}: adapter tensors"
+        );
+        // Every trained tensor moved (the head, and each checkpoint weight trained).
+        for (k, v) in &init.tensors {
+            let moved = rel_err(last.tensors[k].data(), v.data());
+            assert!(moved > 0.0, "{method}: {k} did not change");
+        }
+        let lines: Vec<serde_json::Value> = std::fs::read_to_string(run.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines.len(), 2, "{method}");
+        let loss = |l: &serde_json::Value| l["train_loss"].as_f64().unwrap();
+        assert!(
+            loss(&lines[1]) < loss(&lines[0]),
+            "{method}: train loss {} -> {}",
+            loss(&lines[0]),
+            loss(&lines[1])
+        );
+    }
+}
+
+/// The IR pass marks the chosen checkpoint params, nothing else.
+#[test]
+fn the_pass_only_flips_trainability() {
+    let opts = ImportOptions {
+        heads: Some(3),
+        ..Default::default()
+    };
+    let model = eptc_frontend::import(&fixture("tiny_timm.safetensors"), &opts).unwrap();
+    let mut g = model.graph.clone();
+    eptc_peft::apply_with_weights(&mut g, &config("none", 5), None, 0, &WeightStore::new())
+        .unwrap();
+    for method in ["full", "partial-2", "bias"] {
+        let mut h = model.graph.clone();
+        eptc_peft::apply_with_weights(&mut h, &config(method, 5), None, 0, &model.weights).unwrap();
+        assert_eq!(g.len(), h.len(), "{method}: same nodes as `none`");
+        for (id, name, trainable) in h.params() {
+            let tag = h.node(id).tag.as_deref();
+            match (trainable, tag) {
+                (true, Some("head")) => assert!(name.starts_with("head.")),
+                (true, t) => assert_eq!(t, Some(method), "{name}"),
+                (false, t) => assert_eq!(t, None, "{name}"),
+            }
+        }
+    }
+    // Without the checkpoint's weights, a method that trains them says so.
+    let mut h = model.graph.clone();
+    let e = eptc_peft::apply(&mut h, &config("bias", 5), None, 0).unwrap_err();
+    assert!(e.to_string().contains("no checkpoint value"), "{e}");
+}
