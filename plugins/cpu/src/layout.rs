@@ -3,33 +3,10 @@
 
 pub use eptc_ir::strides::{broadcast_strides, contiguous_strides};
 
-/// Merge dimensions of an index space read through several stride sets: size-1
-/// dimensions vanish and neighbours fuse where every operand steps through them as one.
-/// Returns the merged sizes (at least one dimension) and each operand's strides.
+/// [`eptc_ir::strides::merge_dims`], with at least one dimension (a single element is
+/// `[1]` with stride 0), as the CPU loops want.
 pub fn merge_dims(shape: &[usize], strides: &[Vec<usize>]) -> (Vec<usize>, Vec<Vec<usize>>) {
-    let mut dims: Vec<usize> = Vec::new();
-    let mut out: Vec<Vec<usize>> = vec![Vec::new(); strides.len()];
-    for d in 0..shape.len() {
-        if shape[d] == 1 {
-            continue;
-        }
-        let fuse = !dims.is_empty()
-            && strides.iter().zip(&out).all(|(s, o)| {
-                let last = *o.last().expect("same length as dims");
-                last == s[d] * shape[d]
-            });
-        if fuse {
-            *dims.last_mut().expect("not empty") *= shape[d];
-            for (s, o) in strides.iter().zip(out.iter_mut()) {
-                *o.last_mut().expect("not empty") = s[d];
-            }
-        } else {
-            dims.push(shape[d]);
-            for (s, o) in strides.iter().zip(out.iter_mut()) {
-                o.push(s[d]);
-            }
-        }
-    }
+    let (mut dims, mut out) = eptc_ir::strides::merge_dims(shape, strides);
     if dims.is_empty() {
         dims.push(1);
         for o in out.iter_mut() {

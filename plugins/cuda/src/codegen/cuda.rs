@@ -11,7 +11,7 @@ use std::fmt::Write;
 
 use eptc_ir::DType;
 
-pub use eptc_ir::strides::contiguous_strides;
+pub use eptc_ir::strides::{contiguous_strides, merge_dims};
 
 /// The most blocks along grid x (CUDA's limit).
 pub const MAX_GRID_X: usize = (1 << 31) - 1;
@@ -105,40 +105,6 @@ pub fn prologue_1d(ix: Ix, threads: usize, wg: usize) -> String {
         "    const unsigned long long gi = (unsigned long long)blockIdx.x * {wg}ull + threadIdx.x;\n    if (gi >= {threads}ull) return;\n    const {t} idx = ({t})gi;\n",
         t = ix.ty()
     )
-}
-
-/// Merge the dims of an index space read through several stride sets: size-1 dims
-/// vanish and neighbours fuse where every stride set steps through them as one.
-/// May return no dims at all (a single element).
-pub fn merge_dims(shape: &[usize], strides: &[Vec<usize>]) -> (Vec<usize>, Vec<Vec<usize>>) {
-    let mut dims: Vec<usize> = Vec::new();
-    let mut out: Vec<Vec<usize>> = vec![Vec::new(); strides.len()];
-    for d in 0..shape.len() {
-        if shape[d] == 1 {
-            continue;
-        }
-        let fuse = !dims.is_empty()
-            && strides
-                .iter()
-                .zip(&out)
-                .all(|(s, o)| o.last().is_some_and(|&last| last == s[d] * shape[d]));
-        if fuse {
-            if let Some(l) = dims.last_mut() {
-                *l *= shape[d];
-            }
-            for (s, o) in strides.iter().zip(out.iter_mut()) {
-                if let Some(l) = o.last_mut() {
-                    *l = s[d];
-                }
-            }
-        } else {
-            dims.push(shape[d]);
-            for (s, o) in strides.iter().zip(out.iter_mut()) {
-                o.push(s[d]);
-            }
-        }
-    }
-    (dims, out)
 }
 
 /// C statements defining `const <ix> <name> = sum_d i_d * strides[k][d]` for each stride
