@@ -647,6 +647,101 @@ def make_peft_zoo(out: Path) -> None:
         print(f"  {tag:22s} loss {loss:.6f}  {n} tensors / {numel} scalars  moved {moved:.3f}  "
               f"min |g| {small:.2e}")
         assert small > 0, f"{tag}: a trainable tensor gets no gradient"
+    make_peft_lora(out)
+
+
+# LoRA as `eptc compile --peft lora --rank 4 --lora-alpha 8` (scale alpha/r = 2, so the
+# scale is exercised): on W_q and W_v of every block, inside timm's fused qkv.
+LORA_RANK = 4
+LORA_ALPHA = 8.0
+
+
+class LoRAQKV(nn.Module):
+    """timm's fused qkv plus `s · (x Aᵀ) Bᵀ` on the q and v thirds (k untouched), as
+    Hugging Face peft's LoRA on separate q/v projections."""
+
+    def __init__(self, base: nn.Linear, scale: float):
+        super().__init__()
+        self.base, self.scale, self.factors = base, scale, None
+
+    def forward(self, x):
+        aq, bq, av, bv = self.factors
+        dq = self.scale * (x @ aq.T) @ bq.T
+        dv = self.scale * (x @ av.T) @ bv.T
+        return self.base(x) + torch.cat([dq, torch.zeros_like(dq), dv], dim=-1)
+
+
+def lora_keys(i: int) -> list:
+    return [f"lora.{i}.{w}.{f}" for w in ("q", "v") for f in ("A", "B")]
+
+
+def make_peft_lora(out: Path) -> None:
+    """`adapter_lora` and `grad_lora_multiclass` (see tests/fixtures/README.md)."""
+    print(f"PEFT zoo (eptc grad --peft lora --rank {LORA_RANK} --lora-alpha {LORA_ALPHA:g}):")
+    sd = load_file(str(out / "tiny_timm.safetensors"))
+    model = tiny_model()
+    model.load_state_dict(sd, strict=True)
+    model64 = f64_copy(model, EPS["ln6"])
+    for p in model64.parameters():
+        p.requires_grad_(False)
+    depth, dim = TINY["depth"], sd["cls_token"].shape[-1]
+    for blk in model64.blocks:
+        blk.attn.qkv = LoRAQKV(blk.attn.qkv, LORA_ALPHA / LORA_RANK)
+    name = "adapter_lora"
+    gen = seeded(name)
+    adapter = {}
+    for i in range(depth):
+        for w in ("q", "v"):
+            # A as initialised (Kaiming-uniform, a = sqrt(5): +-1/sqrt(D)); B non-zero, so
+            # A gets gradients and the update moves the logits.
+            bound = 1.0 / dim ** 0.5
+            adapter[f"lora.{i}.{w}.A"] = (torch.rand(LORA_RANK, dim, generator=gen) * 2 - 1) * bound
+            adapter[f"lora.{i}.{w}.B"] = 0.2 * torch.randn(dim, LORA_RANK, generator=gen)
+    for k in ("head.weight", "head.bias"):
+        v = sd[k]
+        noise = torch.randn(v.shape, generator=gen, dtype=torch.float32)
+        adapter[k] = v + ZOO_PERTURB * float(v.abs().mean()) * noise
+    method = f"lora-{LORA_RANK}-alpha-{LORA_ALPHA:g}"
+    cfg = {"method": method, "layers": [], "prompt_len": 0, "num_classes": NUM_CLASSES,
+           "task": "multiclass"}
+    save(out / f"{name}.safetensors", adapter, {"peft": json.dumps(cfg, separators=(",", ":"))})
+    keys = list(adapter)
+    task = "multiclass"
+    batch = load_file(str(out / f"batch_{task}.safetensors"))
+    x, labels = batch["pixel_values"], batch["labels"]
+    params = {k: adapter[k].double().clone().requires_grad_(True) for k in keys}
+
+    def forward(params):
+        for i, blk in enumerate(model64.blocks):
+            blk.attn.qkv.factors = [params[k] for k in lora_keys(i)]
+        head = {k: params[k] for k in ("head.weight", "head.bias")}
+        return zoo_loss(model64, head, x, labels, task)
+
+    loss, logits = forward(params)
+    grads = torch.autograd.grad(loss, [params[k] for k in keys])
+    tensors = {"loss": loss.detach(), "logits": logits.detach()}
+    tensors.update({f"grad.{k}": g for k, g in zip(keys, grads)})
+    meta = {"grad": json.dumps({"adapter": name, "input": f"batch_{task}", "task": task,
+                                "ln_eps": 1e-6, "computed": "float64"}, sort_keys=True)}
+    save(out / f"grad_lora_{task}.safetensors", tensors, meta)
+    # The same model with B = 0 is the checkpoint's (LoRA starts as the identity).
+    with torch.no_grad():
+        zero = {k: (torch.zeros_like(v) if k.endswith(".B") else v) for k, v in params.items()}
+        _, at_zero = forward(zero)
+        head = {k: params[k] for k in ("head.weight", "head.bias")}
+        _, base = zoo_loss(_plain64(sd), head, x, labels, task)
+    assert rel_diff(at_zero, base) < 1e-12, "LoRA with B = 0 is not the checkpoint"
+    moved = rel_diff(logits.detach(), at_zero)
+    small = min(float(g.norm()) for g in grads)
+    print(f"  lora_{task}: loss {float(loss.detach()):.6f}  {len(keys)} tensors / "
+          f"{sum(g.numel() for g in grads)} scalars  moved {moved:.3f}  min |g| {small:.2e}")
+    assert small > 0 and moved > 0.05, "lora: the perturbed adapter must matter"
+
+
+def _plain64(sd: dict) -> nn.Module:
+    model = tiny_model()
+    model.load_state_dict(sd, strict=True)
+    return f64_copy(model, EPS["ln6"])
 
 
 # ---------------------------------------------------------------------------------------
@@ -896,7 +991,7 @@ def main() -> int:
     ap.add_argument("--vit-b16-grad", type=Path, metavar="DIR",
                     help="add the ViT-B/16 gradient parity set to DIR (after --vit-b16 DIR)")
     ap.add_argument("--peft-zoo", type=Path, metavar="DIR",
-                    help="write only the PEFT-zoo fixtures (adapter_/grad_{full,partial-1,bias}) "
+                    help="write only the PEFT-zoo fixtures (adapter_/grad_{full,partial-1,bias,lora}) "
                          "to DIR, reading DIR's tiny_timm and batch files")
     ap.add_argument("--bench-torch-train", action="store_true",
                     help="time a PyTorch ViT-B/16 + EPT training step (batch 4, 2 threads), JSON")

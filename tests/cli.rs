@@ -167,7 +167,7 @@ fn bad_options_are_refused() {
         s(&o),
     ]);
     assert!(e.contains("do not divide"), "{e}");
-    assert!(with(&["--peft", "lora"]).contains("--peft"));
+    assert!(with(&["--peft", "no-such-method"]).contains("--peft"));
     let hf = fixture("tiny_hf.safetensors");
     let e = eptc_err(&["compile", s(&hf), "--heads", "3", "-o", s(&o)]);
     assert!(

@@ -1,5 +1,5 @@
 //! The PEFT methods that choose which existing weights train (`--peft full | linear |
-//! partial-k | bias`): trainable counts against formulas (tiny model in every layout,
+//! partial-k | bias`) and LoRA (`--peft lora`): trainable counts against formulas (tiny model in every layout,
 //! ViT-B/16), the tensors each trains, gradients against PyTorch (float64, from
 //! `scripts/make_fixtures.py`), trained values reaching the logits through the optimizer
 //! (no fold may swallow a trainable weight), training, and the errors.
@@ -14,7 +14,7 @@ use eptc_frontend::{ImportOptions, TensorFile};
 use eptc_ir::{HostTensor, WeightStore};
 use eptc_peft::{PeftConfig, Task};
 
-const METHODS: [&str; 4] = ["full", "linear", "partial-1", "bias"];
+const METHODS: [&str; 5] = ["full", "linear", "partial-1", "bias", "lora"];
 
 fn config(method: &str, classes: usize) -> PeftConfig {
     PeftConfig {
@@ -273,7 +273,8 @@ fn bad_methods_and_k_give_clear_errors() {
     a.extend(["--peft", "lora9"]);
     let e = eptc_err(&a);
     assert!(
-        e.contains("--peft \"lora9\"") && e.contains("full, linear, partial-k, bias, ept, none"),
+        e.contains("--peft \"lora9\"")
+            && e.contains("full, linear, partial-k, bias, lora, ept, none"),
         "{e}"
     );
 }
@@ -458,7 +459,8 @@ fn train_each_method() {
             last.tensors.keys().collect(),
             "{method}: adapter tensors"
         );
-        // Every trained tensor moved (the head, and each checkpoint weight trained).
+        // Every trained tensor moved (the head, each checkpoint weight trained, LoRA's
+        // factors: B from zero first, then A once B is non-zero).
         for (k, v) in &init.tensors {
             let moved = rel_err(last.tensors[k].data(), v.data());
             assert!(moved > 0.0, "{method}: {k} did not change");
@@ -507,4 +509,227 @@ fn the_pass_only_flips_trainability() {
     let mut h = model.graph.clone();
     let e = eptc_peft::apply(&mut h, &config("bias", 5), None, 0).unwrap_err();
     assert!(e.to_string().contains("no checkpoint value"), "{e}");
+}
+
+/// LoRA's trainable scalars: `depth × 2 (q, v) × (r·D + D·r)` plus the head.
+fn lora_count(depth: usize, d: usize, r: usize) -> usize {
+    depth * 2 * (r * d + d * r)
+}
+
+fn lora_config(rank: usize, alpha: f32, classes: usize) -> PeftConfig {
+    config(&eptc_peft::lora::method_name(rank, alpha), classes)
+}
+
+/// The factors of every block's q and v, whatever the layout (fused qkv in timm and
+/// mmcls, separate query/key/value in Hugging Face); A Kaiming-uniform, B zero.
+#[test]
+fn lora_counts_match_the_formula_in_every_layout() {
+    let (d, depth, c) = (48, 2, 5);
+    let head = c * (d + 1);
+    assert_eq!(lora_count(depth, d, 8) + head, 3_317);
+    assert_eq!(lora_count(depth, d, 1) + head, 629);
+    for file in [
+        "tiny_timm.safetensors",
+        "tiny_hf.safetensors",
+        "tiny_hfcls.safetensors",
+        "tiny_mmcls.safetensors",
+    ] {
+        let opts = ImportOptions {
+            heads: Some(3),
+            ..Default::default()
+        };
+        let model = eptc_frontend::import(&fixture(file), &opts).unwrap();
+        for (r, alpha) in [(1, 1.0), (4, 8.0), (8, 8.0)] {
+            let mut g = model.graph.clone();
+            let values = eptc_peft::apply_with_weights(
+                &mut g,
+                &lora_config(r, alpha, c),
+                None,
+                0,
+                &model.weights,
+            )
+            .unwrap_or_else(|e| panic!("{file} r={r}: {e}"));
+            assert_eq!(
+                g.trainable_count(),
+                lora_count(depth, d, r) + head,
+                "{file} r={r}"
+            );
+            let mut want: BTreeSet<String> = (0..depth)
+                .flat_map(|i| {
+                    ["q", "v"]
+                        .into_iter()
+                        .flat_map(move |w| ["A", "B"].map(|f| format!("lora.{i}.{w}.{f}")))
+                })
+                .collect();
+            want.extend(["head.weight".to_string(), "head.bias".to_string()]);
+            assert_eq!(
+                values.keys().cloned().collect::<BTreeSet<_>>(),
+                want,
+                "{file}"
+            );
+            let bound = 1.0 / (d as f32).sqrt();
+            for (k, v) in &values {
+                if k.ends_with(".A") {
+                    assert_eq!(v.shape, vec![r, d], "{k}");
+                    assert!(v.data().iter().all(|x| x.abs() <= bound), "{k}");
+                    assert!(v.data().iter().any(|&x| x != 0.0), "{k}");
+                } else if k.ends_with(".B") {
+                    assert_eq!(v.shape, vec![d, r], "{k}");
+                    assert!(v.data().iter().all(|&x| x == 0.0), "{k} starts at zero");
+                }
+            }
+            // The nodes the pass adds carry its tag; no checkpoint param trains.
+            for (id, name, trainable) in g.params() {
+                let tag = g.node(id).tag.as_deref();
+                match (trainable, name.starts_with("lora.")) {
+                    (true, true) => assert_eq!(tag, Some("lora"), "{name}"),
+                    (true, false) => assert!(name.starts_with("head."), "{name}"),
+                    (false, _) => assert_eq!(tag, None, "{name}"),
+                }
+            }
+        }
+    }
+}
+
+/// ViT-B/16 at r = 8: 12 × 2 × (8·768 + 768·8) = 294,912 + the head.
+#[test]
+fn vit_b16_lora_count() {
+    let model = eptc_frontend::import_file(&vit_b16(), &ImportOptions::default()).unwrap();
+    let (d, depth, c) = (768, 12, 19);
+    let head = c * (d + 1);
+    assert_eq!(lora_count(depth, d, 8), 294_912);
+    for (r, lora) in [(1, 36_864), (8, 294_912), (64, 2_359_296)] {
+        assert_eq!(lora_count(depth, d, r), lora, "r={r}: formula");
+        let mut g = model.graph.clone();
+        eptc_peft::apply_with_weights(&mut g, &lora_config(r, 16.0, c), None, 0, &model.weights)
+            .unwrap();
+        assert_eq!(g.trainable_count(), lora + head, "r={r}");
+    }
+}
+
+/// `--rank` and `--lora-alpha` reach the manifest; bad values are refused.
+#[test]
+fn lora_flags() {
+    let d = tempfile::tempdir().unwrap();
+    let m = fixture("tiny_timm.safetensors");
+    for (extra, method, total) in [
+        (&[][..], "lora-8", "3,317 = 3,072 (PEFT)"),
+        (
+            &["--rank", "4", "--lora-alpha", "8"][..],
+            "lora-4-alpha-8",
+            "1,781 = 1,536 (PEFT)",
+        ),
+        (
+            &["--rank", "1", "--lora-alpha", "1"][..],
+            "lora-1",
+            "629 = 384 (PEFT)",
+        ),
+    ] {
+        let art = d.path().join(method);
+        let mut a = vec![
+            "compile",
+            s(&m),
+            "--heads",
+            "3",
+            "-o",
+            s(&art),
+            "--peft",
+            "lora",
+        ];
+        a.extend(extra);
+        let out = eptc_ok(&a);
+        assert!(
+            out.contains(&format!("trainable parameters: {total}")),
+            "{out}"
+        );
+        let manifest = std::fs::read_to_string(art.join("manifest.json")).unwrap();
+        assert!(
+            manifest.contains(&format!("\"method\": \"{method}\"")),
+            "{manifest}"
+        );
+    }
+    let out = d.path().join("bad");
+    let base = [
+        "compile",
+        s(&m),
+        "--heads",
+        "3",
+        "-o",
+        s(&out),
+        "--peft",
+        "lora",
+    ];
+    for (extra, msg) in [
+        (["--rank", "0"], "--rank must be at least 1"),
+        (
+            ["--lora-alpha", "0"],
+            "--lora-alpha 0: must be a positive number",
+        ),
+    ] {
+        let mut a = base.to_vec();
+        a.extend(extra);
+        let e = eptc_err(&a);
+        assert!(e.contains(msg), "{e}");
+    }
+}
+
+/// LoRA (r = 4, alpha = 8: scale 2) on the fused qkv of tiny timm with a perturbed
+/// adapter (B non-zero, so A gets gradients): `eptc grad` against PyTorch in float64, and
+/// `eptc run` gives PyTorch's logits (the factors reach the optimized graph). With B = 0
+/// the model is the checkpoint's (`linear`'s logits).
+#[test]
+fn lora_matches_pytorch() {
+    let d = tempfile::tempdir().unwrap();
+    let art = compile(
+        d.path(),
+        "lora",
+        "lora",
+        &["--rank", "4", "--lora-alpha", "8"],
+    );
+    let out = d.path().join("g.safetensors");
+    let input = fixture("batch_multiclass.safetensors");
+    let afile = fixture("adapter_lora.safetensors");
+    eptc_ok(&[
+        "grad",
+        s(&art),
+        "--input",
+        s(&input),
+        "--adapter",
+        s(&afile),
+        "--output",
+        s(&out),
+    ]);
+    let want = fixture("grad_lora_multiclass.safetensors");
+    let got = TensorFile::read(&out).unwrap();
+    let exp = TensorFile::read(&want).unwrap();
+    let keys = |f: &TensorFile| -> BTreeSet<String> {
+        f.tensors
+            .keys()
+            .filter(|k| k.starts_with("grad.") || *k == "loss")
+            .cloned()
+            .collect()
+    };
+    assert_eq!(keys(&got), keys(&exp), "the gradients written");
+    assert_eq!(keys(&exp).len(), 2 * 4 + 2 + 1);
+    let mut worst = 0.0f64;
+    for k in keys(&exp) {
+        let (g, e) = (&got.tensors[&k], &exp.tensors[&k]);
+        assert_eq!(g.shape, e.shape, "{k}");
+        let err = rel_err(g.data(), e.data());
+        assert!(err <= 1e-4, "lora {k}: relative error {err:e}");
+        worst = worst.max(err);
+    }
+    println!("lora: worst relative gradient error against PyTorch (float64): {worst:e}");
+
+    let (_, want) = tensor(&want, "logits");
+    let init = run(&art, None, &d.path().join("init.safetensors"));
+    let got = run(&art, Some(&afile), &d.path().join("out.safetensors"));
+    assert!(rel_err(&init, &want) > 0.05, "the adapter moves the logits");
+    let err = rel_err(&got, &want);
+    assert!(err < 1e-5, "lora: logits relative error {err:e}");
+    // B = 0 (the initial adapter): the checkpoint's model, as `linear` with the same head.
+    let linear = compile(d.path(), "linear", "linear", &[]);
+    let lin = run(&linear, None, &d.path().join("linear.safetensors"));
+    let err = rel_err(&init, &lin);
+    assert!(err < 1e-6, "lora at init vs linear: {err:e}");
 }

@@ -112,6 +112,23 @@ fn peft_bias() {
     insta::assert_snapshot!(ir("tiny_timm.safetensors", &a));
 }
 
+/// LoRA (r = 4, alpha = 8: scale 2) on timm's fused qkv: per block, `x Aᵀ Bᵀ · 2` added
+/// to the q and v thirds of the qkv output (k passes through), every node `@lora`.
+#[test]
+fn peft_lora() {
+    let a = [
+        "--peft",
+        "lora",
+        "--rank",
+        "4",
+        "--lora-alpha",
+        "8",
+        "--num-classes",
+        "5",
+    ];
+    insta::assert_snapshot!(ir("tiny_timm.safetensors", &a));
+}
+
 /// The autodiff pass on the optimized graph: loss (`@loss`), backward (`@autodiff`) and
 /// the gradient outputs, for EPT cat on layer 1 only with a multi-label head. Nothing
 /// before layer 1's attention is differentiated except what its sink needs.

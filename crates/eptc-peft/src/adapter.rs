@@ -1,7 +1,8 @@
 //! Adapters: the values of the trainable tensors, their initialisation, and the file
 //! layout (DESIGN.md §6): `ept.prompts` `[layers, N, L]` stacked in `--layers` order,
 //! `head.weight` `[classes, dim]`, `head.bias` `[classes]`; checkpoint weights that
-//! `full`, `partial-<k>` and `bias` train, under the checkpoint's own key names.
+//! `full`, `partial-<k>` and `bias` train, under the checkpoint's own key names; LoRA's
+//! factors `lora.<block>.<q|v>.A` `[r, D]` and `.B` `[D, r]`.
 
 use std::collections::BTreeMap;
 

@@ -4,6 +4,8 @@
 //! - [`ept`]: Embedded Prompt Tuning (modes cat, multi-cat, add, mul; any layer set);
 //! - [`select`]: the methods that choose which existing weights train: `full`,
 //!   `partial-<k>` (the last k blocks and the final norm), `bias` (BitFit);
+//! - [`lora`]: LoRA on the query and value projections (`lora-<r>`, `--rank`,
+//!   `--lora-alpha`);
 //! - [`head`]: the trainable classification head (all that trains with `linear`/`none`);
 //! - [`apply`]: the pipeline: the method's pass, then `head`.
 
@@ -12,6 +14,7 @@ pub mod config;
 pub mod ept;
 pub mod error;
 pub mod head;
+pub mod lora;
 pub mod select;
 
 use std::collections::BTreeMap;
@@ -22,7 +25,7 @@ pub use error::{PeftError, Result};
 
 /// The PEFT methods, as `--peft` and the config's `method` name them (`partial-<k>` in
 /// the config, e.g. `partial-1`, the paper's Partial-1).
-pub const METHODS: &str = "full, linear, partial-k, bias, ept, none";
+pub const METHODS: &str = "full, linear, partial-k, bias, lora, ept, none";
 
 /// `k` of a `partial-<k>` method name.
 pub fn partial_k(method: &str) -> Option<usize> {
@@ -69,6 +72,14 @@ pub fn apply_with_weights(
             ept::apply(g, mode, &cfg.layers, cfg.prompt_len, init)?;
         }
         "none" | "linear" => {}
+        m if m.starts_with("lora-") => {
+            let (rank, alpha) = lora::parse_method(m).ok_or_else(|| {
+                PeftError::Config(format!(
+                    "LoRA method {m:?}: expected lora-<rank> or lora-<rank>-alpha-<alpha>"
+                ))
+            })?;
+            lora::apply(g, rank, alpha)?;
+        }
         _ if sel.is_some() => {}
         m => {
             return Err(PeftError::Config(format!(

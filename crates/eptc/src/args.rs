@@ -80,12 +80,20 @@ impl OptArgs {
 pub struct PeftArgs {
     /// Fine-tuning method: `ept` (Embedded Prompt Tuning); `full` (every weight),
     /// `linear` (the head only), `partial-k` (the last --k blocks, the final norm and the
-    /// head), `bias` (every bias term and the head: BitFit); `none` (as `linear`)
+    /// head), `bias` (every bias term and the head: BitFit), `lora` (rank --rank factors
+    /// on the query and value projections of every block, and the head); `none` (as
+    /// `linear`)
     #[arg(long, default_value = "ept")]
     pub peft: String,
     /// Blocks `partial-k` trains (the last k; the paper's Partial-1 is k = 1)
     #[arg(long, default_value_t = 1)]
     pub k: usize,
+    /// Rank r of `lora`'s factors (the paper uses 1, 4, 8, 32, 64)
+    #[arg(long, default_value_t = eptc_peft::lora::DEFAULT_RANK)]
+    pub rank: usize,
+    /// `lora`'s alpha: the update is scaled by alpha / r [default: r, i.e. scale 1]
+    #[arg(long)]
+    pub lora_alpha: Option<f32>,
     /// How prompts enter the attention: cat (official EPT), multi-cat (prompt rows scaled
     /// by each logit row's max - min), add or mul (an [N, N] prompt added to / multiplied
     /// with the logits)
@@ -136,10 +144,16 @@ impl PeftArgs {
             eptc_peft::select::check_k(self.k, arch.depth)?;
         }
         match self.peft.as_str() {
-            m @ ("none" | "linear" | "full" | "bias" | "partial-k") => Ok(PeftConfig {
-                // The config names Partial-k by its k: `partial-1`.
+            m @ ("none" | "linear" | "full" | "bias" | "partial-k" | "lora") => Ok(PeftConfig {
+                // The config names Partial-k by its k (`partial-1`), LoRA by its rank and
+                // alpha (`lora-8`, `lora-8-alpha-16`).
                 method: match m {
                     "partial-k" => format!("partial-{}", self.k),
+                    "lora" => {
+                        let alpha = self.lora_alpha.unwrap_or(self.rank as f32);
+                        eptc_peft::lora::check(self.rank, alpha)?;
+                        eptc_peft::lora::method_name(self.rank, alpha)
+                    }
                     m => m.to_string(),
                 },
                 mode: None,

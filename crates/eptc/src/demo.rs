@@ -130,6 +130,8 @@ pub fn cmd_demo(a: &DemoArgs) -> Result<()> {
             prompt_len: 8,
             prompt_init: "normal".into(),
             k: 1,
+            rank: eptc_peft::lora::DEFAULT_RANK,
+            lora_alpha: None,
             init_input: None,
             num_classes: Some(CLASSES),
             task: "multiclass".into(),
