@@ -736,6 +736,77 @@ def make_peft_lora(out: Path) -> None:
     print(f"  lora_{task}: loss {float(loss.detach()):.6f}  {len(keys)} tensors / "
           f"{sum(g.numel() for g in grads)} scalars  moved {moved:.3f}  min |g| {small:.2e}")
     assert small > 0 and moved > 0.05, "lora: the perturbed adapter must matter"
+    make_peft_vpt(out)
+
+
+# VPT as `eptc compile --peft vpt --depth deep --prompt-len 4`: prompts [CLS, P_i, patches]
+# at every block's input, the previous block's prompt outputs dropped.
+VPT_LEN = 4
+
+
+def vpt_forward(model64: nn.Module, prompts: torch.Tensor, pixels: torch.Tensor,
+                head: dict) -> torch.Tensor:
+    """VPT (Jia et al. 2022) on timm's blocks, by hand: position embeddings first, then
+    the prompts of block i replace those of block i - 1 (deep: prompts [layers, L, D];
+    shallow: [1, L, D]); the head reads the class token after the final norm."""
+    x = model64.patch_embed(pixels.double())
+    x = model64._pos_embed(x)
+    x = model64.norm_pre(model64.patch_drop(x))
+    b, length = x.shape[0], prompts.shape[1]
+    for i, blk in enumerate(model64.blocks):
+        if i < prompts.shape[0]:
+            skip = 1 if i == 0 else 1 + length
+            p = prompts[i].unsqueeze(0).expand(b, -1, -1)
+            x = torch.cat([x[:, :1], p, x[:, skip:]], dim=1)
+        x = blk(x)
+    x = model64.norm(x)
+    return F.linear(x[:, 0], head["head.weight"], head["head.bias"])
+
+
+def make_peft_vpt(out: Path) -> None:
+    """`adapter_vpt` and `grad_vpt_multiclass` (see tests/fixtures/README.md)."""
+    print(f"PEFT zoo (eptc grad --peft vpt --depth deep --prompt-len {VPT_LEN}):")
+    sd = load_file(str(out / "tiny_timm.safetensors"))
+    model64 = _plain64(sd)
+    for p in model64.parameters():
+        p.requires_grad_(False)
+    depth, dim, patch = TINY["depth"], sd["cls_token"].shape[-1], TINY["patch_size"]
+    name = "adapter_vpt"
+    gen = seeded(name)
+    # VPT's Xavier-uniform bound, as initialised: sqrt(6 / (3 * patch^2 + D)).
+    bound = (6.0 / (3 * patch * patch + dim)) ** 0.5
+    adapter = {"vpt.prompts": (torch.rand(depth, VPT_LEN, dim, generator=gen) * 2 - 1) * bound}
+    for k in ("head.weight", "head.bias"):
+        v = sd[k]
+        noise = torch.randn(v.shape, generator=gen, dtype=torch.float32)
+        adapter[k] = v + ZOO_PERTURB * float(v.abs().mean()) * noise
+    cfg = {"method": "vpt-deep", "layers": [], "prompt_len": VPT_LEN,
+           "num_classes": NUM_CLASSES, "task": "multiclass"}
+    save(out / f"{name}.safetensors", adapter, {"peft": json.dumps(cfg, separators=(",", ":"))})
+    keys = list(adapter)
+    task = "multiclass"
+    batch = load_file(str(out / f"batch_{task}.safetensors"))
+    x, labels = batch["pixel_values"], batch["labels"]
+    params = {k: adapter[k].double().clone().requires_grad_(True) for k in keys}
+    logits = vpt_forward(model64, params["vpt.prompts"], x, params)
+    loss = task_loss(logits, labels, task)
+    grads = torch.autograd.grad(loss, [params[k] for k in keys])
+    tensors = {"loss": loss.detach(), "logits": logits.detach()}
+    tensors.update({f"grad.{k}": g for k, g in zip(keys, grads)})
+    meta = {"grad": json.dumps({"adapter": name, "input": f"batch_{task}", "task": task,
+                                "ln_eps": 1e-6, "computed": "float64"}, sort_keys=True)}
+    save(out / f"grad_vpt_{task}.safetensors", tensors, meta)
+    with torch.no_grad():
+        head = {k: params[k] for k in ("head.weight", "head.bias")}
+        _, base = zoo_loss(_plain64(sd), head, x, labels, task)
+        # No prompts (L = 0) is the checkpoint's model: the hand-written forward is timm's.
+        none = vpt_forward(model64, params["vpt.prompts"][:, :0], x, head)
+    assert rel_diff(none, base) < 1e-12, "VPT forward without prompts is not timm's"
+    moved = rel_diff(logits.detach(), base)
+    small = min(float(g.norm()) for g in grads)
+    print(f"  vpt_{task}: loss {float(loss.detach()):.6f}  {len(keys)} tensors / "
+          f"{sum(g.numel() for g in grads)} scalars  moved {moved:.3f}  min |g| {small:.2e}")
+    assert small > 0 and moved > 0.02, "vpt: the prompts must matter"
 
 
 def _plain64(sd: dict) -> nn.Module:
@@ -991,7 +1062,7 @@ def main() -> int:
     ap.add_argument("--vit-b16-grad", type=Path, metavar="DIR",
                     help="add the ViT-B/16 gradient parity set to DIR (after --vit-b16 DIR)")
     ap.add_argument("--peft-zoo", type=Path, metavar="DIR",
-                    help="write only the PEFT-zoo fixtures (adapter_/grad_{full,partial-1,bias,lora}) "
+                    help="write only the PEFT-zoo fixtures (adapter_/grad_{full,partial-1,bias,lora,vpt}) "
                          "to DIR, reading DIR's tiny_timm and batch files")
     ap.add_argument("--bench-torch-train", action="store_true",
                     help="time a PyTorch ViT-B/16 + EPT training step (batch 4, 2 threads), JSON")

@@ -1,5 +1,5 @@
 //! The PEFT methods that choose which existing weights train (`--peft full | linear |
-//! partial-k | bias`) and LoRA (`--peft lora`): trainable counts against formulas (tiny model in every layout,
+//! partial-k | bias`), LoRA (`--peft lora`) and VPT (`--peft vpt`): trainable counts against formulas (tiny model in every layout,
 //! ViT-B/16), the tensors each trains, gradients against PyTorch (float64, from
 //! `scripts/make_fixtures.py`), trained values reaching the logits through the optimizer
 //! (no fold may swallow a trainable weight), training, and the errors.
@@ -14,7 +14,7 @@ use eptc_frontend::{ImportOptions, TensorFile};
 use eptc_ir::{HostTensor, WeightStore};
 use eptc_peft::{PeftConfig, Task};
 
-const METHODS: [&str; 5] = ["full", "linear", "partial-1", "bias", "lora"];
+const METHODS: [&str; 6] = ["full", "linear", "partial-1", "bias", "lora", "vpt"];
 
 fn config(method: &str, classes: usize) -> PeftConfig {
     PeftConfig {
@@ -274,7 +274,7 @@ fn bad_methods_and_k_give_clear_errors() {
     let e = eptc_err(&a);
     assert!(
         e.contains("--peft \"lora9\"")
-            && e.contains("full, linear, partial-k, bias, lora, ept, none"),
+            && e.contains("full, linear, partial-k, bias, lora, vpt, ept, none"),
         "{e}"
     );
 }
@@ -429,7 +429,11 @@ fn train_each_method() {
         "4",
     ]);
     for method in METHODS {
-        let art = compile(d.path(), method, method, &["--num-classes", "3"]);
+        let extra: &[&str] = match method {
+            "vpt" => &["--num-classes", "3", "--prompt-len", "4"],
+            _ => &["--num-classes", "3"],
+        };
+        let art = compile(d.path(), method, method, extra);
         let run = d.path().join(format!("run-{method}"));
         let (train, val) = (data.join("train.txt"), data.join("val.txt"));
         eptc_ok(&[
@@ -732,4 +736,222 @@ fn lora_matches_pytorch() {
     let lin = run(&linear, None, &d.path().join("linear.safetensors"));
     let err = rel_err(&init, &lin);
     assert!(err < 1e-6, "lora at init vs linear: {err:e}");
+}
+
+/// VPT's trainable scalars: `layers × L × D` (every block when deep, the first when
+/// shallow) plus the head.
+fn vpt_count(layers: usize, l: usize, d: usize) -> usize {
+    layers * l * d
+}
+
+fn vpt_config(deep: bool, l: usize, classes: usize) -> PeftConfig {
+    PeftConfig {
+        prompt_len: l,
+        ..config(eptc_peft::vpt::method_name(deep), classes)
+    }
+}
+
+/// The prompts `[layers, L, D]`, whatever the layout, VPT's Xavier-uniform bound
+/// `√(6 / (3·patch² + D))`; every block sees `N + L` tokens and the checkpoint trains
+/// nothing.
+#[test]
+fn vpt_counts_match_the_formula_in_every_layout() {
+    let (d, depth, c, n, patch) = (48, 2, 5, 17, 8);
+    let head = c * (d + 1);
+    assert_eq!(vpt_count(depth, 4, d) + head, 629);
+    let bound = (6.0f32 / (3 * patch * patch + d) as f32).sqrt();
+    assert!((eptc_peft::vpt::init_bound(patch, d) - bound).abs() < 1e-7);
+    for file in [
+        "tiny_timm.safetensors",
+        "tiny_hf.safetensors",
+        "tiny_hfcls.safetensors",
+        "tiny_mmcls.safetensors",
+    ] {
+        let opts = ImportOptions {
+            heads: Some(3),
+            ..Default::default()
+        };
+        let model = eptc_frontend::import(&fixture(file), &opts).unwrap();
+        for (deep, l) in [(true, 4), (false, 4), (true, 1), (false, 10)] {
+            let mut g = model.graph.clone();
+            let values = eptc_peft::apply_with_weights(
+                &mut g,
+                &vpt_config(deep, l, c),
+                None,
+                0,
+                &model.weights,
+            )
+            .unwrap_or_else(|e| panic!("{file} deep={deep} L={l}: {e}"));
+            let layers = if deep { depth } else { 1 };
+            assert_eq!(
+                g.trainable_count(),
+                vpt_count(layers, l, d) + head,
+                "{file} deep={deep} L={l}"
+            );
+            let keys: BTreeSet<String> = values.keys().cloned().collect();
+            let want: BTreeSet<String> = ["vpt.prompts", "head.weight", "head.bias"]
+                .map(String::from)
+                .into();
+            assert_eq!(keys, want, "{file}");
+            let p = &values["vpt.prompts"];
+            assert_eq!(p.shape, vec![layers, l, d]);
+            assert!(p.data().iter().all(|x| x.abs() <= bound), "{file}");
+            assert!(p.data().iter().any(|&x| x != 0.0), "{file}");
+            // Every attention is over N + L tokens.
+            let sms = eptc_peft::ept::attention_softmaxes(&g).unwrap();
+            assert_eq!(sms.len(), depth);
+            for sm in sms {
+                let dims = g.ty(sm).shape.dims().to_vec();
+                assert_eq!(dims[3].fixed(), Some(n + l), "{file}");
+            }
+            for (id, name, trainable) in g.params() {
+                let tag = g.node(id).tag.as_deref();
+                match (trainable, name) {
+                    (true, "vpt.prompts") => assert_eq!(tag, Some("vpt")),
+                    (true, _) => assert!(name.starts_with("head."), "{name}"),
+                    (false, _) => assert_eq!(tag, None, "{name}"),
+                }
+            }
+        }
+    }
+}
+
+/// ViT-B/16, deep, L = 50: 12 × 50 × 768 = 460,800 + the head; shallow 38,400.
+#[test]
+fn vit_b16_vpt_count() {
+    let model = eptc_frontend::import_file(&vit_b16(), &ImportOptions::default()).unwrap();
+    let (d, depth, c) = (768, 12, 19);
+    let head = c * (d + 1);
+    assert_eq!(vpt_count(depth, 50, d), 460_800);
+    for (deep, layers) in [(true, depth), (false, 1)] {
+        let mut g = model.graph.clone();
+        eptc_peft::apply_with_weights(&mut g, &vpt_config(deep, 50, c), None, 0, &model.weights)
+            .unwrap();
+        assert_eq!(
+            g.trainable_count(),
+            vpt_count(layers, 50, d) + head,
+            "deep={deep}"
+        );
+    }
+}
+
+/// `--depth` and `--prompt-len` reach the manifest; bad values are refused.
+#[test]
+fn vpt_flags() {
+    let d = tempfile::tempdir().unwrap();
+    let m = fixture("tiny_timm.safetensors");
+    for (extra, method, total) in [
+        (&["--prompt-len", "4"][..], "vpt-deep", "629 = 384 (PEFT)"),
+        (
+            &["--depth", "shallow", "--prompt-len", "10"][..],
+            "vpt-shallow",
+            "725 = 480 (PEFT)",
+        ),
+    ] {
+        let art = d.path().join(method);
+        let mut a = vec![
+            "compile",
+            s(&m),
+            "--heads",
+            "3",
+            "-o",
+            s(&art),
+            "--peft",
+            "vpt",
+        ];
+        a.extend(extra);
+        let out = eptc_ok(&a);
+        assert!(
+            out.contains(&format!("trainable parameters: {total}")),
+            "{out}"
+        );
+        let manifest = std::fs::read_to_string(art.join("manifest.json")).unwrap();
+        assert!(
+            manifest.contains(&format!("\"method\": \"{method}\"")),
+            "{manifest}"
+        );
+    }
+    let out = d.path().join("bad");
+    let base = [
+        "compile",
+        s(&m),
+        "--heads",
+        "3",
+        "-o",
+        s(&out),
+        "--peft",
+        "vpt",
+    ];
+    for (extra, msg) in [
+        (["--prompt-len", "0"], "--prompt-len must be at least 1"),
+        (
+            ["--depth", "middle"],
+            "--depth \"middle\": expected deep or shallow",
+        ),
+    ] {
+        let mut a = base.to_vec();
+        a.extend(extra);
+        let e = eptc_err(&a);
+        assert!(e.contains(msg), "{e}");
+    }
+}
+
+/// VPT-deep (L = 4) on tiny timm with random prompts (VPT's initialisation) and a
+/// perturbed head: `eptc grad` against PyTorch in float64 (VPT written by hand on timm's
+/// blocks), and `eptc run` gives PyTorch's logits through the optimized graph.
+#[test]
+fn vpt_matches_pytorch() {
+    let d = tempfile::tempdir().unwrap();
+    let art = compile(d.path(), "vpt", "vpt", &["--prompt-len", "4"]);
+    let out = d.path().join("g.safetensors");
+    let input = fixture("batch_multiclass.safetensors");
+    let afile = fixture("adapter_vpt.safetensors");
+    eptc_ok(&[
+        "grad",
+        s(&art),
+        "--input",
+        s(&input),
+        "--adapter",
+        s(&afile),
+        "--output",
+        s(&out),
+    ]);
+    let want = fixture("grad_vpt_multiclass.safetensors");
+    let got = TensorFile::read(&out).unwrap();
+    let exp = TensorFile::read(&want).unwrap();
+    let keys = |f: &TensorFile| -> BTreeSet<String> {
+        f.tensors
+            .keys()
+            .filter(|k| k.starts_with("grad.") || *k == "loss")
+            .cloned()
+            .collect()
+    };
+    assert_eq!(keys(&got), keys(&exp), "the gradients written");
+    assert_eq!(keys(&exp).len(), 3 + 1);
+    let mut worst = 0.0f64;
+    for k in keys(&exp) {
+        let (g, e) = (&got.tensors[&k], &exp.tensors[&k]);
+        assert_eq!(g.shape, e.shape, "{k}");
+        let err = rel_err(g.data(), e.data());
+        assert!(err <= 1e-4, "vpt {k}: relative error {err:e}");
+        worst = worst.max(err);
+    }
+    println!("vpt: worst relative gradient error against PyTorch (float64): {worst:e}");
+
+    let (_, want) = tensor(&want, "logits");
+    let got = run(&art, Some(&afile), &d.path().join("out.safetensors"));
+    let err = rel_err(&got, &want);
+    println!("vpt: logits relative error against PyTorch (float64): {err:e}");
+    assert!(err < 1e-5, "vpt: logits relative error {err:e}");
+    // The prompts matter: the checkpoint's model (`linear`, same head) differs.
+    let linear = compile(d.path(), "linear", "linear", &[]);
+    let adapter = TensorFile::read(&afile).unwrap();
+    let mut head = BTreeMap::new();
+    for k in ["head.weight", "head.bias"] {
+        head.insert(k.to_string(), adapter.tensors[k].clone());
+    }
+    let p = d.path().join("head.safetensors");
+    write(&p, &head);
+    let lin = run(&linear, Some(&p), &d.path().join("linear.safetensors"));
+    assert!(rel_err(&lin, &want) > 0.02, "the prompts move the logits");
 }

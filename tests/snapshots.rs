@@ -129,6 +129,23 @@ fn peft_lora() {
     insta::assert_snapshot!(ir("tiny_timm.safetensors", &a));
 }
 
+/// VPT-deep (L = 3): at each block's input `[CLS, P_i, patches]` (`@vpt`; block 1 drops
+/// block 0's prompt outputs), every block over 17 + 3 tokens, the head on the class token.
+#[test]
+fn peft_vpt_deep() {
+    let a = [
+        "--peft",
+        "vpt",
+        "--depth",
+        "deep",
+        "--prompt-len",
+        "3",
+        "--num-classes",
+        "5",
+    ];
+    insta::assert_snapshot!(ir("tiny_timm.safetensors", &a));
+}
+
 /// The autodiff pass on the optimized graph: loss (`@loss`), backward (`@autodiff`) and
 /// the gradient outputs, for EPT cat on layer 1 only with a multi-label head. Nothing
 /// before layer 1's attention is differentiated except what its sink needs.

@@ -2,7 +2,8 @@
 //! layout (DESIGN.md §6): `ept.prompts` `[layers, N, L]` stacked in `--layers` order,
 //! `head.weight` `[classes, dim]`, `head.bias` `[classes]`; checkpoint weights that
 //! `full`, `partial-<k>` and `bias` train, under the checkpoint's own key names; LoRA's
-//! factors `lora.<block>.<q|v>.A` `[r, D]` and `.B` `[D, r]`.
+//! factors `lora.<block>.<q|v>.A` `[r, D]` and `.B` `[D, r]`; VPT's prompts
+//! `vpt.prompts` `[layers, L, D]`.
 
 use std::collections::BTreeMap;
 

@@ -6,6 +6,8 @@
 //!   `partial-<k>` (the last k blocks and the final norm), `bias` (BitFit);
 //! - [`lora`]: LoRA on the query and value projections (`lora-<r>`, `--rank`,
 //!   `--lora-alpha`);
+//! - [`vpt`]: Visual Prompt Tuning, deep or shallow (`vpt-deep`, `vpt-shallow`;
+//!   `--prompt-len`, `--depth`);
 //! - [`head`]: the trainable classification head (all that trains with `linear`/`none`);
 //! - [`apply`]: the pipeline: the method's pass, then `head`.
 
@@ -16,6 +18,7 @@ pub mod error;
 pub mod head;
 pub mod lora;
 pub mod select;
+pub mod vpt;
 
 use std::collections::BTreeMap;
 
@@ -25,7 +28,7 @@ pub use error::{PeftError, Result};
 
 /// The PEFT methods, as `--peft` and the config's `method` name them (`partial-<k>` in
 /// the config, e.g. `partial-1`, the paper's Partial-1).
-pub const METHODS: &str = "full, linear, partial-k, bias, lora, ept, none";
+pub const METHODS: &str = "full, linear, partial-k, bias, lora, vpt, ept, none";
 
 /// `k` of a `partial-<k>` method name.
 pub fn partial_k(method: &str) -> Option<usize> {
@@ -79,6 +82,14 @@ pub fn apply_with_weights(
                 ))
             })?;
             lora::apply(g, rank, alpha)?;
+        }
+        m if m.starts_with("vpt-") => {
+            let deep = vpt::parse_method(m).ok_or_else(|| {
+                PeftError::Config(format!(
+                    "VPT method {m:?}: expected vpt-deep or vpt-shallow"
+                ))
+            })?;
+            vpt::apply(g, deep, cfg.prompt_len)?;
         }
         _ if sel.is_some() => {}
         m => {

@@ -81,8 +81,9 @@ pub struct PeftArgs {
     /// Fine-tuning method: `ept` (Embedded Prompt Tuning); `full` (every weight),
     /// `linear` (the head only), `partial-k` (the last --k blocks, the final norm and the
     /// head), `bias` (every bias term and the head: BitFit), `lora` (rank --rank factors
-    /// on the query and value projections of every block, and the head); `none` (as
-    /// `linear`)
+    /// on the query and value projections of every block, and the head), `vpt` (Visual
+    /// Prompt Tuning: --prompt-len prompt tokens after the class token, --depth deep or
+    /// shallow, and the head); `none` (as `linear`)
     #[arg(long, default_value = "ept")]
     pub peft: String,
     /// Blocks `partial-k` trains (the last k; the paper's Partial-1 is k = 1)
@@ -163,6 +164,25 @@ impl PeftArgs {
                 num_classes,
                 task,
             }),
+            "vpt" => {
+                let deep = match self.depth.as_str() {
+                    "deep" => true,
+                    "shallow" => false,
+                    d => bail!("--depth {d:?}: expected deep or shallow"),
+                };
+                if self.prompt_len == 0 {
+                    bail!("--prompt-len must be at least 1");
+                }
+                Ok(PeftConfig {
+                    method: eptc_peft::vpt::method_name(deep).into(),
+                    mode: None,
+                    layers: vec![],
+                    prompt_len: self.prompt_len,
+                    prompt_init: None,
+                    num_classes,
+                    task,
+                })
+            }
             "ept" => {
                 let mode = EptMode::parse(&self.ept_mode)?;
                 let layers = match &self.layers {
