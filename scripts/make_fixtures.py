@@ -807,6 +807,83 @@ def make_peft_vpt(out: Path) -> None:
     print(f"  vpt_{task}: loss {float(loss.detach()):.6f}  {len(keys)} tensors / "
           f"{sum(g.numel() for g in grads)} scalars  moved {moved:.3f}  min |g| {small:.2e}")
     assert small > 0 and moved > 0.02, "vpt: the prompts must matter"
+    make_peft_adapter(out)
+
+
+# AdaptFormer as `eptc compile --peft adapter --reduction 4`: a 48/4 = 12 wide bottleneck
+# beside every block's MLP, reading LN2's output, scaled by 0.1.
+ADAPTER_REDUCTION = 4
+ADAPTER_SCALE = 0.1
+
+
+def adaptformer_forward(model64: nn.Module, params: dict, pixels: torch.Tensor) -> torch.Tensor:
+    """AdaptFormer (Chen et al. 2022, the paper's equation) on timm's blocks, by hand:
+    x = x + attn(LN1(x)); y = LN2(x); x = x + mlp(y) + s * up(relu(down(y)))."""
+    x = model64.patch_embed(pixels.double())
+    x = model64._pos_embed(x)
+    x = model64.norm_pre(model64.patch_drop(x))
+    for i, blk in enumerate(model64.blocks):
+        x = x + blk.attn(blk.norm1(x))
+        y = blk.norm2(x)
+        a = F.relu(F.linear(y, params[f"adapter.{i}.down.weight"], params[f"adapter.{i}.down.bias"]))
+        a = F.linear(a, params[f"adapter.{i}.up.weight"], params[f"adapter.{i}.up.bias"])
+        x = x + blk.mlp(y) + ADAPTER_SCALE * a
+    x = model64.norm(x)
+    return F.linear(x[:, 0], params["head.weight"], params["head.bias"])
+
+
+def make_peft_adapter(out: Path) -> None:
+    """`adapter_adapter` and `grad_adapter_multiclass` (see tests/fixtures/README.md)."""
+    print(f"PEFT zoo (eptc grad --peft adapter --reduction {ADAPTER_REDUCTION}):")
+    sd = load_file(str(out / "tiny_timm.safetensors"))
+    model64 = _plain64(sd)
+    for p in model64.parameters():
+        p.requires_grad_(False)
+    depth, dim = TINY["depth"], sd["cls_token"].shape[-1]
+    h = dim // ADAPTER_REDUCTION
+    name = "adapter_adapter"
+    gen = seeded(name)
+    adapter = {}
+    for i in range(depth):
+        # down as initialised (Kaiming-uniform, a = sqrt(5): +-1/sqrt(D)); up and the
+        # biases non-zero, so down gets gradients and the adapter moves the logits.
+        bound = 1.0 / dim ** 0.5
+        adapter[f"adapter.{i}.down.weight"] = (torch.rand(h, dim, generator=gen) * 2 - 1) * bound
+        adapter[f"adapter.{i}.down.bias"] = 0.1 * torch.randn(h, generator=gen)
+        adapter[f"adapter.{i}.up.weight"] = 2.0 * torch.randn(dim, h, generator=gen)
+        adapter[f"adapter.{i}.up.bias"] = 0.5 * torch.randn(dim, generator=gen)
+    for k in ("head.weight", "head.bias"):
+        v = sd[k]
+        noise = torch.randn(v.shape, generator=gen, dtype=torch.float32)
+        adapter[k] = v + ZOO_PERTURB * float(v.abs().mean()) * noise
+    cfg = {"method": f"adapter-{ADAPTER_REDUCTION}", "layers": [], "prompt_len": 0,
+           "num_classes": NUM_CLASSES, "task": "multiclass"}
+    save(out / f"{name}.safetensors", adapter, {"peft": json.dumps(cfg, separators=(",", ":"))})
+    keys = list(adapter)
+    task = "multiclass"
+    batch = load_file(str(out / f"batch_{task}.safetensors"))
+    x, labels = batch["pixel_values"], batch["labels"]
+    params = {k: adapter[k].double().clone().requires_grad_(True) for k in keys}
+    logits = adaptformer_forward(model64, params, x)
+    loss = task_loss(logits, labels, task)
+    grads = torch.autograd.grad(loss, [params[k] for k in keys])
+    tensors = {"loss": loss.detach(), "logits": logits.detach()}
+    tensors.update({f"grad.{k}": g for k, g in zip(keys, grads)})
+    meta = {"grad": json.dumps({"adapter": name, "input": f"batch_{task}", "task": task,
+                                "ln_eps": 1e-6, "computed": "float64"}, sort_keys=True)}
+    save(out / f"grad_adapter_{task}.safetensors", tensors, meta)
+    with torch.no_grad():
+        head = {k: params[k] for k in ("head.weight", "head.bias")}
+        _, base = zoo_loss(_plain64(sd), head, x, labels, task)
+        # up = 0 and its bias 0 (as initialised): the checkpoint's model.
+        zero = {k: (torch.zeros_like(v) if ".up." in k else v) for k, v in params.items()}
+        at_zero = adaptformer_forward(model64, zero, x)
+    assert rel_diff(at_zero, base) < 1e-12, "AdaptFormer with up = 0 is not the checkpoint"
+    moved = rel_diff(logits.detach(), base)
+    small = min(float(g.norm()) for g in grads)
+    print(f"  adapter_{task}: loss {float(loss.detach()):.6f}  {len(keys)} tensors / "
+          f"{sum(g.numel() for g in grads)} scalars  moved {moved:.3f}  min |g| {small:.2e}")
+    assert small > 0 and moved > 0.05, "adapter: the perturbed adapter must matter"
 
 
 def _plain64(sd: dict) -> nn.Module:
@@ -1062,7 +1139,7 @@ def main() -> int:
     ap.add_argument("--vit-b16-grad", type=Path, metavar="DIR",
                     help="add the ViT-B/16 gradient parity set to DIR (after --vit-b16 DIR)")
     ap.add_argument("--peft-zoo", type=Path, metavar="DIR",
-                    help="write only the PEFT-zoo fixtures (adapter_/grad_{full,partial-1,bias,lora,vpt}) "
+                    help="write only the PEFT-zoo fixtures (adapter_/grad_{full,partial-1,bias,lora,vpt,adapter}) "
                          "to DIR, reading DIR's tiny_timm and batch files")
     ap.add_argument("--bench-torch-train", action="store_true",
                     help="time a PyTorch ViT-B/16 + EPT training step (batch 4, 2 threads), JSON")

@@ -1,5 +1,6 @@
 //! The PEFT methods that choose which existing weights train (`--peft full | linear |
-//! partial-k | bias`), LoRA (`--peft lora`) and VPT (`--peft vpt`): trainable counts against formulas (tiny model in every layout,
+//! partial-k | bias`), LoRA (`--peft lora`), VPT (`--peft vpt`) and AdaptFormer (`--peft
+//! adapter`): trainable counts against formulas (tiny model in every layout,
 //! ViT-B/16), the tensors each trains, gradients against PyTorch (float64, from
 //! `scripts/make_fixtures.py`), trained values reaching the logits through the optimizer
 //! (no fold may swallow a trainable weight), training, and the errors.
@@ -14,7 +15,15 @@ use eptc_frontend::{ImportOptions, TensorFile};
 use eptc_ir::{HostTensor, WeightStore};
 use eptc_peft::{PeftConfig, Task};
 
-const METHODS: [&str; 6] = ["full", "linear", "partial-1", "bias", "lora", "vpt"];
+const METHODS: [&str; 7] = [
+    "full",
+    "linear",
+    "partial-1",
+    "bias",
+    "lora",
+    "vpt",
+    "adapter",
+];
 
 fn config(method: &str, classes: usize) -> PeftConfig {
     PeftConfig {
@@ -274,7 +283,7 @@ fn bad_methods_and_k_give_clear_errors() {
     let e = eptc_err(&a);
     assert!(
         e.contains("--peft \"lora9\"")
-            && e.contains("full, linear, partial-k, bias, lora, vpt, ept, none"),
+            && e.contains("full, linear, partial-k, bias, lora, vpt, adapter, ept, none"),
         "{e}"
     );
 }
@@ -954,4 +963,207 @@ fn vpt_matches_pytorch() {
     write(&p, &head);
     let lin = run(&linear, Some(&p), &d.path().join("linear.safetensors"));
     assert!(rel_err(&lin, &want) > 0.02, "the prompts move the logits");
+}
+
+/// AdaptFormer's trainable scalars: `depth × (2·D·h + h + D)` with `h = D / reduction`,
+/// plus the head.
+fn adapter_count(depth: usize, d: usize, reduction: usize) -> usize {
+    let h = d / reduction;
+    depth * (2 * d * h + h + d)
+}
+
+/// The bottleneck beside every block's MLP, whatever the layout; down Kaiming-uniform,
+/// up and the biases zero.
+#[test]
+fn adapter_counts_match_the_formula_in_every_layout() {
+    let (d, depth, c) = (48, 2, 5);
+    let head = c * (d + 1);
+    assert_eq!(adapter_count(depth, d, 4) + head, 2_669);
+    assert_eq!(adapter_count(depth, d, 8) + head, 1_505);
+    for file in [
+        "tiny_timm.safetensors",
+        "tiny_hf.safetensors",
+        "tiny_hfcls.safetensors",
+        "tiny_mmcls.safetensors",
+    ] {
+        let opts = ImportOptions {
+            heads: Some(3),
+            ..Default::default()
+        };
+        let model = eptc_frontend::import(&fixture(file), &opts).unwrap();
+        for reduction in [1, 4, 8] {
+            let mut g = model.graph.clone();
+            let method = eptc_peft::adaptformer::method_name(reduction);
+            let values =
+                eptc_peft::apply_with_weights(&mut g, &config(&method, c), None, 0, &model.weights)
+                    .unwrap_or_else(|e| panic!("{file} {method}: {e}"));
+            assert_eq!(
+                g.trainable_count(),
+                adapter_count(depth, d, reduction) + head,
+                "{file} {method}"
+            );
+            let mut want: BTreeSet<String> = (0..depth)
+                .flat_map(|i| eptc_peft::adaptformer::names(i).into_iter())
+                .collect();
+            want.extend(["head.weight".to_string(), "head.bias".to_string()]);
+            assert_eq!(
+                values.keys().cloned().collect::<BTreeSet<_>>(),
+                want,
+                "{file}"
+            );
+            let h = d / reduction;
+            let bound = 1.0 / (d as f32).sqrt();
+            for (k, v) in &values {
+                if k.ends_with(".down.weight") {
+                    assert_eq!(v.shape, vec![h, d], "{k}");
+                    assert!(v.data().iter().all(|x| x.abs() <= bound), "{k}");
+                    assert!(v.data().iter().any(|&x| x != 0.0), "{k}");
+                } else if k.starts_with("adapter.") {
+                    assert!(v.data().iter().all(|&x| x == 0.0), "{k} starts at zero");
+                }
+            }
+            for (id, name, trainable) in g.params() {
+                let tag = g.node(id).tag.as_deref();
+                match (trainable, name.starts_with("adapter.")) {
+                    (true, true) => assert_eq!(tag, Some("adapter"), "{name}"),
+                    (true, false) => assert!(name.starts_with("head."), "{name}"),
+                    (false, _) => assert_eq!(tag, None, "{name}"),
+                }
+            }
+        }
+    }
+}
+
+/// ViT-B/16: reduction 8 (h = 96): 12 × (2·768·96 + 96 + 768) = 1,779,840 + the head.
+#[test]
+fn vit_b16_adapter_count() {
+    let model = eptc_frontend::import_file(&vit_b16(), &ImportOptions::default()).unwrap();
+    let (d, depth, c) = (768, 12, 19);
+    let head = c * (d + 1);
+    for (reduction, n) in [(8, 1_779_840), (64, 230_544), (1, 14_174_208)] {
+        assert_eq!(
+            adapter_count(depth, d, reduction),
+            n,
+            "reduction {reduction}"
+        );
+        let mut g = model.graph.clone();
+        let method = eptc_peft::adaptformer::method_name(reduction);
+        eptc_peft::apply_with_weights(&mut g, &config(&method, c), None, 0, &model.weights)
+            .unwrap();
+        assert_eq!(g.trainable_count(), n + head, "reduction {reduction}");
+    }
+}
+
+/// `--reduction` reaches the manifest; one that does not divide the width is refused.
+#[test]
+fn adapter_flags() {
+    let d = tempfile::tempdir().unwrap();
+    let m = fixture("tiny_timm.safetensors");
+    for (extra, method, total) in [
+        (&[][..], "adapter-8", "1,505 = 1,260 (PEFT)"),
+        (
+            &["--reduction", "4"][..],
+            "adapter-4",
+            "2,669 = 2,424 (PEFT)",
+        ),
+    ] {
+        let art = d.path().join(method);
+        let mut a = vec![
+            "compile",
+            s(&m),
+            "--heads",
+            "3",
+            "-o",
+            s(&art),
+            "--peft",
+            "adapter",
+        ];
+        a.extend(extra);
+        let out = eptc_ok(&a);
+        assert!(
+            out.contains(&format!("trainable parameters: {total}")),
+            "{out}"
+        );
+        let manifest = std::fs::read_to_string(art.join("manifest.json")).unwrap();
+        assert!(
+            manifest.contains(&format!("\"method\": \"{method}\"")),
+            "{manifest}"
+        );
+    }
+    let out = d.path().join("bad");
+    for r in ["0", "32"] {
+        let e = eptc_err(&[
+            "compile",
+            s(&m),
+            "--heads",
+            "3",
+            "-o",
+            s(&out),
+            "--peft",
+            "adapter",
+            "--reduction",
+            r,
+        ]);
+        assert!(
+            e.contains(&format!("--reduction {r}: must divide the width 48")),
+            "{e}"
+        );
+    }
+}
+
+/// AdaptFormer (reduction 4, s = 0.1) on tiny timm with a perturbed adapter (up and the
+/// biases non-zero, so down gets gradients): `eptc grad` against PyTorch in float64
+/// (written by hand on timm's blocks), and `eptc run` gives PyTorch's logits (the
+/// adapter reaches the optimized graph; no fold consumes it). With up = 0 (the initial
+/// adapter) the model is the checkpoint's.
+#[test]
+fn adapter_matches_pytorch() {
+    let d = tempfile::tempdir().unwrap();
+    let art = compile(d.path(), "adapter", "adapter", &["--reduction", "4"]);
+    let out = d.path().join("g.safetensors");
+    let input = fixture("batch_multiclass.safetensors");
+    let afile = fixture("adapter_adapter.safetensors");
+    eptc_ok(&[
+        "grad",
+        s(&art),
+        "--input",
+        s(&input),
+        "--adapter",
+        s(&afile),
+        "--output",
+        s(&out),
+    ]);
+    let want = fixture("grad_adapter_multiclass.safetensors");
+    let got = TensorFile::read(&out).unwrap();
+    let exp = TensorFile::read(&want).unwrap();
+    let keys = |f: &TensorFile| -> BTreeSet<String> {
+        f.tensors
+            .keys()
+            .filter(|k| k.starts_with("grad.") || *k == "loss")
+            .cloned()
+            .collect()
+    };
+    assert_eq!(keys(&got), keys(&exp), "the gradients written");
+    assert_eq!(keys(&exp).len(), 2 * 4 + 2 + 1);
+    let mut worst = 0.0f64;
+    for k in keys(&exp) {
+        let (g, e) = (&got.tensors[&k], &exp.tensors[&k]);
+        assert_eq!(g.shape, e.shape, "{k}");
+        let err = rel_err(g.data(), e.data());
+        assert!(err <= 1e-4, "adapter {k}: relative error {err:e}");
+        worst = worst.max(err);
+    }
+    println!("adapter: worst relative gradient error against PyTorch (float64): {worst:e}");
+
+    let (_, want) = tensor(&want, "logits");
+    let init = run(&art, None, &d.path().join("init.safetensors"));
+    let got = run(&art, Some(&afile), &d.path().join("out.safetensors"));
+    assert!(rel_err(&init, &want) > 0.05, "the adapter moves the logits");
+    let err = rel_err(&got, &want);
+    println!("adapter: logits relative error against PyTorch (float64): {err:e}");
+    assert!(err < 1e-5, "adapter: logits relative error {err:e}");
+    let linear = compile(d.path(), "linear", "linear", &[]);
+    let lin = run(&linear, None, &d.path().join("linear.safetensors"));
+    let err = rel_err(&init, &lin);
+    assert!(err < 1e-6, "adapter at init vs linear: {err:e}");
 }

@@ -146,6 +146,21 @@ fn peft_vpt_deep() {
     insta::assert_snapshot!(ir("tiny_timm.safetensors", &a));
 }
 
+/// AdaptFormer (reduction 4: a 12-wide bottleneck): per block, `0.1 · up(relu(down(y)))`
+/// on LN2's output `y`, added after the MLP's residual add, every node `@adapter`.
+#[test]
+fn peft_adapter() {
+    let a = [
+        "--peft",
+        "adapter",
+        "--reduction",
+        "4",
+        "--num-classes",
+        "5",
+    ];
+    insta::assert_snapshot!(ir("tiny_timm.safetensors", &a));
+}
+
 /// The autodiff pass on the optimized graph: loss (`@loss`), backward (`@autodiff`) and
 /// the gradient outputs, for EPT cat on layer 1 only with a multi-label head. Nothing
 /// before layer 1's attention is differentiated except what its sink needs.

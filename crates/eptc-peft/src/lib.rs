@@ -8,10 +8,13 @@
 //!   `--lora-alpha`);
 //! - [`vpt`]: Visual Prompt Tuning, deep or shallow (`vpt-deep`, `vpt-shallow`;
 //!   `--prompt-len`, `--depth`);
+//! - [`adaptformer`]: AdaptFormer's bottleneck beside every MLP (`adapter-<reduction>`,
+//!   `--reduction`);
 //! - [`head`]: the trainable classification head (all that trains with `linear`/`none`);
 //! - [`apply`]: the pipeline: the method's pass, then `head`.
 
 pub mod adapter;
+pub mod adaptformer;
 pub mod config;
 pub mod ept;
 pub mod error;
@@ -28,7 +31,7 @@ pub use error::{PeftError, Result};
 
 /// The PEFT methods, as `--peft` and the config's `method` name them (`partial-<k>` in
 /// the config, e.g. `partial-1`, the paper's Partial-1).
-pub const METHODS: &str = "full, linear, partial-k, bias, lora, vpt, ept, none";
+pub const METHODS: &str = "full, linear, partial-k, bias, lora, vpt, adapter, ept, none";
 
 /// `k` of a `partial-<k>` method name.
 pub fn partial_k(method: &str) -> Option<usize> {
@@ -90,6 +93,14 @@ pub fn apply_with_weights(
                 ))
             })?;
             vpt::apply(g, deep, cfg.prompt_len)?;
+        }
+        m if m.starts_with("adapter-") => {
+            let reduction = adaptformer::parse_method(m).ok_or_else(|| {
+                PeftError::Config(format!(
+                    "adapter method {m:?}: expected adapter-<reduction>"
+                ))
+            })?;
+            adaptformer::apply(g, reduction)?;
         }
         _ if sel.is_some() => {}
         m => {

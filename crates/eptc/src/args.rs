@@ -83,7 +83,8 @@ pub struct PeftArgs {
     /// head), `bias` (every bias term and the head: BitFit), `lora` (rank --rank factors
     /// on the query and value projections of every block, and the head), `vpt` (Visual
     /// Prompt Tuning: --prompt-len prompt tokens after the class token, --depth deep or
-    /// shallow, and the head); `none` (as `linear`)
+    /// shallow, and the head), `adapter` (AdaptFormer: a width / --reduction bottleneck
+    /// beside every block's MLP, and the head); `none` (as `linear`)
     #[arg(long, default_value = "ept")]
     pub peft: String,
     /// Blocks `partial-k` trains (the last k; the paper's Partial-1 is k = 1)
@@ -95,6 +96,9 @@ pub struct PeftArgs {
     /// `lora`'s alpha: the update is scaled by alpha / r [default: r, i.e. scale 1]
     #[arg(long)]
     pub lora_alpha: Option<f32>,
+    /// `adapter`'s reduction factor: the bottleneck is width / reduction wide
+    #[arg(long, default_value_t = eptc_peft::adaptformer::DEFAULT_REDUCTION)]
+    pub reduction: usize,
     /// How prompts enter the attention: cat (official EPT), multi-cat (prompt rows scaled
     /// by each logit row's max - min), add or mul (an [N, N] prompt added to / multiplied
     /// with the logits)
@@ -145,25 +149,31 @@ impl PeftArgs {
             eptc_peft::select::check_k(self.k, arch.depth)?;
         }
         match self.peft.as_str() {
-            m @ ("none" | "linear" | "full" | "bias" | "partial-k" | "lora") => Ok(PeftConfig {
-                // The config names Partial-k by its k (`partial-1`), LoRA by its rank and
-                // alpha (`lora-8`, `lora-8-alpha-16`).
-                method: match m {
-                    "partial-k" => format!("partial-{}", self.k),
-                    "lora" => {
-                        let alpha = self.lora_alpha.unwrap_or(self.rank as f32);
-                        eptc_peft::lora::check(self.rank, alpha)?;
-                        eptc_peft::lora::method_name(self.rank, alpha)
-                    }
-                    m => m.to_string(),
-                },
-                mode: None,
-                layers: vec![],
-                prompt_len: 0,
-                prompt_init: None,
-                num_classes,
-                task,
-            }),
+            m @ ("none" | "linear" | "full" | "bias" | "partial-k" | "lora" | "adapter") => {
+                Ok(PeftConfig {
+                    // The config names Partial-k by its k (`partial-1`), LoRA by its rank and
+                    // alpha (`lora-8`, `lora-8-alpha-16`).
+                    method: match m {
+                        "partial-k" => format!("partial-{}", self.k),
+                        "lora" => {
+                            let alpha = self.lora_alpha.unwrap_or(self.rank as f32);
+                            eptc_peft::lora::check(self.rank, alpha)?;
+                            eptc_peft::lora::method_name(self.rank, alpha)
+                        }
+                        "adapter" => {
+                            eptc_peft::adaptformer::check(self.reduction, arch.dim)?;
+                            eptc_peft::adaptformer::method_name(self.reduction)
+                        }
+                        m => m.to_string(),
+                    },
+                    mode: None,
+                    layers: vec![],
+                    prompt_len: 0,
+                    prompt_init: None,
+                    num_classes,
+                    task,
+                })
+            }
             "vpt" => {
                 let deep = match self.depth.as_str() {
                     "deep" => true,

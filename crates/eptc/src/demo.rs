@@ -132,6 +132,7 @@ pub fn cmd_demo(a: &DemoArgs) -> Result<()> {
             k: 1,
             rank: eptc_peft::lora::DEFAULT_RANK,
             lora_alpha: None,
+            reduction: eptc_peft::adaptformer::DEFAULT_REDUCTION,
             init_input: None,
             num_classes: Some(CLASSES),
             task: "multiclass".into(),
