@@ -884,6 +884,65 @@ def make_peft_adapter(out: Path) -> None:
     print(f"  adapter_{task}: loss {float(loss.detach()):.6f}  {len(keys)} tensors / "
           f"{sum(g.numel() for g in grads)} scalars  moved {moved:.3f}  min |g| {small:.2e}")
     assert small > 0 and moved > 0.05, "adapter: the perturbed adapter must matter"
+    make_peft_mlp(out)
+
+
+# MLP-3 as `eptc compile --peft mlp-3 --hidden 16 --num-classes 5`: Linear(48, 16) ->
+# ReLU -> Linear(16, 16) -> ReLU -> Linear(16, 5) on the class token after the final norm.
+MLP_HIDDEN = 16
+
+
+def mlp_forward(model64: nn.Module, params: dict, pixels: torch.Tensor) -> torch.Tensor:
+    """MLP-3 on timm's float64 features (the final norm's class token)."""
+    feats = model64.forward_head(model64.forward_features(pixels.double()), pre_logits=True)
+    x = F.relu(F.linear(feats, params["mlp.0.weight"], params["mlp.0.bias"]))
+    x = F.relu(F.linear(x, params["mlp.1.weight"], params["mlp.1.bias"]))
+    return F.linear(x, params["head.weight"], params["head.bias"])
+
+
+def make_peft_mlp(out: Path) -> None:
+    """`adapter_mlp` and `grad_mlp_multiclass` (see tests/fixtures/README.md)."""
+    print(f"PEFT zoo (eptc grad --peft mlp-3 --hidden {MLP_HIDDEN}):")
+    sd = load_file(str(out / "tiny_timm.safetensors"))
+    model64 = _plain64(sd)
+    for p in model64.parameters():
+        p.requires_grad_(False)
+    dim, h = sd["cls_token"].shape[-1], MLP_HIDDEN
+    name = "adapter_mlp"
+    gen = seeded(name)
+    adapter = {}
+    # As nn.Linear initialises (weights and biases uniform on +-1/sqrt(fan_in)), then
+    # scaled by 3 so the ReLUs' inputs and the logits are far from zero.
+    for key, (o, i) in (("mlp.0", (h, dim)), ("mlp.1", (h, h)), ("head", (NUM_CLASSES, h))):
+        bound = 3.0 / i ** 0.5
+        adapter[f"{key}.weight"] = (torch.rand(o, i, generator=gen) * 2 - 1) * bound
+        adapter[f"{key}.bias"] = (torch.rand(o, generator=gen) * 2 - 1) * bound
+    cfg = {"method": f"mlp-3-{h}", "layers": [], "prompt_len": 0,
+           "num_classes": NUM_CLASSES, "task": "multiclass"}
+    save(out / f"{name}.safetensors", adapter, {"peft": json.dumps(cfg, separators=(",", ":"))})
+    keys = list(adapter)
+    task = "multiclass"
+    batch = load_file(str(out / f"batch_{task}.safetensors"))
+    x, labels = batch["pixel_values"], batch["labels"]
+    params = {k: adapter[k].double().clone().requires_grad_(True) for k in keys}
+    logits = mlp_forward(model64, params, x)
+    loss = task_loss(logits, labels, task)
+    grads = torch.autograd.grad(loss, [params[k] for k in keys])
+    tensors = {"loss": loss.detach(), "logits": logits.detach()}
+    tensors.update({f"grad.{k}": g for k, g in zip(keys, grads)})
+    meta = {"grad": json.dumps({"adapter": name, "input": f"batch_{task}", "task": task,
+                                "ln_eps": 1e-6, "computed": "float64"}, sort_keys=True)}
+    save(out / f"grad_mlp_{task}.safetensors", tensors, meta)
+    with torch.no_grad():
+        feats = model64.forward_head(model64.forward_features(x.double()), pre_logits=True)
+        h0 = F.linear(feats, params["mlp.0.weight"], params["mlp.0.bias"])
+        h1 = F.linear(F.relu(h0), params["mlp.1.weight"], params["mlp.1.bias"])
+    # Every hidden unit active on some sample, so no gradient row is zero by construction.
+    alive = min(float((h0 > 0).any(0).float().mean()), float((h1 > 0).any(0).float().mean()))
+    small = min(float(g.norm()) for g in grads)
+    print(f"  mlp_{task}: loss {float(loss.detach()):.6f}  {len(keys)} tensors / "
+          f"{sum(g.numel() for g in grads)} scalars  alive {alive:.2f}  min |g| {small:.2e}")
+    assert small > 0, "mlp: every layer gets a gradient"
 
 
 def _plain64(sd: dict) -> nn.Module:
@@ -1139,7 +1198,7 @@ def main() -> int:
     ap.add_argument("--vit-b16-grad", type=Path, metavar="DIR",
                     help="add the ViT-B/16 gradient parity set to DIR (after --vit-b16 DIR)")
     ap.add_argument("--peft-zoo", type=Path, metavar="DIR",
-                    help="write only the PEFT-zoo fixtures (adapter_/grad_{full,partial-1,bias,lora,vpt,adapter}) "
+                    help="write only the PEFT-zoo fixtures (adapter_/grad_{full,partial-1,bias,lora,vpt,adapter,mlp}) "
                          "to DIR, reading DIR's tiny_timm and batch files")
     ap.add_argument("--bench-torch-train", action="store_true",
                     help="time a PyTorch ViT-B/16 + EPT training step (batch 4, 2 threads), JSON")

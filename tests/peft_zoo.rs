@@ -1,6 +1,6 @@
 //! The PEFT methods that choose which existing weights train (`--peft full | linear |
-//! partial-k | bias`), LoRA (`--peft lora`), VPT (`--peft vpt`) and AdaptFormer (`--peft
-//! adapter`): trainable counts against formulas (tiny model in every layout,
+//! partial-k | bias`), LoRA (`--peft lora`), VPT (`--peft vpt`), AdaptFormer (`--peft
+//! adapter`) and MLP-3 (`--peft mlp-3`): trainable counts against formulas (tiny model in every layout,
 //! ViT-B/16), the tensors each trains, gradients against PyTorch (float64, from
 //! `scripts/make_fixtures.py`), trained values reaching the logits through the optimizer
 //! (no fold may swallow a trainable weight), training, and the errors.
@@ -15,7 +15,7 @@ use eptc_frontend::{ImportOptions, TensorFile};
 use eptc_ir::{HostTensor, WeightStore};
 use eptc_peft::{PeftConfig, Task};
 
-const METHODS: [&str; 7] = [
+const METHODS: [&str; 8] = [
     "full",
     "linear",
     "partial-1",
@@ -23,6 +23,7 @@ const METHODS: [&str; 7] = [
     "lora",
     "vpt",
     "adapter",
+    "mlp-3",
 ];
 
 fn config(method: &str, classes: usize) -> PeftConfig {
@@ -283,7 +284,7 @@ fn bad_methods_and_k_give_clear_errors() {
     let e = eptc_err(&a);
     assert!(
         e.contains("--peft \"lora9\"")
-            && e.contains("full, linear, partial-k, bias, lora, vpt, adapter, ept, none"),
+            && e.contains("full, linear, partial-k, bias, lora, vpt, adapter, mlp-3, ept, none"),
         "{e}"
     );
 }
@@ -1166,4 +1167,203 @@ fn adapter_matches_pytorch() {
     let lin = run(&linear, None, &d.path().join("linear.safetensors"));
     let err = rel_err(&init, &lin);
     assert!(err < 1e-6, "adapter at init vs linear: {err:e}");
+}
+
+/// MLP-3's trainable scalars: `D·h + h + h·h + h + h·C + C` (the last layer is the head).
+fn mlp_count(d: usize, h: usize, c: usize) -> usize {
+    d * h + h + h * h + h + h * c + c
+}
+
+/// Three layers on the class token's feature, whatever the layout; every layer as
+/// nn.Linear initialises it (uniform on ±1/√fan_in, from the seed); the backbone and the
+/// checkpoint's head stay out.
+#[test]
+fn mlp_counts_match_the_formula_in_every_layout() {
+    let (d, c) = (48, 5);
+    assert_eq!(mlp_count(d, 48, c), 4_949);
+    assert_eq!(mlp_count(d, 16, c), 1_141);
+    for file in [
+        "tiny_timm.safetensors",
+        "tiny_hf.safetensors",
+        "tiny_hfcls.safetensors",
+        "tiny_mmcls.safetensors",
+    ] {
+        let opts = ImportOptions {
+            heads: Some(3),
+            ..Default::default()
+        };
+        let model = eptc_frontend::import(&fixture(file), &opts).unwrap();
+        for h in [48, 16, 1] {
+            let mut g = model.graph.clone();
+            let method = eptc_peft::mlp::method_name(h);
+            let values =
+                eptc_peft::apply_with_weights(&mut g, &config(&method, c), None, 0, &model.weights)
+                    .unwrap_or_else(|e| panic!("{file} {method}: {e}"));
+            assert_eq!(g.trainable_count(), mlp_count(d, h, c), "{file} {method}");
+            let shapes: BTreeMap<&str, Vec<usize>> = values
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.shape.clone()))
+                .collect();
+            let want: BTreeMap<&str, Vec<usize>> = [
+                ("mlp.0.weight", vec![h, d]),
+                ("mlp.0.bias", vec![h]),
+                ("mlp.1.weight", vec![h, h]),
+                ("mlp.1.bias", vec![h]),
+                ("head.weight", vec![c, h]),
+                ("head.bias", vec![c]),
+            ]
+            .into_iter()
+            .collect();
+            assert_eq!(shapes, want, "{file} {method}");
+            for (k, v) in &values {
+                let fan_in = if k.starts_with("mlp.0.") { d } else { h };
+                let bound = 1.0 / (fan_in as f32).sqrt();
+                assert!(v.data().iter().all(|x| x.abs() <= bound), "{k}");
+                assert!(v.data().iter().any(|&x| x != 0.0), "{k}");
+            }
+            for (id, name, trainable) in g.params() {
+                let tag = g.node(id).tag.as_deref();
+                match (trainable, name.starts_with("mlp.")) {
+                    (true, true) => assert_eq!(tag, Some("mlp"), "{name}"),
+                    (true, false) => assert_eq!(tag, Some("head"), "{name}"),
+                    (false, _) => assert_eq!(tag, None, "{name}"),
+                }
+            }
+        }
+        // The checkpoint's head (timm, mmcls and HF's classifier carry one) is not reused,
+        // even with its class count.
+        let mut g = model.graph.clone();
+        let ckpt = (
+            HostTensor::new(vec![c, d], vec![0.5; c * d]),
+            HostTensor::new(vec![c], vec![0.5; c]),
+        );
+        let values = eptc_peft::apply_with_weights(
+            &mut g,
+            &config(&eptc_peft::mlp::method_name(d), c),
+            Some(ckpt),
+            0,
+            &model.weights,
+        )
+        .unwrap();
+        assert!(values["head.weight"].data().iter().all(|&x| x != 0.5));
+    }
+}
+
+/// ViT-B/16, hidden = D = 768, 19 classes: 768² + 768 + 768² + 768 + 768·19 + 19.
+#[test]
+fn vit_b16_mlp_count() {
+    let model = eptc_frontend::import_file(&vit_b16(), &ImportOptions::default()).unwrap();
+    let (d, c) = (768, 19);
+    for (h, n) in [(768, 1_195_795), (256, 267_539)] {
+        assert_eq!(mlp_count(d, h, c), n, "hidden {h}");
+        let mut g = model.graph.clone();
+        let method = eptc_peft::mlp::method_name(h);
+        eptc_peft::apply_with_weights(&mut g, &config(&method, c), None, 0, &model.weights)
+            .unwrap();
+        assert_eq!(g.trainable_count(), n, "hidden {h}");
+    }
+}
+
+/// `--hidden` reaches the manifest (default: the width D); 0 is refused.
+#[test]
+fn mlp_flags() {
+    let d = tempfile::tempdir().unwrap();
+    let m = fixture("tiny_timm.safetensors");
+    for (extra, method, total) in [
+        (&[][..], "mlp-3-48", "4,949 = 4,704 (PEFT)"),
+        (&["--hidden", "16"][..], "mlp-3-16", "1,141 = 896 (PEFT)"),
+    ] {
+        let art = d.path().join(method);
+        let mut a = vec![
+            "compile",
+            s(&m),
+            "--heads",
+            "3",
+            "-o",
+            s(&art),
+            "--peft",
+            "mlp-3",
+        ];
+        a.extend(extra);
+        let out = eptc_ok(&a);
+        assert!(
+            out.contains(&format!("trainable parameters: {total}")),
+            "{out}"
+        );
+        let manifest = std::fs::read_to_string(art.join("manifest.json")).unwrap();
+        assert!(
+            manifest.contains(&format!("\"method\": \"{method}\"")),
+            "{manifest}"
+        );
+    }
+    let out = d.path().join("bad");
+    let e = eptc_err(&[
+        "compile",
+        s(&m),
+        "--heads",
+        "3",
+        "-o",
+        s(&out),
+        "--peft",
+        "mlp-3",
+        "--hidden",
+        "0",
+    ]);
+    assert!(e.contains("--hidden must be at least 1"), "{e}");
+}
+
+/// MLP-3 (hidden 16) on tiny timm with nn.Linear-like weights scaled by 3 (so the ReLUs
+/// and logits are far from zero): `eptc grad` against PyTorch in float64, and `eptc run`
+/// gives PyTorch's logits.
+#[test]
+fn mlp_matches_pytorch() {
+    let d = tempfile::tempdir().unwrap();
+    let art = compile(
+        d.path(),
+        "mlp",
+        "mlp-3",
+        &["--hidden", "16", "--num-classes", "5"],
+    );
+    let out = d.path().join("g.safetensors");
+    let input = fixture("batch_multiclass.safetensors");
+    let afile = fixture("adapter_mlp.safetensors");
+    eptc_ok(&[
+        "grad",
+        s(&art),
+        "--input",
+        s(&input),
+        "--adapter",
+        s(&afile),
+        "--output",
+        s(&out),
+    ]);
+    let want = fixture("grad_mlp_multiclass.safetensors");
+    let got = TensorFile::read(&out).unwrap();
+    let exp = TensorFile::read(&want).unwrap();
+    let keys = |f: &TensorFile| -> BTreeSet<String> {
+        f.tensors
+            .keys()
+            .filter(|k| k.starts_with("grad.") || *k == "loss")
+            .cloned()
+            .collect()
+    };
+    assert_eq!(keys(&got), keys(&exp), "the gradients written");
+    assert_eq!(keys(&exp).len(), 6 + 1);
+    let mut worst = 0.0f64;
+    for k in keys(&exp) {
+        let (g, e) = (&got.tensors[&k], &exp.tensors[&k]);
+        assert_eq!(g.shape, e.shape, "{k}");
+        let err = rel_err(g.data(), e.data());
+        assert!(err <= 1e-4, "mlp {k}: relative error {err:e}");
+        worst = worst.max(err);
+    }
+    println!("mlp-3: worst relative gradient error against PyTorch (float64): {worst:e}");
+
+    let (_, want) = tensor(&want, "logits");
+    let init = run(&art, None, &d.path().join("init.safetensors"));
+    let got = run(&art, Some(&afile), &d.path().join("out.safetensors"));
+    assert!(rel_err(&init, &want) > 0.05, "the adapter moves the logits");
+    let err = rel_err(&got, &want);
+    println!("mlp-3: logits relative error against PyTorch (float64): {err:e}");
+    assert!(err < 1e-5, "mlp-3: logits relative error {err:e}");
 }

@@ -161,6 +161,14 @@ fn peft_adapter() {
     insta::assert_snapshot!(ir("tiny_timm.safetensors", &a));
 }
 
+/// MLP-3 (hidden 16): `features` → Linear(48, 16) → ReLU → Linear(16, 16) → ReLU
+/// (`@mlp`) → the head Linear(16, 5) (`@head`, keeping the names `head.*`).
+#[test]
+fn peft_mlp_3() {
+    let a = ["--peft", "mlp-3", "--hidden", "16", "--num-classes", "5"];
+    insta::assert_snapshot!(ir("tiny_timm.safetensors", &a));
+}
+
 /// The autodiff pass on the optimized graph: loss (`@loss`), backward (`@autodiff`) and
 /// the gradient outputs, for EPT cat on layer 1 only with a multi-label head. Nothing
 /// before layer 1's attention is differentiated except what its sink needs.

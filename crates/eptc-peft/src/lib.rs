@@ -10,6 +10,8 @@
 //!   `--prompt-len`, `--depth`);
 //! - [`adaptformer`]: AdaptFormer's bottleneck beside every MLP (`adapter-<reduction>`,
 //!   `--reduction`);
+//! - [`mlp`]: MLP-3, a three-layer MLP in place of the linear head (`mlp-3-<hidden>`,
+//!   `--hidden`);
 //! - [`head`]: the trainable classification head (all that trains with `linear`/`none`);
 //! - [`apply`]: the pipeline: the method's pass, then `head`.
 
@@ -20,6 +22,7 @@ pub mod ept;
 pub mod error;
 pub mod head;
 pub mod lora;
+pub mod mlp;
 pub mod select;
 pub mod vpt;
 
@@ -31,7 +34,7 @@ pub use error::{PeftError, Result};
 
 /// The PEFT methods, as `--peft` and the config's `method` name them (`partial-<k>` in
 /// the config, e.g. `partial-1`, the paper's Partial-1).
-pub const METHODS: &str = "full, linear, partial-k, bias, lora, vpt, adapter, ept, none";
+pub const METHODS: &str = "full, linear, partial-k, bias, lora, vpt, adapter, mlp-3, ept, none";
 
 /// `k` of a `partial-<k>` method name.
 pub fn partial_k(method: &str) -> Option<usize> {
@@ -71,6 +74,7 @@ pub fn apply_with_weights(
 ) -> Result<BTreeMap<String, HostTensor>> {
     let method = cfg.method.as_str();
     let sel = selection(method);
+    let mut mlp_hidden = None;
     match method {
         "ept" => {
             let mode = cfg.mode.unwrap_or(EptMode::Cat);
@@ -102,6 +106,12 @@ pub fn apply_with_weights(
             })?;
             adaptformer::apply(g, reduction)?;
         }
+        m if m.starts_with("mlp-3-") => {
+            let hidden = mlp::parse_method(m).ok_or_else(|| {
+                PeftError::Config(format!("MLP-3 method {m:?}: expected mlp-3-<hidden>"))
+            })?;
+            mlp_hidden = Some(hidden);
+        }
         _ if sel.is_some() => {}
         m => {
             return Err(PeftError::Config(format!(
@@ -111,7 +121,8 @@ pub fn apply_with_weights(
     }
     let mut from_ckpt = BTreeMap::new();
     let head_init = match checkpoint_head {
-        Some((w, b)) if w.shape[0] == cfg.num_classes => {
+        // MLP-3's last layer reads the hidden activations: a new one, never the checkpoint's.
+        Some((w, b)) if w.shape[0] == cfg.num_classes && mlp_hidden.is_none() => {
             from_ckpt.insert(head::WEIGHT.to_string(), w.clone());
             from_ckpt.insert(head::BIAS.to_string(), b.clone());
             head::HeadInit::Checkpoint { weight: w, bias: b }
@@ -120,7 +131,12 @@ pub fn apply_with_weights(
             classes: cfg.num_classes,
         },
     };
-    head::apply(g, &head_init)?;
+    match mlp_hidden {
+        Some(hidden) => {
+            mlp::apply(g, hidden, cfg.num_classes)?;
+        }
+        None => head::apply(g, &head_init)?,
+    }
     // After the head, so a checkpoint head the new one replaced is gone.
     if let Some(sel) = sel {
         select::apply(g, sel, method)?;

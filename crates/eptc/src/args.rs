@@ -84,7 +84,9 @@ pub struct PeftArgs {
     /// on the query and value projections of every block, and the head), `vpt` (Visual
     /// Prompt Tuning: --prompt-len prompt tokens after the class token, --depth deep or
     /// shallow, and the head), `adapter` (AdaptFormer: a width / --reduction bottleneck
-    /// beside every block's MLP, and the head); `none` (as `linear`)
+    /// beside every block's MLP, and the head), `mlp-3` (the head replaced by
+    /// Linear(D, --hidden) → ReLU → Linear → ReLU → Linear(--hidden, classes)); `none` (as
+    /// `linear`)
     #[arg(long, default_value = "ept")]
     pub peft: String,
     /// Blocks `partial-k` trains (the last k; the paper's Partial-1 is k = 1)
@@ -99,6 +101,9 @@ pub struct PeftArgs {
     /// `adapter`'s reduction factor: the bottleneck is width / reduction wide
     #[arg(long, default_value_t = eptc_peft::adaptformer::DEFAULT_REDUCTION)]
     pub reduction: usize,
+    /// `mlp-3`'s hidden width [default: the model's width D]
+    #[arg(long)]
+    pub hidden: Option<usize>,
     /// How prompts enter the attention: cat (official EPT), multi-cat (prompt rows scaled
     /// by each logit row's max - min), add or mul (an [N, N] prompt added to / multiplied
     /// with the logits)
@@ -149,7 +154,8 @@ impl PeftArgs {
             eptc_peft::select::check_k(self.k, arch.depth)?;
         }
         match self.peft.as_str() {
-            m @ ("none" | "linear" | "full" | "bias" | "partial-k" | "lora" | "adapter") => {
+            m @ ("none" | "linear" | "full" | "bias" | "partial-k" | "lora" | "adapter"
+            | "mlp-3") => {
                 Ok(PeftConfig {
                     // The config names Partial-k by its k (`partial-1`), LoRA by its rank and
                     // alpha (`lora-8`, `lora-8-alpha-16`).
@@ -163,6 +169,11 @@ impl PeftArgs {
                         "adapter" => {
                             eptc_peft::adaptformer::check(self.reduction, arch.dim)?;
                             eptc_peft::adaptformer::method_name(self.reduction)
+                        }
+                        "mlp-3" => {
+                            let hidden = self.hidden.unwrap_or(arch.dim);
+                            eptc_peft::mlp::check(hidden)?;
+                            eptc_peft::mlp::method_name(hidden)
                         }
                         m => m.to_string(),
                     },

@@ -133,6 +133,7 @@ pub fn cmd_demo(a: &DemoArgs) -> Result<()> {
             rank: eptc_peft::lora::DEFAULT_RANK,
             lora_alpha: None,
             reduction: eptc_peft::adaptformer::DEFAULT_REDUCTION,
+            hidden: None,
             init_input: None,
             num_classes: Some(CLASSES),
             task: "multiclass".into(),
