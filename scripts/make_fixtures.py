@@ -943,6 +943,79 @@ def make_peft_mlp(out: Path) -> None:
     print(f"  mlp_{task}: loss {float(loss.detach()):.6f}  {len(keys)} tensors / "
           f"{sum(g.numel() for g in grads)} scalars  alive {alive:.2f}  min |g| {small:.2e}")
     assert small > 0, "mlp: every layer gets a gradient"
+    make_peft_vp(out)
+
+
+# VP (Bahng et al. 2022, the padding prompter) as `eptc compile --peft vp --pad-size 4`
+# on 32 px images: a 4 px frame added to the image, zero in the 24 x 24 centre.
+VP_PAD = 4
+
+
+def vp_prompt(params: dict, size: int, pad: int) -> torch.Tensor:
+    """The VP code's PadPrompter.forward without the input: the [1, 3, H, W] prompt."""
+    base = torch.zeros(1, 3, size - 2 * pad, size - 2 * pad, dtype=params["vp.pad_up"].dtype)
+    prompt = torch.cat([params["vp.pad_left"], base, params["vp.pad_right"]], dim=3)
+    return torch.cat([params["vp.pad_up"], prompt, params["vp.pad_down"]], dim=2)
+
+
+def vp_forward(model64: nn.Module, params: dict, pixels: torch.Tensor) -> torch.Tensor:
+    x = pixels.double()
+    x = x + vp_prompt(params, x.shape[-1], VP_PAD)
+    feats = model64.forward_head(model64.forward_features(x), pre_logits=True)
+    return F.linear(feats, params["head.weight"], params["head.bias"])
+
+
+def make_peft_vp(out: Path) -> None:
+    """`adapter_vp` and `grad_vp_multiclass` (see tests/fixtures/README.md)."""
+    print(f"PEFT zoo (eptc grad --peft vp --pad-size {VP_PAD}):")
+    sd = load_file(str(out / "tiny_timm.safetensors"))
+    model64 = _plain64(sd)
+    for p in model64.parameters():
+        p.requires_grad_(False)
+    size, pad = TINY["img_size"], VP_PAD
+    name = "adapter_vp"
+    gen = seeded(name)
+    # N(0, 1) as the VP code initialises them (torch.randn).
+    adapter = {
+        "vp.pad_up": torch.randn(1, 3, pad, size, generator=gen),
+        "vp.pad_down": torch.randn(1, 3, pad, size, generator=gen),
+        "vp.pad_left": torch.randn(1, 3, size - 2 * pad, pad, generator=gen),
+        "vp.pad_right": torch.randn(1, 3, size - 2 * pad, pad, generator=gen),
+    }
+    for k in ("head.weight", "head.bias"):
+        v = sd[k]
+        noise = torch.randn(v.shape, generator=gen, dtype=torch.float32)
+        adapter[k] = v + ZOO_PERTURB * float(v.abs().mean()) * noise
+    cfg = {"method": f"vp-{pad}", "layers": [], "prompt_len": 0,
+           "num_classes": NUM_CLASSES, "task": "multiclass"}
+    save(out / f"{name}.safetensors", adapter, {"peft": json.dumps(cfg, separators=(",", ":"))})
+    keys = list(adapter)
+    task = "multiclass"
+    batch = load_file(str(out / f"batch_{task}.safetensors"))
+    x, labels = batch["pixel_values"], batch["labels"]
+    assert x.shape[-1] == x.shape[-2] == size
+    params = {k: adapter[k].double().clone().requires_grad_(True) for k in keys}
+    logits = vp_forward(model64, params, x)
+    loss = task_loss(logits, labels, task)
+    grads = torch.autograd.grad(loss, [params[k] for k in keys])
+    tensors = {"loss": loss.detach(), "logits": logits.detach()}
+    tensors.update({f"grad.{k}": g for k, g in zip(keys, grads)})
+    meta = {"grad": json.dumps({"adapter": name, "input": f"batch_{task}", "task": task,
+                                "ln_eps": 1e-6, "computed": "float64"}, sort_keys=True)}
+    save(out / f"grad_vp_{task}.safetensors", tensors, meta)
+    with torch.no_grad():
+        head = {k: params[k] for k in ("head.weight", "head.bias")}
+        _, base = zoo_loss(_plain64(sd), head, x, labels, task)
+        zero = {k: (torch.zeros_like(v) if k.startswith("vp.") else v) for k, v in params.items()}
+        at_zero = vp_forward(model64, zero, x)
+        centre = vp_prompt(params, size, pad)[..., pad:size - pad, pad:size - pad]
+    assert rel_diff(at_zero, base) < 1e-12, "VP with a zero frame is not the checkpoint"
+    assert float(centre.abs().max()) == 0.0, "VP: the centre is untouched"
+    moved = rel_diff(logits.detach(), base)
+    small = min(float(g.norm()) for g in grads)
+    print(f"  vp_{task}: loss {float(loss.detach()):.6f}  {len(keys)} tensors / "
+          f"{sum(g.numel() for g in grads)} scalars  moved {moved:.3f}  min |g| {small:.2e}")
+    assert small > 0 and moved > 0.05, "vp: the frame must matter"
 
 
 def _plain64(sd: dict) -> nn.Module:
@@ -1198,7 +1271,7 @@ def main() -> int:
     ap.add_argument("--vit-b16-grad", type=Path, metavar="DIR",
                     help="add the ViT-B/16 gradient parity set to DIR (after --vit-b16 DIR)")
     ap.add_argument("--peft-zoo", type=Path, metavar="DIR",
-                    help="write only the PEFT-zoo fixtures (adapter_/grad_{full,partial-1,bias,lora,vpt,adapter,mlp}) "
+                    help="write only the PEFT-zoo fixtures (adapter_/grad_{full,partial-1,bias,lora,vpt,adapter,mlp,vp}) "
                          "to DIR, reading DIR's tiny_timm and batch files")
     ap.add_argument("--bench-torch-train", action="store_true",
                     help="time a PyTorch ViT-B/16 + EPT training step (batch 4, 2 threads), JSON")

@@ -1,6 +1,6 @@
 //! The PEFT methods that choose which existing weights train (`--peft full | linear |
 //! partial-k | bias`), LoRA (`--peft lora`), VPT (`--peft vpt`), AdaptFormer (`--peft
-//! adapter`) and MLP-3 (`--peft mlp-3`): trainable counts against formulas (tiny model in every layout,
+//! adapter`), MLP-3 (`--peft mlp-3`) and VP (`--peft vp`): trainable counts against formulas (tiny model in every layout,
 //! ViT-B/16), the tensors each trains, gradients against PyTorch (float64, from
 //! `scripts/make_fixtures.py`), trained values reaching the logits through the optimizer
 //! (no fold may swallow a trainable weight), training, and the errors.
@@ -15,7 +15,7 @@ use eptc_frontend::{ImportOptions, TensorFile};
 use eptc_ir::{HostTensor, WeightStore};
 use eptc_peft::{PeftConfig, Task};
 
-const METHODS: [&str; 8] = [
+const METHODS: [&str; 9] = [
     "full",
     "linear",
     "partial-1",
@@ -24,6 +24,7 @@ const METHODS: [&str; 8] = [
     "vpt",
     "adapter",
     "mlp-3",
+    "vp",
 ];
 
 fn config(method: &str, classes: usize) -> PeftConfig {
@@ -284,7 +285,9 @@ fn bad_methods_and_k_give_clear_errors() {
     let e = eptc_err(&a);
     assert!(
         e.contains("--peft \"lora9\"")
-            && e.contains("full, linear, partial-k, bias, lora, vpt, adapter, mlp-3, ept, none"),
+            && e.contains(
+                "full, linear, partial-k, bias, lora, vpt, adapter, mlp-3, vp, ept, none"
+            ),
         "{e}"
     );
 }
@@ -441,6 +444,7 @@ fn train_each_method() {
     for method in METHODS {
         let extra: &[&str] = match method {
             "vpt" => &["--num-classes", "3", "--prompt-len", "4"],
+            "vp" => &["--num-classes", "3", "--pad-size", "4"],
             _ => &["--num-classes", "3"],
         };
         let art = compile(d.path(), method, method, extra);
@@ -1366,4 +1370,212 @@ fn mlp_matches_pytorch() {
     let err = rel_err(&got, &want);
     println!("mlp-3: logits relative error against PyTorch (float64): {err:e}");
     assert!(err < 1e-5, "mlp-3: logits relative error {err:e}");
+}
+
+/// VP's frame on the tiny model's 32 px images, in every layout: `2·3·p·32 + 2·3·(32 −
+/// 2p)·p` plus the head; N(0, 1) values; the frame's params and nodes tagged `vp`.
+#[test]
+fn vp_counts_match_the_formula_in_every_layout() {
+    let (d, c, px) = (48, 5, 32);
+    let head = c * (d + 1);
+    assert_eq!(eptc_peft::vp::count(4, px, px) + head, 1_589);
+    assert_eq!(eptc_peft::vp::count(1, px, px) + head, 617);
+    for file in [
+        "tiny_timm.safetensors",
+        "tiny_hf.safetensors",
+        "tiny_hfcls.safetensors",
+        "tiny_mmcls.safetensors",
+    ] {
+        let opts = ImportOptions {
+            heads: Some(3),
+            ..Default::default()
+        };
+        let model = eptc_frontend::import(&fixture(file), &opts).unwrap();
+        for p in [1, 4, 15] {
+            let mut g = model.graph.clone();
+            let method = eptc_peft::vp::method_name(p);
+            let values =
+                eptc_peft::apply_with_weights(&mut g, &config(&method, c), None, 0, &model.weights)
+                    .unwrap_or_else(|e| panic!("{file} {method}: {e}"));
+            assert_eq!(
+                g.trainable_count(),
+                eptc_peft::vp::count(p, px, px) + head,
+                "{file} {method}"
+            );
+            let shapes: BTreeMap<&str, Vec<usize>> = values
+                .iter()
+                .filter(|(k, _)| k.starts_with("vp."))
+                .map(|(k, v)| (k.as_str(), v.shape.clone()))
+                .collect();
+            let ch = px - 2 * p;
+            let want: BTreeMap<&str, Vec<usize>> = [
+                ("vp.pad_up", vec![1, 3, p, px]),
+                ("vp.pad_down", vec![1, 3, p, px]),
+                ("vp.pad_left", vec![1, 3, ch, p]),
+                ("vp.pad_right", vec![1, 3, ch, p]),
+            ]
+            .into_iter()
+            .collect();
+            assert_eq!(shapes, want, "{file} {method}");
+            for (k, v) in values.iter().filter(|(k, _)| k.starts_with("vp.")) {
+                let n = v.data().len() as f64;
+                let mean = v.data().iter().map(|&x| x as f64).sum::<f64>() / n;
+                let var = v
+                    .data()
+                    .iter()
+                    .map(|&x| (x as f64 - mean).powi(2))
+                    .sum::<f64>()
+                    / n;
+                if n >= 96.0 {
+                    assert!(
+                        mean.abs() < 0.5 && (0.5..2.0).contains(&var),
+                        "{k}: N(0, 1)"
+                    );
+                }
+            }
+            for (id, name, trainable) in g.params() {
+                let tag = g.node(id).tag.as_deref();
+                match (trainable, name.starts_with("vp.")) {
+                    (true, true) => assert_eq!(tag, Some("vp"), "{name}"),
+                    (true, false) => assert!(name.starts_with("head."), "{name}"),
+                    (false, _) => assert_eq!(tag, None, "{name}"),
+                }
+            }
+        }
+        for p in [0, 16, 30] {
+            let mut g = model.graph.clone();
+            let method = eptc_peft::vp::method_name(p);
+            assert!(
+                eptc_peft::apply_with_weights(&mut g, &config(&method, c), None, 0, &model.weights)
+                    .is_err(),
+                "{file} {method}"
+            );
+        }
+    }
+}
+
+/// ViT-B/16 at 224 px, VP's default p = 30: 2·3·30·224 + 2·3·164·30 = 69,840 + the head.
+#[test]
+fn vit_b16_vp_count() {
+    let model = eptc_frontend::import_file(&vit_b16(), &ImportOptions::default()).unwrap();
+    let (d, c) = (768, 19);
+    let head = c * (d + 1);
+    for (p, n) in [(30, 69_840), (1, 2_676), (111, 150_516)] {
+        assert_eq!(eptc_peft::vp::count(p, 224, 224), n, "pad {p}");
+        let mut g = model.graph.clone();
+        let method = eptc_peft::vp::method_name(p);
+        eptc_peft::apply_with_weights(&mut g, &config(&method, c), None, 0, &model.weights)
+            .unwrap();
+        assert_eq!(g.trainable_count(), n + head, "pad {p}");
+    }
+}
+
+/// `--pad-size` reaches the manifest; VP's default 30 does not fit 32 px images, nor does
+/// any frame that would cover the centre, and the error says so.
+#[test]
+fn vp_flags() {
+    let d = tempfile::tempdir().unwrap();
+    let m = fixture("tiny_timm.safetensors");
+    let art = d.path().join("vp");
+    let out = eptc_ok(&[
+        "compile",
+        s(&m),
+        "--heads",
+        "3",
+        "-o",
+        s(&art),
+        "--peft",
+        "vp",
+        "--pad-size",
+        "4",
+    ]);
+    assert!(
+        out.contains("trainable parameters: 1,589 = 1,344 (PEFT)"),
+        "{out}"
+    );
+    let manifest = std::fs::read_to_string(art.join("manifest.json")).unwrap();
+    assert!(manifest.contains("\"method\": \"vp-4\""), "{manifest}");
+    let out = d.path().join("bad");
+    for (extra, msg) in [
+        (
+            &[][..],
+            "--pad-size 30: the prompt frame must leave the image's centre untouched, pad < 16 for 32×32 px images",
+        ),
+        (&["--pad-size", "16"][..], "--pad-size 16: the prompt frame"),
+        (&["--pad-size", "0"][..], "--pad-size must be at least 1"),
+    ] {
+        let mut a = vec![
+            "compile",
+            s(&m),
+            "--heads",
+            "3",
+            "-o",
+            s(&out),
+            "--peft",
+            "vp",
+        ];
+        a.extend(extra);
+        let e = eptc_err(&a);
+        assert!(e.contains(msg), "{e}");
+    }
+}
+
+/// VP (p = 4 on 32 px) on tiny timm with N(0, 1) frames and a perturbed head: `eptc
+/// grad` against PyTorch in float64 (the VP code's PadPrompter on timm's model), and
+/// `eptc run` gives PyTorch's logits.
+#[test]
+fn vp_matches_pytorch() {
+    let d = tempfile::tempdir().unwrap();
+    let art = compile(d.path(), "vp", "vp", &["--pad-size", "4"]);
+    let out = d.path().join("g.safetensors");
+    let input = fixture("batch_multiclass.safetensors");
+    let afile = fixture("adapter_vp.safetensors");
+    eptc_ok(&[
+        "grad",
+        s(&art),
+        "--input",
+        s(&input),
+        "--adapter",
+        s(&afile),
+        "--output",
+        s(&out),
+    ]);
+    let want = fixture("grad_vp_multiclass.safetensors");
+    let got = TensorFile::read(&out).unwrap();
+    let exp = TensorFile::read(&want).unwrap();
+    let keys = |f: &TensorFile| -> BTreeSet<String> {
+        f.tensors
+            .keys()
+            .filter(|k| k.starts_with("grad.") || *k == "loss")
+            .cloned()
+            .collect()
+    };
+    assert_eq!(keys(&got), keys(&exp), "the gradients written");
+    assert_eq!(keys(&exp).len(), 4 + 2 + 1);
+    let mut worst = 0.0f64;
+    for k in keys(&exp) {
+        let (g, e) = (&got.tensors[&k], &exp.tensors[&k]);
+        assert_eq!(g.shape, e.shape, "{k}");
+        let err = rel_err(g.data(), e.data());
+        assert!(err <= 1e-4, "vp {k}: relative error {err:e}");
+        worst = worst.max(err);
+    }
+    println!("vp: worst relative gradient error against PyTorch (float64): {worst:e}");
+
+    let (_, want) = tensor(&want, "logits");
+    let got = run(&art, Some(&afile), &d.path().join("out.safetensors"));
+    let err = rel_err(&got, &want);
+    println!("vp: logits relative error against PyTorch (float64): {err:e}");
+    assert!(err < 1e-5, "vp: logits relative error {err:e}");
+    // Only the frame changed: the same head without it is PyTorch's logits minus the frame.
+    let mut no_frame = TensorFile::read(&afile).unwrap().tensors;
+    for (k, v) in no_frame.iter_mut() {
+        if k.starts_with("vp.") {
+            *v = HostTensor::zeros(v.shape.clone());
+        }
+    }
+    let p = d.path().join("no-frame.safetensors");
+    write(&p, &no_frame);
+    let base = run(&art, Some(&p), &d.path().join("base.safetensors"));
+    assert!(rel_err(&got, &base) > 0.05, "the frame moves the logits");
 }

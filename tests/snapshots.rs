@@ -169,6 +169,14 @@ fn peft_mlp_3() {
     insta::assert_snapshot!(ir("tiny_timm.safetensors", &a));
 }
 
+/// VP (p = 4 on 32 px): the frame `concat(up, concat(left, 0, right), down)` (`@vp`)
+/// added to the image the patch embedding reads.
+#[test]
+fn peft_vp() {
+    let a = ["--peft", "vp", "--pad-size", "4", "--num-classes", "5"];
+    insta::assert_snapshot!(ir("tiny_timm.safetensors", &a));
+}
+
 /// The autodiff pass on the optimized graph: loss (`@loss`), backward (`@autodiff`) and
 /// the gradient outputs, for EPT cat on layer 1 only with a multi-label head. Nothing
 /// before layer 1's attention is differentiated except what its sink needs.

@@ -4,7 +4,8 @@
 //! `full`, `partial-<k>` and `bias` train, under the checkpoint's own key names; LoRA's
 //! factors `lora.<block>.<q|v>.A` `[r, D]` and `.B` `[D, r]`; VPT's prompts
 //! `vpt.prompts` `[layers, L, D]`; AdaptFormer's `adapter.<block>.<down|up>.<weight|bias>`;
-//! MLP-3's hidden layers `mlp.<0|1>.<weight|bias>` (its last layer is `head.*`).
+//! MLP-3's hidden layers `mlp.<0|1>.<weight|bias>` (its last layer is `head.*`);
+//! VP's pixel frame `vp.pad_<up|down|left|right>`.
 
 use std::collections::BTreeMap;
 

@@ -12,6 +12,8 @@
 //!   `--reduction`);
 //! - [`mlp`]: MLP-3, a three-layer MLP in place of the linear head (`mlp-3-<hidden>`,
 //!   `--hidden`);
+//! - [`vp`]: visual prompting, a learnable pixel frame added to the image (`vp-<pad>`,
+//!   `--pad-size`);
 //! - [`head`]: the trainable classification head (all that trains with `linear`/`none`);
 //! - [`apply`]: the pipeline: the method's pass, then `head`.
 
@@ -24,6 +26,7 @@ pub mod head;
 pub mod lora;
 pub mod mlp;
 pub mod select;
+pub mod vp;
 pub mod vpt;
 
 use std::collections::BTreeMap;
@@ -34,7 +37,7 @@ pub use error::{PeftError, Result};
 
 /// The PEFT methods, as `--peft` and the config's `method` name them (`partial-<k>` in
 /// the config, e.g. `partial-1`, the paper's Partial-1).
-pub const METHODS: &str = "full, linear, partial-k, bias, lora, vpt, adapter, mlp-3, ept, none";
+pub const METHODS: &str = "full, linear, partial-k, bias, lora, vpt, adapter, mlp-3, vp, ept, none";
 
 /// `k` of a `partial-<k>` method name.
 pub fn partial_k(method: &str) -> Option<usize> {
@@ -111,6 +114,11 @@ pub fn apply_with_weights(
                 PeftError::Config(format!("MLP-3 method {m:?}: expected mlp-3-<hidden>"))
             })?;
             mlp_hidden = Some(hidden);
+        }
+        m if m.starts_with("vp-") => {
+            let pad = vp::parse_method(m)
+                .ok_or_else(|| PeftError::Config(format!("VP method {m:?}: expected vp-<pad>")))?;
+            vp::apply(g, pad)?;
         }
         _ if sel.is_some() => {}
         m => {

@@ -85,7 +85,8 @@ pub struct PeftArgs {
     /// Prompt Tuning: --prompt-len prompt tokens after the class token, --depth deep or
     /// shallow, and the head), `adapter` (AdaptFormer: a width / --reduction bottleneck
     /// beside every block's MLP, and the head), `mlp-3` (the head replaced by
-    /// Linear(D, --hidden) → ReLU → Linear → ReLU → Linear(--hidden, classes)); `none` (as
+    /// Linear(D, --hidden) → ReLU → Linear → ReLU → Linear(--hidden, classes)), `vp` (visual prompting: a
+    /// learnable --pad-size pixel frame added to the image, and the head); `none` (as
     /// `linear`)
     #[arg(long, default_value = "ept")]
     pub peft: String,
@@ -104,6 +105,10 @@ pub struct PeftArgs {
     /// `mlp-3`'s hidden width [default: the model's width D]
     #[arg(long)]
     pub hidden: Option<usize>,
+    /// `vp`'s frame width in pixels (VP's 30 is for 224 px; it must be under half the
+    /// image size)
+    #[arg(long, default_value_t = eptc_peft::vp::DEFAULT_PAD)]
+    pub pad_size: usize,
     /// How prompts enter the attention: cat (official EPT), multi-cat (prompt rows scaled
     /// by each logit row's max - min), add or mul (an [N, N] prompt added to / multiplied
     /// with the logits)
@@ -155,7 +160,7 @@ impl PeftArgs {
         }
         match self.peft.as_str() {
             m @ ("none" | "linear" | "full" | "bias" | "partial-k" | "lora" | "adapter"
-            | "mlp-3") => {
+            | "mlp-3" | "vp") => {
                 Ok(PeftConfig {
                     // The config names Partial-k by its k (`partial-1`), LoRA by its rank and
                     // alpha (`lora-8`, `lora-8-alpha-16`).
@@ -174,6 +179,11 @@ impl PeftArgs {
                             let hidden = self.hidden.unwrap_or(arch.dim);
                             eptc_peft::mlp::check(hidden)?;
                             eptc_peft::mlp::method_name(hidden)
+                        }
+                        "vp" => {
+                            let px = arch.image_size;
+                            eptc_peft::vp::check(self.pad_size, px, px)?;
+                            eptc_peft::vp::method_name(self.pad_size)
                         }
                         m => m.to_string(),
                     },

@@ -134,6 +134,7 @@ pub fn cmd_demo(a: &DemoArgs) -> Result<()> {
             lora_alpha: None,
             reduction: eptc_peft::adaptformer::DEFAULT_REDUCTION,
             hidden: None,
+            pad_size: eptc_peft::vp::DEFAULT_PAD,
             init_input: None,
             num_classes: Some(CLASSES),
             task: "multiclass".into(),
