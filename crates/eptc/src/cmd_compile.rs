@@ -195,7 +195,14 @@ pub fn compile(a: &CompileArgs) -> Result<(PathBuf, Manifest, TargetCheck)> {
 pub fn cmd_compile(a: &CompileArgs) -> Result<()> {
     let t0 = Instant::now();
     let (dir, m, check) = compile(a)?;
-    let head = m.peft.num_classes * (m.architecture.dim + 1);
+    // The head reads the features, or the MLP's hidden units with `mlp-3-<H>`.
+    let head_in = m
+        .peft
+        .method
+        .strip_prefix("mlp-3-")
+        .and_then(|h| h.parse().ok())
+        .unwrap_or(m.architecture.dim);
+    let head = m.peft.num_classes * (head_in + 1);
     if a.json {
         println!(
             "{}",
