@@ -1275,7 +1275,11 @@ fn mlp_flags() {
     let m = fixture("tiny_timm.safetensors");
     for (extra, method, total) in [
         (&[][..], "mlp-3-48", "4,949 = 4,704 (PEFT)"),
-        (&["--hidden", "16"][..], "mlp-3-16", "1,141 = 896 (PEFT)"),
+        (
+            &["--hidden", "16"][..],
+            "mlp-3-16",
+            "1,141 = 1,056 (PEFT) + 85 (head",
+        ),
     ] {
         let art = d.path().join(method);
         let mut a = vec![
