@@ -355,6 +355,85 @@ fn run(art: &Path, adapter: Option<&Path>, out: &Path) -> Vec<f32> {
     tensor(out, "logits").1
 }
 
+/// `eptc compile --peft <peft> <extra>` on tiny timm prints `trainable parameters:
+/// <total>…` and records `<method>` in the manifest, for each `(extra, method, total)`.
+fn flags_reach_the_manifest(peft: &str, cases: &[(&[&str], &str, &str)]) {
+    let d = tempfile::tempdir().unwrap();
+    let m = fixture("tiny_timm.safetensors");
+    for &(extra, method, total) in cases {
+        let art = d.path().join(method);
+        let mut a = vec![
+            "compile",
+            s(&m),
+            "--heads",
+            "3",
+            "-o",
+            s(&art),
+            "--peft",
+            peft,
+        ];
+        a.extend(extra);
+        let out = eptc_ok(&a);
+        assert!(
+            out.contains(&format!("trainable parameters: {total}")),
+            "{out}"
+        );
+        let manifest = std::fs::read_to_string(art.join("manifest.json")).unwrap();
+        assert!(
+            manifest.contains(&format!("\"method\": \"{method}\"")),
+            "{manifest}"
+        );
+    }
+}
+
+/// `eptc grad` of `art` with the fixture adapter `adapter` on the multi-class fixture
+/// batch against the fixture `grad` (float64 PyTorch): the same `grad.*` tensors and loss
+/// (`count` of them), each within 1e-4. Returns the adapter's and the fixture's paths.
+fn grads_match_pytorch(
+    art: &Path,
+    name: &str,
+    adapter: &str,
+    grad: &str,
+    count: usize,
+) -> (PathBuf, PathBuf) {
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("g.safetensors");
+    let input = fixture("batch_multiclass.safetensors");
+    let afile = fixture(adapter);
+    eptc_ok(&[
+        "grad",
+        s(art),
+        "--input",
+        s(&input),
+        "--adapter",
+        s(&afile),
+        "--output",
+        s(&out),
+    ]);
+    let want = fixture(grad);
+    let got = TensorFile::read(&out).unwrap();
+    let exp = TensorFile::read(&want).unwrap();
+    let keys = |f: &TensorFile| -> BTreeSet<String> {
+        f.tensors
+            .keys()
+            .filter(|k| k.starts_with("grad.") || *k == "loss")
+            .cloned()
+            .collect()
+    };
+    assert_eq!(keys(&got), keys(&exp), "{name}: the gradients written");
+    assert_eq!(keys(&exp).len(), count, "{name}");
+    let mut worst = 0.0f64;
+    for k in keys(&exp) {
+        let (g, e) = (&got.tensors[&k], &exp.tensors[&k]);
+        assert_eq!(g.shape, e.shape, "{name} {k}");
+        let err = rel_err(g.data(), e.data());
+        assert!(err <= 1e-4, "{name} {k}: relative error {err:e}");
+        worst = worst.max(err);
+    }
+    println!("{name}: worst relative gradient error against PyTorch (float64): {worst:e}");
+    (afile, want)
+}
+
 /// The trained values reach the logits of the optimized graph: the LayerNorm-affine and
 /// attention-scale folds never consume a trainable weight. `bias` and `partial-1`
 /// adapters (LayerNorm biases/weights, qkv bias and weight perturbed) give PyTorch's
@@ -630,42 +709,22 @@ fn vit_b16_lora_count() {
 fn lora_flags() {
     let d = tempfile::tempdir().unwrap();
     let m = fixture("tiny_timm.safetensors");
-    for (extra, method, total) in [
-        (&[][..], "lora-8", "3,317 = 3,072 (PEFT)"),
-        (
-            &["--rank", "4", "--lora-alpha", "8"][..],
-            "lora-4-alpha-8",
-            "1,781 = 1,536 (PEFT)",
-        ),
-        (
-            &["--rank", "1", "--lora-alpha", "1"][..],
-            "lora-1",
-            "629 = 384 (PEFT)",
-        ),
-    ] {
-        let art = d.path().join(method);
-        let mut a = vec![
-            "compile",
-            s(&m),
-            "--heads",
-            "3",
-            "-o",
-            s(&art),
-            "--peft",
-            "lora",
-        ];
-        a.extend(extra);
-        let out = eptc_ok(&a);
-        assert!(
-            out.contains(&format!("trainable parameters: {total}")),
-            "{out}"
-        );
-        let manifest = std::fs::read_to_string(art.join("manifest.json")).unwrap();
-        assert!(
-            manifest.contains(&format!("\"method\": \"{method}\"")),
-            "{manifest}"
-        );
-    }
+    flags_reach_the_manifest(
+        "lora",
+        &[
+            (&[][..], "lora-8", "3,317 = 3,072 (PEFT)"),
+            (
+                &["--rank", "4", "--lora-alpha", "8"][..],
+                "lora-4-alpha-8",
+                "1,781 = 1,536 (PEFT)",
+            ),
+            (
+                &["--rank", "1", "--lora-alpha", "1"][..],
+                "lora-1",
+                "629 = 384 (PEFT)",
+            ),
+        ],
+    );
     let out = d.path().join("bad");
     let base = [
         "compile",
@@ -704,40 +763,13 @@ fn lora_matches_pytorch() {
         "lora",
         &["--rank", "4", "--lora-alpha", "8"],
     );
-    let out = d.path().join("g.safetensors");
-    let input = fixture("batch_multiclass.safetensors");
-    let afile = fixture("adapter_lora.safetensors");
-    eptc_ok(&[
-        "grad",
-        s(&art),
-        "--input",
-        s(&input),
-        "--adapter",
-        s(&afile),
-        "--output",
-        s(&out),
-    ]);
-    let want = fixture("grad_lora_multiclass.safetensors");
-    let got = TensorFile::read(&out).unwrap();
-    let exp = TensorFile::read(&want).unwrap();
-    let keys = |f: &TensorFile| -> BTreeSet<String> {
-        f.tensors
-            .keys()
-            .filter(|k| k.starts_with("grad.") || *k == "loss")
-            .cloned()
-            .collect()
-    };
-    assert_eq!(keys(&got), keys(&exp), "the gradients written");
-    assert_eq!(keys(&exp).len(), 2 * 4 + 2 + 1);
-    let mut worst = 0.0f64;
-    for k in keys(&exp) {
-        let (g, e) = (&got.tensors[&k], &exp.tensors[&k]);
-        assert_eq!(g.shape, e.shape, "{k}");
-        let err = rel_err(g.data(), e.data());
-        assert!(err <= 1e-4, "lora {k}: relative error {err:e}");
-        worst = worst.max(err);
-    }
-    println!("lora: worst relative gradient error against PyTorch (float64): {worst:e}");
+    let (afile, want) = grads_match_pytorch(
+        &art,
+        "lora",
+        "adapter_lora.safetensors",
+        "grad_lora_multiclass.safetensors",
+        2 * 4 + 2 + 1,
+    );
 
     let (_, want) = tensor(&want, "logits");
     let init = run(&art, None, &d.path().join("init.safetensors"));
@@ -854,37 +886,17 @@ fn vit_b16_vpt_count() {
 fn vpt_flags() {
     let d = tempfile::tempdir().unwrap();
     let m = fixture("tiny_timm.safetensors");
-    for (extra, method, total) in [
-        (&["--prompt-len", "4"][..], "vpt-deep", "629 = 384 (PEFT)"),
-        (
-            &["--depth", "shallow", "--prompt-len", "10"][..],
-            "vpt-shallow",
-            "725 = 480 (PEFT)",
-        ),
-    ] {
-        let art = d.path().join(method);
-        let mut a = vec![
-            "compile",
-            s(&m),
-            "--heads",
-            "3",
-            "-o",
-            s(&art),
-            "--peft",
-            "vpt",
-        ];
-        a.extend(extra);
-        let out = eptc_ok(&a);
-        assert!(
-            out.contains(&format!("trainable parameters: {total}")),
-            "{out}"
-        );
-        let manifest = std::fs::read_to_string(art.join("manifest.json")).unwrap();
-        assert!(
-            manifest.contains(&format!("\"method\": \"{method}\"")),
-            "{manifest}"
-        );
-    }
+    flags_reach_the_manifest(
+        "vpt",
+        &[
+            (&["--prompt-len", "4"][..], "vpt-deep", "629 = 384 (PEFT)"),
+            (
+                &["--depth", "shallow", "--prompt-len", "10"][..],
+                "vpt-shallow",
+                "725 = 480 (PEFT)",
+            ),
+        ],
+    );
     let out = d.path().join("bad");
     let base = [
         "compile",
@@ -917,40 +929,13 @@ fn vpt_flags() {
 fn vpt_matches_pytorch() {
     let d = tempfile::tempdir().unwrap();
     let art = compile(d.path(), "vpt", "vpt", &["--prompt-len", "4"]);
-    let out = d.path().join("g.safetensors");
-    let input = fixture("batch_multiclass.safetensors");
-    let afile = fixture("adapter_vpt.safetensors");
-    eptc_ok(&[
-        "grad",
-        s(&art),
-        "--input",
-        s(&input),
-        "--adapter",
-        s(&afile),
-        "--output",
-        s(&out),
-    ]);
-    let want = fixture("grad_vpt_multiclass.safetensors");
-    let got = TensorFile::read(&out).unwrap();
-    let exp = TensorFile::read(&want).unwrap();
-    let keys = |f: &TensorFile| -> BTreeSet<String> {
-        f.tensors
-            .keys()
-            .filter(|k| k.starts_with("grad.") || *k == "loss")
-            .cloned()
-            .collect()
-    };
-    assert_eq!(keys(&got), keys(&exp), "the gradients written");
-    assert_eq!(keys(&exp).len(), 3 + 1);
-    let mut worst = 0.0f64;
-    for k in keys(&exp) {
-        let (g, e) = (&got.tensors[&k], &exp.tensors[&k]);
-        assert_eq!(g.shape, e.shape, "{k}");
-        let err = rel_err(g.data(), e.data());
-        assert!(err <= 1e-4, "vpt {k}: relative error {err:e}");
-        worst = worst.max(err);
-    }
-    println!("vpt: worst relative gradient error against PyTorch (float64): {worst:e}");
+    let (afile, want) = grads_match_pytorch(
+        &art,
+        "vpt",
+        "adapter_vpt.safetensors",
+        "grad_vpt_multiclass.safetensors",
+        3 + 1,
+    );
 
     let (_, want) = tensor(&want, "logits");
     let got = run(&art, Some(&afile), &d.path().join("out.safetensors"));
@@ -1064,37 +1049,17 @@ fn vit_b16_adapter_count() {
 fn adapter_flags() {
     let d = tempfile::tempdir().unwrap();
     let m = fixture("tiny_timm.safetensors");
-    for (extra, method, total) in [
-        (&[][..], "adapter-8", "1,505 = 1,260 (PEFT)"),
-        (
-            &["--reduction", "4"][..],
-            "adapter-4",
-            "2,669 = 2,424 (PEFT)",
-        ),
-    ] {
-        let art = d.path().join(method);
-        let mut a = vec![
-            "compile",
-            s(&m),
-            "--heads",
-            "3",
-            "-o",
-            s(&art),
-            "--peft",
-            "adapter",
-        ];
-        a.extend(extra);
-        let out = eptc_ok(&a);
-        assert!(
-            out.contains(&format!("trainable parameters: {total}")),
-            "{out}"
-        );
-        let manifest = std::fs::read_to_string(art.join("manifest.json")).unwrap();
-        assert!(
-            manifest.contains(&format!("\"method\": \"{method}\"")),
-            "{manifest}"
-        );
-    }
+    flags_reach_the_manifest(
+        "adapter",
+        &[
+            (&[][..], "adapter-8", "1,505 = 1,260 (PEFT)"),
+            (
+                &["--reduction", "4"][..],
+                "adapter-4",
+                "2,669 = 2,424 (PEFT)",
+            ),
+        ],
+    );
     let out = d.path().join("bad");
     for r in ["0", "32"] {
         let e = eptc_err(&[
@@ -1125,40 +1090,13 @@ fn adapter_flags() {
 fn adapter_matches_pytorch() {
     let d = tempfile::tempdir().unwrap();
     let art = compile(d.path(), "adapter", "adapter", &["--reduction", "4"]);
-    let out = d.path().join("g.safetensors");
-    let input = fixture("batch_multiclass.safetensors");
-    let afile = fixture("adapter_adapter.safetensors");
-    eptc_ok(&[
-        "grad",
-        s(&art),
-        "--input",
-        s(&input),
-        "--adapter",
-        s(&afile),
-        "--output",
-        s(&out),
-    ]);
-    let want = fixture("grad_adapter_multiclass.safetensors");
-    let got = TensorFile::read(&out).unwrap();
-    let exp = TensorFile::read(&want).unwrap();
-    let keys = |f: &TensorFile| -> BTreeSet<String> {
-        f.tensors
-            .keys()
-            .filter(|k| k.starts_with("grad.") || *k == "loss")
-            .cloned()
-            .collect()
-    };
-    assert_eq!(keys(&got), keys(&exp), "the gradients written");
-    assert_eq!(keys(&exp).len(), 2 * 4 + 2 + 1);
-    let mut worst = 0.0f64;
-    for k in keys(&exp) {
-        let (g, e) = (&got.tensors[&k], &exp.tensors[&k]);
-        assert_eq!(g.shape, e.shape, "{k}");
-        let err = rel_err(g.data(), e.data());
-        assert!(err <= 1e-4, "adapter {k}: relative error {err:e}");
-        worst = worst.max(err);
-    }
-    println!("adapter: worst relative gradient error against PyTorch (float64): {worst:e}");
+    let (afile, want) = grads_match_pytorch(
+        &art,
+        "adapter",
+        "adapter_adapter.safetensors",
+        "grad_adapter_multiclass.safetensors",
+        2 * 4 + 2 + 1,
+    );
 
     let (_, want) = tensor(&want, "logits");
     let init = run(&art, None, &d.path().join("init.safetensors"));
@@ -1273,37 +1211,17 @@ fn vit_b16_mlp_count() {
 fn mlp_flags() {
     let d = tempfile::tempdir().unwrap();
     let m = fixture("tiny_timm.safetensors");
-    for (extra, method, total) in [
-        (&[][..], "mlp-3-48", "4,949 = 4,704 (PEFT)"),
-        (
-            &["--hidden", "16"][..],
-            "mlp-3-16",
-            "1,141 = 1,056 (PEFT) + 85 (head",
-        ),
-    ] {
-        let art = d.path().join(method);
-        let mut a = vec![
-            "compile",
-            s(&m),
-            "--heads",
-            "3",
-            "-o",
-            s(&art),
-            "--peft",
-            "mlp-3",
-        ];
-        a.extend(extra);
-        let out = eptc_ok(&a);
-        assert!(
-            out.contains(&format!("trainable parameters: {total}")),
-            "{out}"
-        );
-        let manifest = std::fs::read_to_string(art.join("manifest.json")).unwrap();
-        assert!(
-            manifest.contains(&format!("\"method\": \"{method}\"")),
-            "{manifest}"
-        );
-    }
+    flags_reach_the_manifest(
+        "mlp-3",
+        &[
+            (&[][..], "mlp-3-48", "4,949 = 4,704 (PEFT)"),
+            (
+                &["--hidden", "16"][..],
+                "mlp-3-16",
+                "1,141 = 1,056 (PEFT) + 85 (head",
+            ),
+        ],
+    );
     let out = d.path().join("bad");
     let e = eptc_err(&[
         "compile",
@@ -1332,40 +1250,13 @@ fn mlp_matches_pytorch() {
         "mlp-3",
         &["--hidden", "16", "--num-classes", "5"],
     );
-    let out = d.path().join("g.safetensors");
-    let input = fixture("batch_multiclass.safetensors");
-    let afile = fixture("adapter_mlp.safetensors");
-    eptc_ok(&[
-        "grad",
-        s(&art),
-        "--input",
-        s(&input),
-        "--adapter",
-        s(&afile),
-        "--output",
-        s(&out),
-    ]);
-    let want = fixture("grad_mlp_multiclass.safetensors");
-    let got = TensorFile::read(&out).unwrap();
-    let exp = TensorFile::read(&want).unwrap();
-    let keys = |f: &TensorFile| -> BTreeSet<String> {
-        f.tensors
-            .keys()
-            .filter(|k| k.starts_with("grad.") || *k == "loss")
-            .cloned()
-            .collect()
-    };
-    assert_eq!(keys(&got), keys(&exp), "the gradients written");
-    assert_eq!(keys(&exp).len(), 6 + 1);
-    let mut worst = 0.0f64;
-    for k in keys(&exp) {
-        let (g, e) = (&got.tensors[&k], &exp.tensors[&k]);
-        assert_eq!(g.shape, e.shape, "{k}");
-        let err = rel_err(g.data(), e.data());
-        assert!(err <= 1e-4, "mlp {k}: relative error {err:e}");
-        worst = worst.max(err);
-    }
-    println!("mlp-3: worst relative gradient error against PyTorch (float64): {worst:e}");
+    let (afile, want) = grads_match_pytorch(
+        &art,
+        "mlp",
+        "adapter_mlp.safetensors",
+        "grad_mlp_multiclass.safetensors",
+        6 + 1,
+    );
 
     let (_, want) = tensor(&want, "logits");
     let init = run(&art, None, &d.path().join("init.safetensors"));
@@ -1531,40 +1422,13 @@ fn vp_flags() {
 fn vp_matches_pytorch() {
     let d = tempfile::tempdir().unwrap();
     let art = compile(d.path(), "vp", "vp", &["--pad-size", "4"]);
-    let out = d.path().join("g.safetensors");
-    let input = fixture("batch_multiclass.safetensors");
-    let afile = fixture("adapter_vp.safetensors");
-    eptc_ok(&[
-        "grad",
-        s(&art),
-        "--input",
-        s(&input),
-        "--adapter",
-        s(&afile),
-        "--output",
-        s(&out),
-    ]);
-    let want = fixture("grad_vp_multiclass.safetensors");
-    let got = TensorFile::read(&out).unwrap();
-    let exp = TensorFile::read(&want).unwrap();
-    let keys = |f: &TensorFile| -> BTreeSet<String> {
-        f.tensors
-            .keys()
-            .filter(|k| k.starts_with("grad.") || *k == "loss")
-            .cloned()
-            .collect()
-    };
-    assert_eq!(keys(&got), keys(&exp), "the gradients written");
-    assert_eq!(keys(&exp).len(), 4 + 2 + 1);
-    let mut worst = 0.0f64;
-    for k in keys(&exp) {
-        let (g, e) = (&got.tensors[&k], &exp.tensors[&k]);
-        assert_eq!(g.shape, e.shape, "{k}");
-        let err = rel_err(g.data(), e.data());
-        assert!(err <= 1e-4, "vp {k}: relative error {err:e}");
-        worst = worst.max(err);
-    }
-    println!("vp: worst relative gradient error against PyTorch (float64): {worst:e}");
+    let (afile, want) = grads_match_pytorch(
+        &art,
+        "vp",
+        "adapter_vp.safetensors",
+        "grad_vp_multiclass.safetensors",
+        4 + 2 + 1,
+    );
 
     let (_, want) = tensor(&want, "logits");
     let got = run(&art, Some(&afile), &d.path().join("out.safetensors"));
