@@ -5,3 +5,4 @@
 pub mod data;
 pub mod metrics;
 pub mod optim;
+pub mod sample;

@@ -6,6 +6,7 @@ mod backends;
 mod cmd_bench;
 mod cmd_compile;
 mod cmd_info;
+mod cmd_sample;
 mod cmd_train;
 mod demo;
 mod pipeline;
@@ -56,6 +57,8 @@ enum Command {
     Infer(cmd_train::InferArgs),
     /// Generate a small few-shot image data set (MedFMC layout) to try every command on
     GenData(cmd_train::GenDataArgs),
+    /// K-shot training (and validation) splits of an annotation file, from a seed
+    Sample(cmd_sample::SampleArgs),
     /// Time a compiled artifact's forward pass on its backend (median, spread, images/s,
     /// peak memory)
     Bench(cmd_bench::BenchArgs),
@@ -86,6 +89,7 @@ fn main() -> ExitCode {
         Command::Eval(a) => cmd_train::cmd_eval(a),
         Command::Infer(a) => cmd_train::cmd_infer(a),
         Command::GenData(a) => cmd_train::cmd_gen_data(a),
+        Command::Sample(a) => cmd_sample::cmd_sample(a),
         Command::Bench(a) => cmd_bench::cmd_bench(a),
         Command::Ir(a) => cmd_info::cmd_ir(a),
         Command::Plugins(a) => cmd_info::cmd_plugins(a),
