@@ -1,49 +1,14 @@
 //! The PEFT passes on full-size graphs: trainable parameter counts against the formula,
 //! initialisers' statistics, and the structure EPT inserts.
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use eptc_frontend::{ImportOptions, TensorFile};
-use eptc_ir::{HostTensor, Op};
-use eptc_peft::{EptMode, PeftConfig, PromptInit, Task};
+mod common;
 
-/// ViT-B/16 at 224 px with zero weights (shapes only; calloc'd, so cheap).
-fn vit_b16() -> TensorFile {
-    let mut t = BTreeMap::new();
-    let mut z = |k: String, s: &[usize]| {
-        t.insert(k, HostTensor::zeros(s.to_vec()));
-    };
-    let d = 768;
-    z("cls_token".into(), &[1, 1, d]);
-    z("pos_embed".into(), &[1, 197, d]);
-    z("patch_embed.proj.weight".into(), &[d, 3, 16, 16]);
-    z("patch_embed.proj.bias".into(), &[d]);
-    for i in 0..12 {
-        for (n, o, k) in [
-            ("attn.qkv", 3 * d, d),
-            ("attn.proj", d, d),
-            ("mlp.fc1", 4 * d, d),
-            ("mlp.fc2", d, 4 * d),
-        ] {
-            z(format!("blocks.{i}.{n}.weight"), &[o, k]);
-            z(format!("blocks.{i}.{n}.bias"), &[o]);
-        }
-        for n in ["norm1", "norm2"] {
-            z(format!("blocks.{i}.{n}.weight"), &[d]);
-            z(format!("blocks.{i}.{n}.bias"), &[d]);
-        }
-    }
-    z("norm.weight".into(), &[d]);
-    z("norm.bias".into(), &[d]);
-    z("head.weight".into(), &[1000, d]);
-    z("head.bias".into(), &[1000]);
-    TensorFile {
-        path: PathBuf::from("vit_b16"),
-        tensors: t,
-        metadata: Default::default(),
-    }
-}
+use common::vit_b16;
+use eptc_frontend::ImportOptions;
+use eptc_ir::Op;
+use eptc_peft::{EptMode, PeftConfig, PromptInit, Task};
 
 fn ept(
     mode: EptMode,

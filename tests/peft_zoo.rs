@@ -144,43 +144,6 @@ fn tiny_counts_match_the_formulas_in_every_layout() {
     }
 }
 
-/// ViT-B/16 at 224 px with zero weights (shapes only; calloc'd, so cheap).
-fn vit_b16() -> TensorFile {
-    let mut t = BTreeMap::new();
-    let mut z = |k: String, s: &[usize]| {
-        t.insert(k, HostTensor::zeros(s.to_vec()));
-    };
-    let d = 768;
-    z("cls_token".into(), &[1, 1, d]);
-    z("pos_embed".into(), &[1, 197, d]);
-    z("patch_embed.proj.weight".into(), &[d, 3, 16, 16]);
-    z("patch_embed.proj.bias".into(), &[d]);
-    for i in 0..12 {
-        for (n, o, k) in [
-            ("attn.qkv", 3 * d, d),
-            ("attn.proj", d, d),
-            ("mlp.fc1", 4 * d, d),
-            ("mlp.fc2", d, 4 * d),
-        ] {
-            z(format!("blocks.{i}.{n}.weight"), &[o, k]);
-            z(format!("blocks.{i}.{n}.bias"), &[o]);
-        }
-        for n in ["norm1", "norm2"] {
-            z(format!("blocks.{i}.{n}.weight"), &[d]);
-            z(format!("blocks.{i}.{n}.bias"), &[d]);
-        }
-    }
-    z("norm.weight".into(), &[d]);
-    z("norm.bias".into(), &[d]);
-    z("head.weight".into(), &[1000, d]);
-    z("head.bias".into(), &[1000]);
-    TensorFile {
-        path: PathBuf::from("vit_b16"),
-        tensors: t,
-        metadata: Default::default(),
-    }
-}
-
 /// ViT-B/16: D = 768, 12 blocks, MLP 3072, 197 tokens, patch 16; a new 19-class head.
 #[test]
 fn vit_b16_counts_match_the_formulas() {
@@ -383,6 +346,29 @@ fn flags_reach_the_manifest(peft: &str, cases: &[(&[&str], &str, &str)]) {
             manifest.contains(&format!("\"method\": \"{method}\"")),
             "{manifest}"
         );
+    }
+}
+
+/// `eptc compile --peft <peft> <extra>` on tiny timm fails with an error containing
+/// `msg`, for each `(extra, msg)`.
+fn flags_are_refused(peft: &str, cases: &[(&[&str], &str)]) {
+    let d = tempfile::tempdir().unwrap();
+    let m = fixture("tiny_timm.safetensors");
+    let out = d.path().join("bad");
+    for &(extra, msg) in cases {
+        let mut a = vec![
+            "compile",
+            s(&m),
+            "--heads",
+            "3",
+            "-o",
+            s(&out),
+            "--peft",
+            peft,
+        ];
+        a.extend(extra);
+        let e = eptc_err(&a);
+        assert!(e.contains(msg), "{e}");
     }
 }
 
@@ -707,8 +693,6 @@ fn vit_b16_lora_count() {
 /// `--rank` and `--lora-alpha` reach the manifest; bad values are refused.
 #[test]
 fn lora_flags() {
-    let d = tempfile::tempdir().unwrap();
-    let m = fixture("tiny_timm.safetensors");
     flags_reach_the_manifest(
         "lora",
         &[
@@ -725,29 +709,16 @@ fn lora_flags() {
             ),
         ],
     );
-    let out = d.path().join("bad");
-    let base = [
-        "compile",
-        s(&m),
-        "--heads",
-        "3",
-        "-o",
-        s(&out),
-        "--peft",
+    flags_are_refused(
         "lora",
-    ];
-    for (extra, msg) in [
-        (["--rank", "0"], "--rank must be at least 1"),
-        (
-            ["--lora-alpha", "0"],
-            "--lora-alpha 0: must be a positive number",
-        ),
-    ] {
-        let mut a = base.to_vec();
-        a.extend(extra);
-        let e = eptc_err(&a);
-        assert!(e.contains(msg), "{e}");
-    }
+        &[
+            (&["--rank", "0"][..], "--rank must be at least 1"),
+            (
+                &["--lora-alpha", "0"][..],
+                "--lora-alpha 0: must be a positive number",
+            ),
+        ],
+    );
 }
 
 /// LoRA (r = 4, alpha = 8: scale 2) on the fused qkv of tiny timm with a perturbed
@@ -884,8 +855,6 @@ fn vit_b16_vpt_count() {
 /// `--depth` and `--prompt-len` reach the manifest; bad values are refused.
 #[test]
 fn vpt_flags() {
-    let d = tempfile::tempdir().unwrap();
-    let m = fixture("tiny_timm.safetensors");
     flags_reach_the_manifest(
         "vpt",
         &[
@@ -897,29 +866,19 @@ fn vpt_flags() {
             ),
         ],
     );
-    let out = d.path().join("bad");
-    let base = [
-        "compile",
-        s(&m),
-        "--heads",
-        "3",
-        "-o",
-        s(&out),
-        "--peft",
+    flags_are_refused(
         "vpt",
-    ];
-    for (extra, msg) in [
-        (["--prompt-len", "0"], "--prompt-len must be at least 1"),
-        (
-            ["--depth", "middle"],
-            "--depth \"middle\": expected deep or shallow",
-        ),
-    ] {
-        let mut a = base.to_vec();
-        a.extend(extra);
-        let e = eptc_err(&a);
-        assert!(e.contains(msg), "{e}");
-    }
+        &[
+            (
+                &["--prompt-len", "0"][..],
+                "--prompt-len must be at least 1",
+            ),
+            (
+                &["--depth", "middle"][..],
+                "--depth \"middle\": expected deep or shallow",
+            ),
+        ],
+    );
 }
 
 /// VPT-deep (L = 4) on tiny timm with random prompts (VPT's initialisation) and a
