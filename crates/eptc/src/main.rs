@@ -3,9 +3,13 @@
 mod args;
 mod artifact;
 mod backends;
+mod cmd_analyze;
 mod cmd_bench;
 mod cmd_compile;
+mod cmd_export;
 mod cmd_info;
+mod cmd_plot;
+mod cmd_protocol;
 mod cmd_sample;
 mod cmd_train;
 mod demo;
@@ -59,6 +63,14 @@ enum Command {
     GenData(cmd_train::GenDataArgs),
     /// K-shot training (and validation) splits of an annotation file, from a seed
     Sample(cmd_sample::SampleArgs),
+    /// Run the MedFMC protocol: data sets x K-shot x samplings x methods, one table
+    Protocol(cmd_protocol::ProtocolArgs),
+    /// Write a trained adapter in the layouts PyTorch users load (official EPT, HF peft)
+    Export(cmd_export::ExportArgs),
+    /// Class-wise feature statistics (Sigma_W, PCA) with and without adapters, with plots
+    Analyze(cmd_analyze::AnalyzeArgs),
+    /// Training curves of a run (loss, lr, validation metric) as PNG and SVG
+    Plot(cmd_plot::PlotArgs),
     /// Time a compiled artifact's forward pass on its backend (median, spread, images/s,
     /// peak memory)
     Bench(cmd_bench::BenchArgs),
@@ -90,6 +102,10 @@ fn main() -> ExitCode {
         Command::Infer(a) => cmd_train::cmd_infer(a),
         Command::GenData(a) => cmd_train::cmd_gen_data(a),
         Command::Sample(a) => cmd_sample::cmd_sample(a),
+        Command::Protocol(a) => cmd_protocol::cmd_protocol(a),
+        Command::Export(a) => cmd_export::cmd_export(a),
+        Command::Analyze(a) => cmd_analyze::cmd_analyze(a),
+        Command::Plot(a) => cmd_plot::cmd_plot(a),
         Command::Bench(a) => cmd_bench::cmd_bench(a),
         Command::Ir(a) => cmd_info::cmd_ir(a),
         Command::Plugins(a) => cmd_info::cmd_plugins(a),
