@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -281,7 +282,31 @@ fn metric_name(task: Task) -> &'static str {
     }
 }
 
+/// Console output of `train` and `eval` (progress bars, epoch lines) switched off:
+/// `eptc protocol` runs many of them and prints one line per cell instead. The run
+/// folder's files (`train.log`, `metrics.jsonl`...) are written as always.
+static QUIET: AtomicBool = AtomicBool::new(false);
+
+pub fn set_quiet(quiet: bool) {
+    QUIET.store(quiet, Ordering::Relaxed);
+}
+
+fn quiet() -> bool {
+    QUIET.load(Ordering::Relaxed)
+}
+
+/// `print!` / `println!` unless [`set_quiet`].
+macro_rules! say {
+    ($($t:tt)*) => { if !quiet() { print!($($t)*); } };
+}
+macro_rules! sayln {
+    ($($t:tt)*) => { if !quiet() { println!($($t)*); } };
+}
+
 fn bar(len: u64, prefix: String) -> ProgressBar {
+    if quiet() {
+        return ProgressBar::hidden();
+    }
     let pb = ProgressBar::new(len);
     pb.set_style(
         ProgressStyle::with_template("{prefix} [{bar:28}] {pos}/{len} {msg}")
@@ -552,14 +577,14 @@ pub fn cmd_train(a: &TrainArgs) -> Result<()> {
         opt.steps = saved.optimizer_steps;
         st = saved;
         if st.epoch >= a.epochs {
-            println!(
+            sayln!(
                 "{}: all {} epochs are done; nothing to resume",
                 a.output.display(),
                 a.epochs
             );
             return Ok(());
         }
-        println!("resuming {} after epoch {}", a.output.display(), st.epoch);
+        sayln!("resuming {} after epoch {}", a.output.display(), st.epoch);
     } else if a.output.join(STATE).exists() {
         bail!(
             "{}: already holds a run; pass --resume to continue it, or choose another --output",
@@ -589,7 +614,7 @@ pub fn cmd_train(a: &TrainArgs) -> Result<()> {
             a.schedule,
             a.seed
         );
-        print!("{log}");
+        say!("{log}");
     }
     let s = size as usize;
     let classes = m.peft.num_classes;
@@ -694,17 +719,17 @@ pub fn cmd_train(a: &TrainArgs) -> Result<()> {
             met.auc.map(|x| format!(", AUC {x:.2}")).unwrap_or_default(),
             if improved { " (best)" } else { "" }
         );
-        print!("{msg}");
+        say!("{msg}");
         log.push_str(&msg);
         artifact::write_atomic(&a.output.join("train.log"), log.as_bytes())?;
         run_epochs += 1;
         if a.stop_after == Some(run_epochs) && st.epoch < a.epochs {
-            println!("stopped after {run_epochs} epoch(s) as asked; continue with --resume");
+            sayln!("stopped after {run_epochs} epoch(s) as asked; continue with --resume");
             return Ok(());
         }
     }
     let (be, bs) = st.best.unwrap_or((0, 0.0));
-    println!(
+    sayln!(
         "done: best val {metric_name} {bs:.2} at epoch {be}; wrote {}/best.safetensors, last.safetensors, metrics.jsonl",
         a.output.display()
     );
