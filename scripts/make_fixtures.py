@@ -5,6 +5,7 @@ Everything here is deterministic (fixed seeds, CPU only, nothing downloaded).
 
     python scripts/make_fixtures.py --out tests/fixtures     # tiny, committed fixtures
     python scripts/make_fixtures.py --peft-zoo tests/fixtures  # only the PEFT-zoo ones
+    python scripts/make_fixtures.py --export tests/fixtures/export  # `eptc export` (peft, transformers)
     python scripts/make_fixtures.py --vit-b16 DIR            # ViT-B/16 parity set (not committed)
     python scripts/make_fixtures.py --bench-torch            # PyTorch EPT timing, JSON on stdout
     python scripts/make_fixtures.py --vit-b16-grad DIR       # + ViT-B/16 gradients (after --vit-b16)
@@ -1261,6 +1262,166 @@ def bench_torch_train(batch: int = 4, threads: int = 2, runs: int = 3) -> dict:
 # ---------------------------------------------------------------------------------------
 
 
+# ---------------------------------------------------------------------------------------
+# `eptc export`: adapters PyTorch loads directly (DESIGN.md section 6)
+# ---------------------------------------------------------------------------------------
+
+# A 3-block model so the official layout's contiguous range can span an unprompted layer.
+EXPORT_MODEL = dict(TINY, embed_dim=24, depth=3, num_heads=2)
+EXPORT_EPT_LAYERS = "2,0"  # eptc order; the official range is [0, 1, 2], layer 1 neutral
+EXPORT_EPT_LEN = 5
+
+
+def _eptc(eptc: Path, *args) -> None:
+    import subprocess
+    r = subprocess.run([str(eptc), *map(str, args)], capture_output=True, text=True)
+    assert r.returncode == 0, f"eptc {' '.join(map(str, args))}: {r.stderr}"
+
+
+def _official_ept_logits(sd: dict, exported: dict, cfg: dict, pixels: torch.Tensor) -> torch.Tensor:
+    """The official EPT forward (zuwenqiang/EPT medfmc/models/ept.py) in float64, fed the
+    exported tensors by their official keys: prompt[i - prompt_layers[0]] for every i in
+    prompt_layers, the others plain blocks; head.fc on the final-norm CLS token."""
+    model = VisionTransformer(**dict(EXPORT_MODEL, num_classes=0))
+    model.load_state_dict({k: v for k, v in sd.items() if not k.startswith("head.")}, strict=True)
+    model = f64_copy(unfuse_attention_(model), 1e-6)
+    layers = cfg["backbone"]["prompt_layers"]
+    prompt = exported["backbone.prompt"].double()
+    assert prompt.shape[0] == len(layers), "backbone.prompt does not match prompt_layers"
+    first = layers[0]
+    m = with_ept(model, torch.stack([prompt[i - first] for i in layers]), layers, "cat")
+    head = (exported["head.fc.weight"].double(), exported["head.fc.bias"].double())
+    with torch.no_grad():
+        feats = m.forward_head(m.forward_features(pixels.double()), pre_logits=True)
+        return F.linear(feats, *head)
+
+
+def _peft_logits(model: nn.Module, adapter_dir: Path, pixels: torch.Tensor, hf: bool):
+    """Load the exported folder with peft's own PeftModel.from_pretrained, float64."""
+    from peft import PeftModel
+    pm = PeftModel.from_pretrained(model, str(adapter_dir)).double().eval()
+    with torch.no_grad():
+        out = pm(pixel_values=pixels.double()) if hf else pm(pixels.double())
+    return out.logits if hf else out
+
+
+def make_export(out: Path, eptc: Path) -> None:
+    """tests/fixtures/export: PyTorch loads what `eptc export` writes and reproduces the
+    logits eptc computes with the same adapter (tests/export.rs)."""
+    import peft
+    tiny = out.parent
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"eptc export (peft {peft.__version__}):")
+    pixels = load_file(str(tiny / "input_b3.safetensors"))["pixel_values"]
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        # --- EPT, official layout ---
+        model = VisionTransformer(**EXPORT_MODEL)
+        randomize_(model, seeded("export_model"))
+        sd = {k: v.contiguous() for k, v in model.state_dict().items()}
+        save_model(out / "model3.safetensors", sd)
+        art = tmp / "ept"
+        _eptc(eptc, "compile", out / "model3.safetensors", "--heads", 2, "--peft", "ept", "--layers",
+              EXPORT_EPT_LAYERS, "--prompt-len", EXPORT_EPT_LEN, "--num-classes", 4,
+              "--task", "multilabel", "-o", art)
+        init = load_file(str(art / "adapter-init.safetensors"))
+        from safetensors import safe_open
+        with safe_open(str(art / "adapter-init.safetensors"), "pt") as f:
+            meta = f.metadata()
+        gen = seeded("export_ept_adapter")
+        adapter = {k: torch.randn(v.shape, generator=gen) * (1.0 if k == "ept.prompts" else 0.3)
+                   for k, v in init.items()}
+        save(out / "ept_adapter.safetensors", adapter, meta)
+        exp = tmp / "ept-export"
+        _eptc(eptc, "export", art, "--adapter", out / "ept_adapter.safetensors",
+              "--format", "ept-official", "-o", exp)
+        exported = load_file(str(exp / "adapter.safetensors"))
+        with safe_open(str(exp / "adapter.safetensors"), "pt") as f:
+            cfg = json.loads(f.metadata()["ept_config"])
+        assert sorted(exported) == ["backbone.prompt", "head.fc.bias", "head.fc.weight"], list(exported)
+        logits = _official_ept_logits(sd, exported, cfg, pixels)
+        # Without the neutral layer's prompt the official model must give the same logits.
+        base = VisionTransformer(**dict(EXPORT_MODEL, num_classes=0))
+        base.load_state_dict({k: v for k, v in sd.items() if not k.startswith("head.")})
+        base = f64_copy(unfuse_attention_(base), 1e-6)
+        eptc_layers = [int(x) for x in EXPORT_EPT_LAYERS.split(",")]
+        direct = with_ept(base, adapter["ept.prompts"].double(), eptc_layers, "cat")
+        with torch.no_grad():
+            f = direct.forward_head(direct.forward_features(pixels.double()), pre_logits=True)
+            ref = F.linear(f, adapter["head.weight"].double(), adapter["head.bias"].double())
+        print(f"  ept-official: official forward vs eptc's semantics rel {rel_diff(logits, ref):.1e}"
+              f"  (prompt_layers {cfg['backbone']['prompt_layers']}, neutral {cfg['neutral_layers']})")
+        assert rel_diff(logits, ref) < 1e-12
+        tensors = {"logits": logits}
+        tensors.update({f"export.{k}": v for k, v in exported.items()})
+        save(out / "ept_expected.safetensors", tensors,
+             {"ept_config": json.dumps(cfg["backbone"], sort_keys=True)})
+
+        # --- LoRA, Hugging Face peft layout: timm (fused qkv) and HF (query/value) ---
+        from transformers import ViTConfig, ViTForImageClassification
+        lora = tiny / "adapter_lora.safetensors"
+        lora_sd = load_file(str(lora))
+        for layout, ckpt in (("timm", "tiny_timm"), ("hf", "tiny_hfcls")):
+            art = tmp / f"lora-{layout}"
+            _eptc(eptc, "compile", tiny / f"{ckpt}.safetensors", "--heads", 3, "--peft", "lora", "--rank",
+                  LORA_RANK, "--lora-alpha", LORA_ALPHA, "--num-classes", NUM_CLASSES,
+                  "--task", "multiclass", "-o", art)
+            exp = tmp / f"lora-{layout}-export"
+            _eptc(eptc, "export", art, "--adapter", lora, "--format", "hf-peft", "-o", exp)
+            cfg = json.loads((exp / "adapter_config.json").read_text())
+            exported = load_file(str(exp / "adapter_model.safetensors"))
+            if layout == "timm":
+                model = tiny_model()
+                model.load_state_dict(load_file(str(tiny / "tiny_timm.safetensors")))
+                set_ln_eps_(model, 1e-6)
+            else:
+                c = TINY
+                config = ViTConfig(hidden_size=c["embed_dim"], num_hidden_layers=c["depth"],
+                                   num_attention_heads=c["num_heads"],
+                                   intermediate_size=c["embed_dim"] * c["mlp_ratio"],
+                                   image_size=c["img_size"], patch_size=c["patch_size"],
+                                   num_channels=3, qkv_bias=True, layer_norm_eps=1e-12,
+                                   hidden_act="gelu", num_labels=NUM_CLASSES)
+                d = tmp / "hfcls"
+                d.mkdir(exist_ok=True)
+                config.save_pretrained(d)
+                save_file(load_file(str(tiny / "tiny_hfcls.safetensors")),
+                          str(d / "model.safetensors"), metadata={"format": "pt"})
+                model = ViTForImageClassification.from_pretrained(d, attn_implementation="eager")
+            model = model.double().eval()
+            with torch.no_grad():
+                plain = model(pixel_values=pixels.double()).logits if layout == "hf" else model(pixels.double())
+            logits = _peft_logits(model, exp, pixels, layout == "hf")
+            assert rel_diff(logits, plain) > 0.05, "the loaded adapter did not change the logits"
+            # The reference: the same adapter applied by hand, q += s (x A_q^T) B_q^T, v alike.
+            ref = lora_reference(ckpt, tiny, lora_sd, pixels)
+            print(f"  hf-peft {layout}: target_modules {cfg['target_modules']} r {cfg['r']} "
+                  f"alpha {cfg['lora_alpha']}; PeftModel vs eptc's semantics rel {rel_diff(logits, ref):.1e}")
+            # transformers' eager attention takes its softmax in float32: 1e-6, not 1e-10.
+            assert rel_diff(logits, ref) < (1e-6 if layout == "hf" else 1e-10)
+            tensors = {"logits": logits}
+            tensors.update({f"export.{k}": v for k, v in exported.items()})
+            cfg.pop("base_model_name_or_path", None)
+            save(out / f"lora_{layout}_expected.safetensors", tensors,
+                 {"adapter_config": json.dumps(cfg, sort_keys=True)})
+
+
+def lora_reference(ckpt: str, tiny: Path, lora_sd: dict, pixels: torch.Tensor) -> torch.Tensor:
+    """eptc's LoRA (q += (alpha/r)(x A_q^T) B_q^T, v alike) on the timm model, float64; the
+    HF checkpoint holds the same weights (tests/fixtures/README.md)."""
+    sd = load_file(str(tiny / "tiny_timm.safetensors"))
+    model = tiny_model()
+    model.load_state_dict(sd, strict=True)
+    model64 = f64_copy(model, EPS["ln12"] if ckpt == "tiny_hfcls" else EPS["ln6"])
+    for i, blk in enumerate(model64.blocks):
+        blk.attn.qkv = LoRAQKV(blk.attn.qkv, LORA_ALPHA / LORA_RANK)
+        blk.attn.qkv.factors = [lora_sd[k].double() for k in lora_keys(i)]
+    head = {k: lora_sd[k].double() for k in ("head.weight", "head.bias")}
+    with torch.no_grad():
+        feats = model64.forward_head(model64.forward_features(pixels.double()), pre_logits=True)
+        return F.linear(feats, head["head.weight"], head["head.bias"])
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, help="write the tiny fixtures here (tests/fixtures)")
@@ -1275,8 +1436,13 @@ def main() -> int:
                          "to DIR, reading DIR's tiny_timm and batch files")
     ap.add_argument("--bench-torch-train", action="store_true",
                     help="time a PyTorch ViT-B/16 + EPT training step (batch 4, 2 threads), JSON")
+    ap.add_argument("--export", type=Path, metavar="DIR",
+                    help="write the `eptc export` fixtures to DIR (tests/fixtures/export), "
+                         "reading DIR/..'s tiny files; needs peft, transformers and --eptc")
+    ap.add_argument("--eptc", type=Path, default=Path("target/debug/eptc"),
+                    help="the eptc binary --export runs (default: target/debug/eptc)")
     args = ap.parse_args()
-    if not (args.out or args.vit_b16 or args.bench_torch or args.vit_b16_grad
+    if not (args.export or args.out or args.vit_b16 or args.bench_torch or args.vit_b16_grad
             or args.bench_torch_train or args.peft_zoo):
         ap.error("nothing to do: give --out, --peft-zoo, --vit-b16, --vit-b16-grad, "
                  "--bench-torch and/or --bench-torch-train")
@@ -1295,6 +1461,8 @@ def main() -> int:
             make_tiny(args.out)
         if args.peft_zoo:
             make_peft_zoo(args.peft_zoo)
+        if args.export:
+            make_export(args.export, args.eptc)
         if args.vit_b16:
             make_vit_b16(args.vit_b16)
         if args.vit_b16_grad:
