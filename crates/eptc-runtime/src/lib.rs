@@ -2,6 +2,7 @@
 //! MedFMC data loading ([`data`]), and the optimizers and schedule ([`optim`]). The
 //! training loop comes with issue #4.
 
+pub mod analysis;
 pub mod data;
 pub mod metrics;
 pub mod optim;
