@@ -1367,7 +1367,16 @@ impl Runner<'_> {
         let sp = self.p.splits(c);
         let mut tried: Vec<(Variant, PathBuf, PathBuf, f64, u64)> = Vec::new();
         let mut eval_data = None;
-        for v in &m.variants {
+        let what = format!("{} {} {}-shot exp{}", ds.name, m.name, c.shot, c.exp);
+        for (i, v) in m.variants.iter().enumerate() {
+            if m.variants.len() > 1 {
+                pb.set_message(format!(
+                    "{what}: {} ({} of {})",
+                    v.label,
+                    i + 1,
+                    m.variants.len()
+                ));
+            }
             let art = self.artifact(&ds, &m, v)?;
             let run = cell_dir.join(&v.label);
             let mut t = self.p.train_args(c, v, &art, &run)?;
@@ -1395,6 +1404,7 @@ impl Runner<'_> {
         let (v, art, run, val, _) = &tried[best];
         let (data, batch_size) = eval_data.expect("a method has a variant");
         let test_json = cell_dir.join("test.json");
+        pb.set_message(format!("{what}: test set"));
         let test = cmd_train::eval_to(&EvalArgs {
             artifact: art.clone(),
             adapter: Some(run.join("best.safetensors")),
@@ -1858,15 +1868,15 @@ pub fn cmd_protocol(a: &ProtocolArgs) -> Result<()> {
         .iter()
         .map(|r| r.as_ref().map_or(Outcome::Pending, outcome_of))
         .collect();
-    let pb = ProgressBar::new(all.len() as u64);
+    // The bar counts the cells this run does.
+    let pb = ProgressBar::new((all.len() - before) as u64);
     pb.set_style(
         ProgressStyle::with_template(
-            "{prefix} [{bar:30}] {pos}/{len} cells, {elapsed} ({eta} left) {msg}",
+            "protocol [{bar:30}] {pos}/{len} cells, {elapsed}, ETA {eta} {wide_msg}",
         )
         .expect("valid template")
         .progress_chars("=> "),
     );
-    pb.set_prefix("protocol");
     cmd_train::set_quiet(!a.verbose);
     let mut runner = Runner {
         p: &p,
@@ -1883,7 +1893,6 @@ pub fn cmd_protocol(a: &ProtocolArgs) -> Result<()> {
                     r["test"].as_f64().unwrap_or(f64::NAN)
                 ))
             });
-            pb.inc(1);
             continue;
         }
         pb.set_message(label(c));
