@@ -439,3 +439,49 @@ fn protocol_bad_plans() {
     assert!(!out.join("runs").exists());
     assert!(!out.join("table.md").exists());
 }
+
+/// Every row of the paper's Table 1 (the methods of examples/medfmc-plan.toml, sized for
+/// the tiny model) trains through the protocol and gets its row.
+#[test]
+fn protocol_every_method() {
+    let d = tempfile::tempdir().unwrap();
+    let root = fs::canonicalize(d.path()).unwrap();
+    data(&root);
+    let base = plan_text(1)
+        .replace("shots = [1, 2]", "shots = [1]")
+        .replace("samplings = 2", "samplings = 1");
+    let mut text = base[..base.find("[[methods]]").unwrap()].to_string();
+    let methods = [
+        ("Full", "full", ""),
+        ("Linear", "linear", ""),
+        ("Partial-1", "partial-k", "k = 1"),
+        ("MLP-3", "mlp-3", ""),
+        ("LoRA", "lora", "rank = 2"),
+        ("Bias", "bias", ""),
+        ("Adapter", "adapter", "reduction = 8"),
+        ("VP", "vp", "pad_size = 4"),
+        ("VPT", "vpt", "prompt_len = 2"),
+        ("EPT", "ept", "prompt_len = [2, 4]"),
+    ];
+    for (name, peft, opts) in methods {
+        text += &format!("[[methods]]\nname = \"{name}\"\npeft = \"{peft}\"\n{opts}\n");
+    }
+    let plan = root.join("plan.toml");
+    fs::write(&plan, text).unwrap();
+    let out = root.join("out");
+    let o = protocol(&plan, &out);
+    assert_eq!(cell_lines(&o).len(), 2 * methods.len(), "{o}");
+    let md = fs::read_to_string(out.join("table.md")).unwrap();
+    let rows: Vec<&str> = md
+        .lines()
+        .skip_while(|l| !l.starts_with("| method |"))
+        .skip(2)
+        .take_while(|l| l.starts_with('|'))
+        .collect();
+    assert_eq!(rows.len(), methods.len(), "{md}");
+    for (row, (name, _, _)) in rows.iter().zip(methods) {
+        assert!(row.starts_with(&format!("| {name} | ")), "{row}");
+        assert_eq!(row.matches(" ± 0.00 |").count(), 2, "{row}");
+        assert!(!row.ends_with("| – |"), "{row}");
+    }
+}
