@@ -2078,6 +2078,41 @@ mod tests {
     }
 
     #[test]
+    fn best_validation_epoch_and_finished_cells() {
+        let d = tempfile::tempdir().unwrap();
+        let lines = [
+            r#"{"epoch": 1, "val": {"map": 40.0, "accuracy": 50.0}}"#,
+            r#"{"epoch": 2, "val": {"map": 45.0, "accuracy": 50.0}}"#,
+            r#"{"epoch": 3, "val": {"map": 45.0, "accuracy": 40.0}}"#,
+        ];
+        fs::write(d.path().join("metrics.jsonl"), lines.join("\n") + "\n").unwrap();
+        // The first epoch at the best figure, as `eptc train` keeps best.safetensors.
+        assert_eq!(best_val(d.path(), true).unwrap(), (45.0, 2));
+        assert_eq!(best_val(d.path(), false).unwrap(), (50.0, 1));
+        assert!(best_val(&d.path().join("none"), true).is_err());
+
+        let settings = json!({"shot": 1, "exp": 2});
+        let path = d.path().join("result.json");
+        fs::write(
+            &path,
+            json!({"test": 12.5, "chosen": "prompt_len=5", "settings": settings}).to_string(),
+        )
+        .unwrap();
+        let r = finished(&path, &settings).unwrap();
+        assert_eq!(
+            outcome_of(&r),
+            Outcome::Done {
+                test: 12.5,
+                chosen: Some("prompt_len=5".into())
+            }
+        );
+        // Made with other settings, or half written: not finished.
+        assert!(finished(&path, &json!({"shot": 1, "exp": 3})).is_none());
+        fs::write(&path, "{\"test\": 12.5, \"sett").unwrap();
+        assert!(finished(&path, &settings).is_none());
+    }
+
+    #[test]
     fn patterns() {
         assert!(check_pattern("chest_{shot}-shot_train_exp{exp}.txt").is_ok());
         assert_eq!(
