@@ -336,3 +336,29 @@ fn f16_storage_matches_the_f32_artifact() {
         }
     }
 }
+
+/// Out of device memory (issue #9): a batch whose tensors exceed the adapter's limits is
+/// refused with the node and both sizes, exit code 2, no panic.
+#[test]
+fn a_batch_too_large_for_the_adapter_is_refused_clearly() {
+    if !wgpu_here() {
+        return;
+    }
+    let plugins = eptc_ok(&["plugins"]);
+    if !plugins.contains("llvmpipe") {
+        eprintln!("skipped: the sizes below are lavapipe's limits");
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let art = compile(d.path(), "art", "wgpu", &[]);
+    // 20,000 images of 3 x 32 x 32 f32: 246 MB of input, above lavapipe's 128 MiB
+    // storage-binding limit (and a typical discrete GPU's 2 GiB buffers are not at risk).
+    let o = eptc(&["bench", s(&art), "--batch", "20000", "--iters", "1"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(
+        err.contains("245760000 bytes exceed the adapter's"),
+        "expected a size error: {err}"
+    );
+}

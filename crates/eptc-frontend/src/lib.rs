@@ -10,5 +10,5 @@ pub mod vit;
 
 pub use error::{FrontendError, Result};
 pub use layout::Layout;
-pub use tensorfile::{write_tensors, TensorFile};
+pub use tensorfile::{sync_parent, write_tensors, TensorFile};
 pub use vit::{detect, import, import_file, ImportOptions, Model, VitArch};

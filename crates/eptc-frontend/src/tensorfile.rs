@@ -145,12 +145,41 @@ pub fn write_tensors(
     }
     let tmp = path.with_extension("safetensors.tmp");
     let views: Vec<(&str, V)> = tensors.iter().map(|(n, t)| (*n, V(t))).collect();
-    safetensors::serialize_to_file(views, metadata, &tmp).map_err(|e| FrontendError::Io {
-        path: tmp.clone(),
-        source: std::io::Error::other(e.to_string()),
-    })?;
+    // Written and flushed to the disk before the rename: a crash or a full disk leaves
+    // the previous `path` intact; a failed write removes its temporary file.
+    // Not `safetensors::serialize_to_file`: its buffered writer drops the error of the
+    // final flush, so a full disk would pass as a complete write.
+    let written = safetensors::serialize(views, metadata)
+        .map_err(|e| std::io::Error::other(e.to_string()))
+        .and_then(|bytes| {
+            let mut f = std::fs::File::create(&tmp)?;
+            std::io::Write::write_all(&mut f, &bytes)?;
+            f.sync_all()
+        });
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(FrontendError::Io {
+            path: path.to_path_buf(),
+            source: std::io::Error::new(
+                e.kind(),
+                format!("{e} (the previous file, if any, is intact)"),
+            ),
+        });
+    }
     std::fs::rename(&tmp, path).map_err(|source| FrontendError::Io {
         path: path.to_path_buf(),
         source,
-    })
+    })?;
+    sync_parent(path);
+    Ok(())
+}
+
+/// Flush a folder's entry list after a rename into it, so the new name survives a power
+/// loss (best effort: not every file system supports it).
+pub fn sync_parent(path: &Path) {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        if let Ok(d) = std::fs::File::open(dir) {
+            let _ = d.sync_all();
+        }
+    }
 }

@@ -165,11 +165,28 @@ impl Manifest {
     }
 }
 
-/// Write a file atomically (temporary file, then rename).
+/// Write a file atomically: a temporary file beside it, flushed to the disk, then renamed
+/// over `path`. A crash or a full disk leaves the previous `path` as it was, and a failed
+/// write removes its temporary file.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let tmp = path.with_extension("tmp");
-    fs::write(&tmp, bytes).with_context(|| format!("cannot write {}", tmp.display()))?;
-    fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))
+    let written = (|| {
+        let mut f = fs::File::create(&tmp)?;
+        std::io::Write::write_all(&mut f, bytes)?;
+        f.sync_all()
+    })();
+    if let Err(e) = written {
+        let _ = fs::remove_file(&tmp);
+        return Err(e).with_context(|| {
+            format!(
+                "cannot write {} (the previous file, if any, is intact)",
+                path.display()
+            )
+        });
+    }
+    fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
+    eptc_frontend::sync_parent(path);
+    Ok(())
 }
 
 /// SHA-256 and size of a file, streamed.

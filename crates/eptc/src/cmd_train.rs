@@ -620,6 +620,11 @@ pub fn cmd_train(a: &TrainArgs) -> Result<()> {
     let classes = m.peft.num_classes;
     let first_epoch = st.epoch;
     let mut run_epochs = 0;
+    // Fault injection for the tests of the non-finite-loss path (tests/robustness.rs):
+    // the loss of this (1-based, run-wide) step reads as NaN.
+    let fault_nan_at: Option<usize> = std::env::var("EPTC_FAULT_NAN_LOSS_AT_STEP")
+        .ok()
+        .and_then(|v| v.parse().ok());
     for epoch in first_epoch..a.epochs {
         let t0 = Instant::now();
         let pb = bar(
@@ -651,6 +656,9 @@ pub fn cmd_train(a: &TrainArgs) -> Result<()> {
                 } else if let Some(p) = k.strip_prefix("grad.") {
                     grads.insert(p.to_string(), v.data().to_vec());
                 }
+            }
+            if fault_nan_at == Some(st.step + 1) {
+                loss = f64::NAN;
             }
             if !loss.is_finite() || grads.values().flatten().any(|g| !g.is_finite()) {
                 pb.abandon();
