@@ -120,9 +120,9 @@ fn ept_official_layout_reproduces_the_official_forward() {
     assert!(err <= 1e-5, "logits rel err {err:.2e}");
 }
 
-fn lora_case(layout: &str, checkpoint: &str) {
-    let d = tempfile::tempdir().unwrap();
-    let art = d.path().join("art");
+/// An artifact of `checkpoint` with LoRA r = 4, alpha = 8, as `adapter_lora` was made.
+fn compile_lora(dir: &Path, checkpoint: &str) -> std::path::PathBuf {
+    let art = dir.join("art");
     eptc_ok(&[
         "compile",
         s(&fixture(checkpoint)),
@@ -141,6 +141,12 @@ fn lora_case(layout: &str, checkpoint: &str) {
         "-o",
         s(&art),
     ]);
+    art
+}
+
+fn lora_case(layout: &str, checkpoint: &str) {
+    let d = tempfile::tempdir().unwrap();
+    let art = compile_lora(d.path(), checkpoint);
     let adapter = fixture("adapter_lora.safetensors");
     let exp = d.path().join("exp");
     eptc_ok(&[
@@ -188,23 +194,7 @@ fn lora_exports_as_hf_peft_for_hugging_face() {
 #[test]
 fn transformers_4_module_names() {
     let d = tempfile::tempdir().unwrap();
-    let art = d.path().join("art");
-    eptc_ok(&[
-        "compile",
-        s(&fixture("tiny_hfcls.safetensors")),
-        "--heads",
-        "3",
-        "--peft",
-        "lora",
-        "--rank",
-        "4",
-        "--lora-alpha",
-        "8",
-        "--num-classes",
-        "5",
-        "-o",
-        s(&art),
-    ]);
+    let art = compile_lora(d.path(), "tiny_hfcls.safetensors");
     let exp = d.path().join("exp");
     let adapter = fixture("adapter_lora.safetensors");
     eptc_ok(&[
