@@ -140,6 +140,8 @@ fn analyze_and_plot_a_trained_ept_run() {
         s(&ann),
         "-o",
         s(&out),
+        "--class-names",
+        "stripes-h,stripes-v,disc",
     ]);
     assert!(stdout.contains("trΣW total"), "{stdout}");
 
@@ -230,7 +232,10 @@ fn analyze_and_plot_a_trained_ept_run() {
     for stem in ["pc1_hist", "pca_scatter"] {
         check_png(&out.join(format!("{stem}.png")));
     }
-    check_svg(&out.join("pc1_hist.svg"), &[("<rect", 10), ("<text", 10)]);
+    check_svg(
+        &out.join("pc1_hist.svg"),
+        &[("<rect", 10), ("<text", 10), ("stripes-v", 3)],
+    );
     // One circle per image per model, at least.
     check_svg(
         &out.join("pca_scatter.svg"),
@@ -312,6 +317,22 @@ fn analyze_and_plot_a_trained_ept_run() {
         s(&d.path().join("x")),
     ]);
     assert!(e.contains("missing.safetensors"), "{e}");
+    let e = eptc_err(&[
+        "analyze",
+        s(&art),
+        "--data",
+        s(&data),
+        "--ann",
+        s(&ann),
+        "-o",
+        s(&d.path().join("x")),
+        "--class-names",
+        "a,b",
+    ]);
+    assert!(
+        e.contains("--class-names") && e.contains("3 classes"),
+        "{e}"
+    );
     let e = eptc_err(&["plot", s(&data)]);
     assert!(e.contains("metrics.jsonl"), "{e}");
 }

@@ -35,7 +35,7 @@ use serde_json::json;
 
 use crate::artifact::{self, RUN_STAGE};
 use crate::cmd_compile::{load_parts, Parts};
-use crate::cmd_plot::{colour, padded, perr, save, Figure, FAMILY};
+use crate::cmd_plot::{colour, int_label, padded, perr, save, Figure, FAMILY};
 use crate::cmd_train::DataArgs;
 use crate::pipeline;
 
@@ -61,6 +61,10 @@ pub struct AnalyzeArgs {
     /// pca_scatter.{png,svg}
     #[arg(short, long)]
     pub output: PathBuf,
+    /// Class names for the plots' legends, comma-separated, one per class
+    /// [default: class 0, class 1, ...]
+    #[arg(long, value_delimiter = ',')]
+    pub class_names: Vec<String>,
     /// Print the summary as one JSON object
     #[arg(long)]
     pub json: bool,
@@ -217,6 +221,17 @@ pub fn cmd_analyze(a: &AnalyzeArgs) -> Result<()> {
         m.peft.num_classes,
     )?);
     let members = memberships(&ds)?;
+    let names: Vec<String> = if a.class_names.is_empty() {
+        (0..ds.classes).map(|c| format!("class {c}")).collect()
+    } else if a.class_names.len() == ds.classes {
+        a.class_names.clone()
+    } else {
+        bail!(
+            "--class-names: {} names for the artifact's {} classes",
+            a.class_names.len(),
+            ds.classes
+        );
+    };
     let mut cfg = LoaderConfig::eval(a.batch_size, m.architecture.image_size as u32);
     cfg.norm = norm;
     cfg.workers = a.data.workers;
@@ -302,6 +317,7 @@ pub fn cmd_analyze(a: &AnalyzeArgs) -> Result<()> {
         &Hist {
             panels: &panels,
             members: &members,
+            names: &names,
         },
         &a.output.join("pc1_hist"),
     )?);
@@ -309,6 +325,7 @@ pub fn cmd_analyze(a: &AnalyzeArgs) -> Result<()> {
         &Scatter {
             panels: &panels,
             members: &members,
+            names: &names,
         },
         &a.output.join("pca_scatter"),
     )?);
@@ -431,14 +448,11 @@ fn grid_of(n: usize) -> (usize, usize) {
     (n.div_ceil(cols).max(1), cols)
 }
 
-fn legend_class(c: usize) -> String {
-    format!("class {c}")
-}
-
 /// Fig. 2a: per-class histograms of the first principal component, a panel per model.
 struct Hist<'a> {
     panels: &'a [Panel],
     members: &'a [Vec<usize>],
+    names: &'a [String],
 }
 
 impl Figure for Hist<'_> {
@@ -490,6 +504,7 @@ impl Figure for Hist<'_> {
                 .configure_mesh()
                 .x_desc("PC1")
                 .y_desc("images")
+                .y_label_formatter(&int_label)
                 .label_style((FAMILY, 11))
                 .axis_desc_style((FAMILY, 13))
                 .light_line_style(WHITE.mix(0.0))
@@ -514,7 +529,7 @@ impl Figure for Hist<'_> {
                 chart
                     .draw_series(LineSeries::new(step, col.stroke_width(2)))
                     .map_err(perr)?
-                    .label(legend_class(c))
+                    .label(trunc(&self.names[c], 24))
                     .legend(move |(x, y)| {
                         Rectangle::new([(x, y - 5), (x + 12, y + 5)], col.filled())
                     });
@@ -536,6 +551,7 @@ impl Figure for Hist<'_> {
 struct Scatter<'a> {
     panels: &'a [Panel],
     members: &'a [Vec<usize>],
+    names: &'a [String],
 }
 
 impl Figure for Scatter<'_> {
@@ -555,6 +571,12 @@ impl Figure for Scatter<'_> {
             )
             .map_err(perr)?;
         let areas = root.split_evenly(grid_of(self.panels.len()));
+        // Smaller points when there are many.
+        let radius = if self.panels.first().map_or(0, |p| p.points.len()) > 200 {
+            2
+        } else {
+            3
+        };
         for (p, area) in self.panels.iter().zip(&areas) {
             let xr = padded(p.points.iter().map(|q| q[0]));
             let yr = padded(p.points.iter().map(|q| q[1]));
@@ -594,7 +616,7 @@ impl Figure for Scatter<'_> {
                 if pts.len() >= 2 {
                     let g = analysis::kde2d(&pts, xr, yr, 60);
                     let max = g.iter().flatten().copied().fold(0.0, f64::max);
-                    for (li, level) in [0.2, 0.45, 0.7].into_iter().enumerate() {
+                    for (li, level) in [0.3, 0.65].into_iter().enumerate() {
                         let segs = analysis::contour(&g, xr, yr, level * max);
                         chart
                             .draw_series(segs.into_iter().map(|s| {
@@ -610,10 +632,10 @@ impl Figure for Scatter<'_> {
                 chart
                     .draw_series(
                         pts.iter()
-                            .map(|q| Circle::new((q[0], q[1]), 3, col.filled())),
+                            .map(|q| Circle::new((q[0], q[1]), radius, col.mix(0.7).filled())),
                     )
                     .map_err(perr)?
-                    .label(legend_class(c))
+                    .label(trunc(&self.names[c], 24))
                     .legend(move |(x, y)| Circle::new((x + 6, y), 4, col.filled()));
             }
             chart

@@ -99,6 +99,15 @@ pub(crate) fn save(fig: &impl Figure, stem: &Path) -> Result<Vec<PathBuf>> {
 
 use image::ImageEncoder as _;
 
+/// Tick labels for integer axes (epochs, image counts): integers only, others blank.
+pub(crate) fn int_label(x: &f64) -> String {
+    if (x - x.round()).abs() < 1e-9 {
+        format!("{}", x.round())
+    } else {
+        String::new()
+    }
+}
+
 /// `[lo, hi]` padded by 5% (and widened when empty or a single value).
 pub(crate) fn padded(values: impl Iterator<Item = f64>) -> (f64, f64) {
     let (mut lo, mut hi) = (f64::INFINITY, f64::NEG_INFINITY);
@@ -212,6 +221,7 @@ where
     chart
         .configure_mesh()
         .x_desc("epoch")
+        .x_label_formatter(&int_label)
         .y_desc(ylabel)
         .label_style((FAMILY, 12))
         .axis_desc_style((FAMILY, 14))
