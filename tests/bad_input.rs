@@ -25,7 +25,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::{eptc_err, eptc_ok, fixture, s};
+use common::{eptc_err, eptc_ok, fixture, gen_data, s};
 
 /// A safetensors file with this JSON header and data.
 fn safetensors(path: &Path, header: &str, data: &[u8]) -> PathBuf {
@@ -118,16 +118,7 @@ fn absurd_shape() {
 #[test]
 fn wrong_label_count() {
     let d = tempfile::tempdir().unwrap();
-    let data = d.path().join("data");
-    eptc_ok(&[
-        "gen-data",
-        "-o",
-        s(&data),
-        "--image-size",
-        "32",
-        "--shots",
-        "1",
-    ]);
+    let data = gen_data(d.path(), 1, 0);
     let art = d.path().join("art");
     eptc_ok(&[
         "compile",

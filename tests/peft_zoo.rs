@@ -496,16 +496,7 @@ fn write(path: &Path, tensors: &BTreeMap<String, HostTensor>) {
 #[test]
 fn train_each_method() {
     let d = tempfile::tempdir().unwrap();
-    let data = d.path().join("data");
-    eptc_ok(&[
-        "gen-data",
-        "-o",
-        s(&data),
-        "--image-size",
-        "32",
-        "--shots",
-        "4",
-    ]);
+    let data = gen_data(d.path(), 4, 0);
     for method in METHODS {
         let extra: &[&str] = match method {
             "vpt" => &["--num-classes", "3", "--prompt-len", "4"],

@@ -134,18 +134,7 @@ fn train(dir: &Path, data: &Path, target: &[String]) -> Vec<u8> {
 #[test]
 fn training_through_the_plugin_gives_the_built_in_adapter() {
     let d = tempfile::tempdir().unwrap();
-    let data = d.path().join("data");
-    eptc_ok(&[
-        "gen-data",
-        "-o",
-        s(&data),
-        "--image-size",
-        "32",
-        "--shots",
-        "3",
-        "--val-per-class",
-        "2",
-    ]);
+    let data = gen_data(d.path(), 3, 2);
     let (a, b) = (d.path().join("builtin"), d.path().join("plugin"));
     std::fs::create_dir_all(&a).unwrap();
     std::fs::create_dir_all(&b).unwrap();

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{eptc, eptc_err, eptc_ok, fixture, s};
+use common::{eptc, eptc_err, eptc_ok, fixture, gen_data, s};
 
 struct Setup {
     _dir: tempfile::TempDir,
@@ -24,21 +24,10 @@ struct Setup {
     val: PathBuf,
 }
 
-fn setup(shots: &str) -> Setup {
+fn setup(shots: usize) -> Setup {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().to_path_buf();
-    let data = root.join("data");
-    eptc_ok(&[
-        "gen-data",
-        "-o",
-        s(&data),
-        "--image-size",
-        "32",
-        "--shots",
-        shots,
-        "--val-per-class",
-        "2",
-    ]);
+    let data = gen_data(&root, shots, 2);
     let art = root.join("art");
     eptc_ok(&[
         "compile",
@@ -127,7 +116,7 @@ fn same_run(a: &Path, b: &Path) {
 
 #[test]
 fn kill_9_then_resume_gives_the_uninterrupted_adapter() {
-    let st = setup("8");
+    let st = setup(8);
     let opts = ["--epochs", "24", "--batch-size", "2", "--lr", "0.01"];
     let full = st.root.join("full");
     eptc_ok(&st.args(&full, &opts));
@@ -179,7 +168,7 @@ fn kill_9_then_resume_gives_the_uninterrupted_adapter() {
 #[cfg(target_os = "linux")]
 #[test]
 fn a_full_disk_keeps_the_previous_checkpoint() {
-    let st = setup("3");
+    let st = setup(3);
     let opts = ["--epochs", "3", "--lr", "0.01"];
     let full = st.root.join("full");
     eptc_ok(&st.args(&full, &opts));
@@ -224,7 +213,7 @@ fn a_full_disk_keeps_the_previous_checkpoint() {
 
 #[test]
 fn an_unwritable_output_folder_is_named() {
-    let st = setup("2");
+    let st = setup(2);
     // A regular file where the run folder's parent should be (permissions cannot stop
     // root, which CI runs as; a file in the way stops everyone).
     let blocker = st.root.join("not-a-folder");
@@ -245,7 +234,7 @@ fn an_unwritable_output_folder_is_named() {
 
 #[test]
 fn a_non_finite_loss_stops_and_keeps_the_last_good_checkpoint() {
-    let st = setup("3");
+    let st = setup(3);
     let run = st.root.join("run");
     // 3 images per class, batch 4: 3 steps per epoch. The loss of step 5 (epoch 2)
     // reads as NaN.

@@ -8,18 +8,7 @@ use common::*;
 #[test]
 fn sample_then_train() {
     let d = tempfile::tempdir().unwrap();
-    let data = d.path().join("data");
-    eptc_ok(&[
-        "gen-data",
-        "-o",
-        s(&data),
-        "--image-size",
-        "32",
-        "--shots",
-        "6",
-        "--val-per-class",
-        "2",
-    ]);
+    let data = gen_data(d.path(), 6, 2);
     let ann = data.join("train.txt");
     let tr = d.path().join("train_2shot.txt");
     let va = d.path().join("val_1.txt");

@@ -147,3 +147,17 @@ pub fn vit_b16() -> TensorFile {
         metadata: Default::default(),
     }
 }
+
+/// A generated data set (`eptc gen-data`, 32 px images, 3 classes) in `dir/data`:
+/// `shots` training and `val` validation images per class (`val` 0: gen-data's default).
+pub fn gen_data(dir: &Path, shots: usize, val: usize) -> PathBuf {
+    let data = dir.join("data");
+    let (shots, val) = (shots.to_string(), val.to_string());
+    let mut a = vec!["gen-data", "-o", s(&data), "--image-size", "32"];
+    a.extend(["--shots", &shots]);
+    if val != "0" {
+        a.extend(["--val-per-class", &val]);
+    }
+    eptc_ok(&a);
+    data
+}
