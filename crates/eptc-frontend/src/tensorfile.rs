@@ -31,6 +31,23 @@ impl TensorFile {
         // SAFETY: the map is read-only; a file changed underneath us is the user's
         // responsibility, as with every memory-mapped reader of checkpoints.
         let map = Arc::new(unsafe { Mmap::map(&file) }.map_err(io)?);
+        Self::from_map(path, map)
+    }
+
+    /// Read a safetensors file held in memory (`path` only names it in errors): the
+    /// bytes are copied into an anonymous read-only map, then read exactly as
+    /// [`TensorFile::read`] reads a file (the same parsing, checks and f32 mapping).
+    pub fn from_bytes(path: &Path, bytes: &[u8]) -> Result<TensorFile> {
+        let io = |source| FrontendError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        let mut map = memmap2::MmapMut::map_anon(bytes.len()).map_err(io)?;
+        map.copy_from_slice(bytes);
+        Self::from_map(path, Arc::new(map.make_read_only().map_err(io)?))
+    }
+
+    fn from_map(path: &Path, map: Arc<Mmap>) -> Result<TensorFile> {
         let fmt = |msg: String| FrontendError::Format {
             path: path.to_path_buf(),
             msg,

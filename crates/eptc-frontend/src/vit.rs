@@ -228,13 +228,43 @@ pub fn detect(file: &TensorFile, opts: &ImportOptions) -> Result<VitArch> {
                 .map(|e| e as f32)
         })
         .unwrap_or_else(|| layout.default_eps());
-    let checkpoint_image_size = grid * patch;
+    // Sizes come from the file's shapes, which may be huge where another is 0 (an
+    // empty tensor): every size the graph uses must be representable.
+    let too_large = |what: &str| {
+        arch_err(
+            path,
+            format!("{what} too large (width {dim}, patch {patch}, {in_chans} channels, patch grid {grid}x{grid}, MLP width {mlp_hidden})"),
+        )
+    };
+    let checkpoint_image_size = grid
+        .checked_mul(patch)
+        .ok_or_else(|| too_large("image size"))?;
     let image_size = opts.image_size.unwrap_or(checkpoint_image_size);
     if image_size == 0 || !image_size.is_multiple_of(patch) {
         return Err(arch_err(
             path,
             format!("image size {image_size} is not a positive multiple of the patch size {patch}"),
         ));
+    }
+    // Elements of the largest activations per image: patches, tokens x (3 dim, MLP),
+    // attention scores; bytes must fit too.
+    let side = image_size / patch;
+    let tokens = side
+        .checked_mul(side)
+        .and_then(|t| t.checked_add(1))
+        .ok_or_else(|| too_large("token count"))?;
+    let per_token = [
+        in_chans
+            .checked_mul(patch)
+            .and_then(|c| c.checked_mul(patch)),
+        dim.checked_mul(3),
+        Some(mlp_hidden),
+        Some(tokens),
+    ];
+    for n in per_token {
+        n.and_then(|n| n.checked_mul(tokens))
+            .and_then(|n| n.checked_mul(8))
+            .ok_or_else(|| too_large("activations"))?;
     }
     let head_classes = layout
         .head_candidates()

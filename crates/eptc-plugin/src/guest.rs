@@ -349,6 +349,75 @@ unsafe fn tensor_arg(d: &EptcTensorDesc, named: bool) -> Result<(String, HostTen
     Ok((name, HostTensor::new(shape, decode(dtype, bytes))))
 }
 
+/// What `compile` reads from its C arguments: the graph (the IR text, parsed and
+/// verified) and the weights (descriptors checked and decoded to f32).
+///
+/// # Safety
+/// The pointers follow the ABI's contract for `compile`.
+unsafe fn compile_args(
+    ir_text: *const c_char,
+    weights: *const EptcTensorDesc,
+    n_weights: usize,
+) -> Result<(eptc_ir::Graph, WeightStore), Fail> {
+    // SAFETY: contract.
+    let text = unsafe { str_arg(ir_text, "the IR text") }?;
+    let graph = eptc_ir::text::parse(text).map_err(|e| Fail::arg(format!("IR: {e}")))?;
+    let descs = if n_weights == 0 {
+        &[][..]
+    } else if weights.is_null() {
+        return Err(Fail::arg(format!(
+            "weights is NULL with {n_weights} weights"
+        )));
+    } else {
+        // SAFETY: non-null, `n_weights` descriptors by the caller's contract.
+        unsafe { std::slice::from_raw_parts(weights, n_weights) }
+    };
+    let mut store = WeightStore::new();
+    for d in descs {
+        // SAFETY: contract.
+        let (name, t) = unsafe { tensor_arg(d, true) }?;
+        store.insert(name, t);
+    }
+    Ok((graph, store))
+}
+
+/// One weight as `compile` receives it, in safe form: the parts of an
+/// [`EptcTensorDesc`] (its rank is `shape.len()`, its `byte_len` is `data.len()`).
+#[derive(Clone, Copy, Debug)]
+pub struct TensorArg<'a> {
+    pub name: &'a CStr,
+    /// `EPTC_DTYPE_*` (any value: unknown codes are refused).
+    pub dtype: u32,
+    pub shape: &'a [u64],
+    pub data: &'a [u8],
+}
+
+/// What the guest's `compile` does with its arguments before it calls the backend:
+/// parse and verify the IR text, check and decode the weight descriptors. The same code
+/// as the C entry point, for tests and fuzzing; an error is the status `compile` would
+/// return and its message.
+pub fn read_compile_args(
+    ir_text: &CStr,
+    weights: &[TensorArg],
+) -> Result<(eptc_ir::Graph, WeightStore), (EptcStatus, String)> {
+    let mut descs = Vec::with_capacity(weights.len());
+    for w in weights {
+        let rank = u32::try_from(w.shape.len())
+            .map_err(|_| (EPTC_ERR_INVALID_ARGUMENT, "rank too large".to_string()))?;
+        descs.push(EptcTensorDesc {
+            name: w.name.as_ptr(),
+            dtype: w.dtype,
+            rank,
+            shape: w.shape.as_ptr(),
+            data: w.data.as_ptr().cast(),
+            byte_len: w.data.len(),
+        });
+    }
+    // SAFETY: every pointer comes from a live borrow of the length it is given with.
+    unsafe { compile_args(ir_text.as_ptr(), descs.as_ptr(), descs.len()) }
+        .map_err(|Fail(status, msg)| (status, msg))
+}
+
 // ---- handles -----------------------------------------------------------------------
 
 /// What an [`EptcExecutable`] handle points to.
@@ -456,25 +525,10 @@ unsafe extern "C" fn compile<G: Guest>(
     unsafe {
         guard(error, || {
             let out = out_arg(executable, "executable")?;
-            let text = str_arg(ir_text, "the IR text")?;
             let opts = options
                 .as_ref()
                 .ok_or_else(|| Fail::arg("the options are NULL"))?;
-            let graph = eptc_ir::text::parse(text).map_err(|e| Fail::arg(format!("IR: {e}")))?;
-            let descs = if n_weights == 0 {
-                &[][..]
-            } else if weights.is_null() {
-                return Err(Fail::arg(format!(
-                    "weights is NULL with {n_weights} weights"
-                )));
-            } else {
-                std::slice::from_raw_parts(weights, n_weights)
-            };
-            let mut store = WeightStore::new();
-            for d in descs {
-                let (name, t) = tensor_arg(d, true)?;
-                store.insert(name, t);
-            }
+            let (graph, store) = compile_args(ir_text, weights, n_weights)?;
             let opts = CompileOptions {
                 threads: (opts.threads != 0).then(|| opts.threads.min(usize::MAX as u64) as usize),
                 dtype: dtype_arg(opts.dtype)?,
