@@ -173,8 +173,9 @@ pub fn detect(file: &TensorFile, opts: &ImportOptions) -> Result<VitArch> {
     let pos = file.get(&layout.pos_embed(), "[1, 1 + patches, dim]")?;
     let grid = match pos.shape[..] {
         [1, n, d] if d == dim && n > 1 => {
+            // `n` may be huge where the width is 0 (an empty tensor): no overflow.
             let g = ((n - 1) as f64).sqrt().round() as usize;
-            (g * g == n - 1).then_some(g)
+            (g.checked_mul(g) == Some(n - 1)).then_some(g)
         }
         _ => None,
     }
