@@ -27,8 +27,8 @@ use eptc_backend::Executable;
 use eptc_frontend::write_tensors;
 use eptc_ir::HostTensor;
 use eptc_runtime::analysis::{self, Analysis, Pca};
-use eptc_runtime::data::{self, Dataset, Label, LoaderConfig, Normalize, Task};
-use indicatif::{ProgressBar, ProgressStyle};
+use eptc_runtime::data::{self, Dataset, Label, LoaderConfig, Task};
+use indicatif::ProgressBar;
 use plotters::coord::Shift;
 use plotters::prelude::*;
 use serde_json::json;
@@ -36,7 +36,7 @@ use serde_json::json;
 use crate::artifact::{self, RUN_STAGE};
 use crate::cmd_compile::{load_parts, Parts};
 use crate::cmd_plot::{colour, int_label, padded, perr, save, Figure, FAMILY};
-use crate::cmd_train::DataArgs;
+use crate::cmd_train::{bar, open_dataset, DataArgs};
 use crate::pipeline;
 
 #[derive(Args, Debug)]
@@ -78,27 +78,6 @@ struct Model {
     stats: Analysis,
     pca: Pca,
     seconds: f64,
-}
-
-fn normalize(d: &DataArgs) -> Result<Normalize> {
-    if d.std.iter().any(|&s| s <= 0.0 || !s.is_finite()) {
-        bail!("--std {:?}: every value must be positive", d.std);
-    }
-    Ok(Normalize {
-        mean: [d.mean[0], d.mean[1], d.mean[2]],
-        std: [d.std[0], d.std[1], d.std[2]],
-    })
-}
-
-fn bar(len: u64, prefix: String) -> ProgressBar {
-    let pb = ProgressBar::new(len);
-    pb.set_style(
-        ProgressStyle::with_template("{prefix} [{bar:28}] {pos}/{len}")
-            .expect("valid template")
-            .progress_chars("=> "),
-    );
-    pb.set_prefix(prefix);
-    pb
 }
 
 /// `features` `[n, dim]` of every image, in the data set's order (evaluation transform).
@@ -199,7 +178,7 @@ pub fn cmd_analyze(a: &AnalyzeArgs) -> Result<()> {
     if a.batch_size == 0 {
         bail!("--batch-size must be at least 1");
     }
-    let norm = normalize(&a.data)?;
+    let norm = a.data.normalize()?;
     let t0 = Instant::now();
     let parts = load_parts(&a.artifact, None)?;
     let m = parts.manifest.clone();
@@ -214,12 +193,7 @@ pub fn cmd_analyze(a: &AnalyzeArgs) -> Result<()> {
         eptc_peft::Task::Multilabel => Task::MultiLabel,
         eptc_peft::Task::Multiclass => Task::MultiClass,
     };
-    let ds = Arc::new(Dataset::open(
-        &a.data.data,
-        &a.ann,
-        task,
-        m.peft.num_classes,
-    )?);
+    let ds = open_dataset(&a.data.data, &a.ann, &m)?;
     let members = memberships(&ds)?;
     let names: Vec<String> = if a.class_names.is_empty() {
         (0..ds.classes).map(|c| format!("class {c}")).collect()

@@ -188,7 +188,7 @@ pub struct DataArgs {
 }
 
 impl DataArgs {
-    fn normalize(&self) -> Result<Normalize> {
+    pub(crate) fn normalize(&self) -> Result<Normalize> {
         if self.std.iter().any(|&s| s <= 0.0 || !s.is_finite()) {
             bail!("--std {:?}: every value must be positive", self.std);
         }
@@ -199,7 +199,7 @@ impl DataArgs {
     }
 }
 
-fn open_dataset(dir: &Path, ann: &Path, m: &Manifest) -> Result<Arc<Dataset>> {
+pub(crate) fn open_dataset(dir: &Path, ann: &Path, m: &Manifest) -> Result<Arc<Dataset>> {
     Ok(Arc::new(Dataset::open(
         dir,
         ann,
@@ -303,7 +303,7 @@ macro_rules! sayln {
     ($($t:tt)*) => { if !quiet() { println!($($t)*); } };
 }
 
-fn bar(len: u64, prefix: String) -> ProgressBar {
+pub(crate) fn bar(len: u64, prefix: String) -> ProgressBar {
     if quiet() {
         return ProgressBar::hidden();
     }
