@@ -146,13 +146,15 @@ pub fn detect(file: &TensorFile, opts: &ImportOptions) -> Result<VitArch> {
         }
     })?;
     let cls = file.get(&layout.cls_token(), "[1, 1, dim]")?;
+    // Width and channels must be positive: with a 0, every weight would be empty and
+    // the file's other dimensions unbounded by its bytes.
     let dim = match cls.shape[..] {
-        [1, 1, d] => d,
+        [1, 1, d] if d > 0 => d,
         _ => {
             return Err(FrontendError::TensorShape {
                 path: path.clone(),
                 key: layout.cls_token(),
-                expected: "[1, 1, dim]".into(),
+                expected: "[1, 1, dim] with dim > 0".into(),
                 found: cls.shape.clone(),
             })
         }
@@ -160,12 +162,12 @@ pub fn detect(file: &TensorFile, opts: &ImportOptions) -> Result<VitArch> {
     let pw_key = format!("{}.weight", layout.patch_embed());
     let pw = file.get(&pw_key, "[dim, channels, patch, patch]")?;
     let (in_chans, patch) = match pw.shape[..] {
-        [d, c, p, q] if d == dim && p == q && p > 0 => (c, p),
+        [d, c, p, q] if d == dim && p == q && p > 0 && c > 0 => (c, p),
         _ => {
             return Err(FrontendError::TensorShape {
                 path: path.clone(),
                 key: pw_key,
-                expected: format!("[{dim}, channels, patch, patch]"),
+                expected: format!("[{dim}, channels, patch, patch] with channels, patch > 0"),
                 found: pw.shape.clone(),
             })
         }
