@@ -31,6 +31,9 @@ use clap::{Parser, Subcommand};
 ///   eptc train vit-ept --data DIR --train train.txt --val val.txt -o run1
 ///   eptc eval vit-ept --adapter run1/best.safetensors --data DIR --ann test.txt
 ///   eptc infer vit-ept --adapter run1/best.safetensors --data DIR --ann test.txt -o preds.csv
+///   eptc export vit-ept --adapter run1/best.safetensors -o for-pytorch
+///   eptc analyze vit-ept --adapter run1/best.safetensors --data DIR --ann test.txt -o analysis
+///   eptc protocol examples/medfmc-plan.toml -o table1
 #[derive(Parser, Debug)]
 #[command(name = "eptc", version, about, long_about, verbatim_doc_comment)]
 struct Cli {
