@@ -16,8 +16,10 @@ for spec in ${TARGETS[@]}; do
     runs="${runs:-$RUNS}"
     mkdir -p "corpus/$t" "artifacts/$t"
     echo "$(date -u +%FT%TZ) start $t (cap ${cap}s, $runs runs)" >>"$LOG_DIR/summary.txt"
+    dict=()
+    if [ -f "dicts/$t.dict" ]; then dict=("-dict=dicts/$t.dict"); fi
     "$BIN/$t" "corpus/$t" "seeds/$t" -runs="$runs" -max_total_time="$cap" -timeout=10 \
-        -print_final_stats=1 -artifact_prefix="artifacts/$t/" >"$LOG_DIR/$t.log" 2>&1
+        -print_final_stats=1 -artifact_prefix="artifacts/$t/" "${dict[@]}" >"$LOG_DIR/$t.log" 2>&1
     rc=$?
     echo "$(date -u +%FT%TZ) end $t rc=$rc $(grep -E 'stat::number_of_executed_units|Done [0-9]+ runs' "$LOG_DIR/$t.log" | tr '\n' ' ')" >>"$LOG_DIR/summary.txt"
 done
