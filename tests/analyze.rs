@@ -282,53 +282,21 @@ fn analyze_and_plot_a_trained_ept_run() {
     assert!(custom.join("training.svg").exists());
 
     // Errors: one line, exit 2.
-    let e = eptc_err(&[
-        "analyze",
-        s(&art),
-        "--data",
-        s(&data),
-        "--ann",
-        s(&data.join("test_unlabeled.txt")),
-        "-o",
-        s(&d.path().join("x")),
-    ]);
+    let x = d.path().join("x");
+    let analyze_err = |ann: &Path, extra: &[&str]| {
+        let mut a = vec!["analyze", s(&art), "--data", s(&data), "--ann", s(ann)];
+        a.extend(["-o", s(&x)]);
+        a.extend(extra);
+        eptc_err(&a)
+    };
+    let e = analyze_err(&data.join("test_unlabeled.txt"), &[]);
     assert!(e.contains("unlabeled"), "{e}");
-    let e = eptc_err(&[
-        "analyze",
-        s(&art),
-        "--data",
-        s(&data),
-        "--ann",
-        s(&data.join("nope.txt")),
-        "-o",
-        s(&d.path().join("x")),
-    ]);
+    let e = analyze_err(&data.join("nope.txt"), &[]);
     assert!(e.contains("nope.txt"), "{e}");
-    let e = eptc_err(&[
-        "analyze",
-        s(&art),
-        "--adapter",
-        s(&d.path().join("missing.safetensors")),
-        "--data",
-        s(&data),
-        "--ann",
-        s(&ann),
-        "-o",
-        s(&d.path().join("x")),
-    ]);
+    let missing = d.path().join("missing.safetensors");
+    let e = analyze_err(&ann, &["--adapter", s(&missing)]);
     assert!(e.contains("missing.safetensors"), "{e}");
-    let e = eptc_err(&[
-        "analyze",
-        s(&art),
-        "--data",
-        s(&data),
-        "--ann",
-        s(&ann),
-        "-o",
-        s(&d.path().join("x")),
-        "--class-names",
-        "a,b",
-    ]);
+    let e = analyze_err(&ann, &["--class-names", "a,b"]);
     assert!(
         e.contains("--class-names") && e.contains("3 classes"),
         "{e}"
