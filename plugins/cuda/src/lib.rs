@@ -6,6 +6,7 @@
 
 mod cache;
 pub mod codegen;
+pub mod emulate;
 pub mod exec;
 mod gpu;
 pub mod nvrtc;

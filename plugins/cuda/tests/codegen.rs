@@ -2,15 +2,16 @@
 //! configurations and of whole ViT graphs gets kernels, launches cover the output, names
 //! are unique identifiers, entry points follow the convention, bad shapes are errors),
 //! snapshots of representative kernels, the op configurations compiled with NVRTC where
-//! it is present, and, where a CUDA GPU is present, every distinct kernel run against the
-//! f64 reference interpreter (f32, bf16 and f16 storage).
+//! it is present, and every distinct kernel run against the f64 reference interpreter
+//! (f32, bf16 and f16 storage) on the CPU emulator (`eptc_cuda::emulate`, needs a host C++
+//! compiler) and, where a CUDA GPU is present, on the GPU.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use eptc_cuda::codegen::{
     linear_epilogue, module_source, node_kernels, supported_kinds, CodegenError, Kernel, MAX_ELEMS,
 };
-use eptc_cuda::nvrtc;
+use eptc_cuda::{emulate, nvrtc};
 use eptc_ir::{
     Activation, BinaryOp, DType, Dim, Graph, Init, NodeId, Op, ReduceOp, Shape, TensorType, UnaryOp,
 };
@@ -1299,22 +1300,75 @@ fn gpu_harness_references_evaluate() {
     }
 }
 
-/// Run every case on the GPU for each storage type and compare with the f64 reference
-/// on the same (rounded) inputs; returns the worst error per op kind and dtype.
-fn run_cases(gpu: &gpu::Gpu, cases: &[Case], tol: &dyn Fn(DType) -> f64) -> Vec<String> {
+/// Where the cases run: the GPU through NVRTC, or the CPU emulator of the kernels.
+trait Runner {
+    type Module;
+    fn module(&self, kernels: &[&Kernel], dtype: DType) -> Result<Self::Module, String>;
+    fn run(
+        &self,
+        m: &Self::Module,
+        k: &Kernel,
+        inputs: &[Vec<u8>],
+        out_bytes: usize,
+    ) -> Result<Vec<u8>, String>;
+}
+
+impl Runner for gpu::Gpu {
+    type Module = std::sync::Arc<cudarc::driver::CudaModule>;
+    fn module(&self, kernels: &[&Kernel], dtype: DType) -> Result<Self::Module, String> {
+        let ptx = nvrtc::compile(&module_source(kernels, dtype), "sm_90")?;
+        Ok(self.load(ptx))
+    }
+    fn run(
+        &self,
+        m: &Self::Module,
+        k: &Kernel,
+        inputs: &[Vec<u8>],
+        out_bytes: usize,
+    ) -> Result<Vec<u8>, String> {
+        gpu::Gpu::run(self, m, k, inputs, out_bytes)
+    }
+}
+
+struct Emulator;
+
+impl Runner for Emulator {
+    type Module = emulate::Module;
+    fn module(&self, kernels: &[&Kernel], dtype: DType) -> Result<Self::Module, String> {
+        emulate::Module::compile(kernels, dtype)
+    }
+    fn run(
+        &self,
+        m: &Self::Module,
+        k: &Kernel,
+        inputs: &[Vec<u8>],
+        out_bytes: usize,
+    ) -> Result<Vec<u8>, String> {
+        let refs: Vec<&[u8]> = inputs.iter().map(|b| b.as_slice()).collect();
+        m.run(k, &refs, out_bytes)
+    }
+}
+
+/// Run every case for each storage type in `dtypes` and compare with the f64 reference
+/// on the same (rounded) inputs; prints the worst error per op kind and dtype and
+/// returns the failures.
+fn run_cases<R: Runner>(
+    runner: &R,
+    cases: &[Case],
+    dtypes: &[DType],
+    tol: &dyn Fn(DType) -> f64,
+) -> Vec<String> {
     let mut failures = Vec::new();
     let refs: Vec<&Kernel> = cases.iter().map(|c| &c.kernel).collect();
     let mut worst: BTreeMap<(String, String), f64> = BTreeMap::new();
-    for dtype in [DType::F32, DType::BF16, DType::F16] {
-        let src = module_source(&refs, dtype);
-        let ptx = match nvrtc::compile(&src, "sm_90") {
-            Ok(p) => p,
+    for &dtype in dtypes {
+        let module = match runner.module(&refs, dtype) {
+            Ok(m) => m,
             Err(e) => {
                 failures.push(format!("{dtype}: {e}"));
                 continue;
             }
         };
-        let module = gpu.load(ptx);
         let prepared = prepare(cases, dtype);
         for (c, (inputs, want)) in cases.iter().zip(prepared) {
             let want = match want {
@@ -1325,7 +1379,7 @@ fn run_cases(gpu: &gpu::Gpu, cases: &[Case], tol: &dyn Fn(DType) -> f64) -> Vec<
                 }
             };
             let out_bytes = want.len() * dtype.size_bytes();
-            let got = match gpu.run(&module, &c.kernel, &inputs, out_bytes) {
+            let got = match runner.run(&module, &c.kernel, &inputs, out_bytes) {
                 Ok(b) => load_back(&b, dtype),
                 Err(e) => {
                     failures.push(format!("{} {dtype}: {e}", c.what));
@@ -1355,6 +1409,48 @@ fn run_cases(gpu: &gpu::Gpu, cases: &[Case], tol: &dyn Fn(DType) -> f64) -> Vec<
         eprintln!("{dt:>5} {kind:<18} worst relative error {e:.2e}");
     }
     failures
+}
+
+const ALL_DTYPES: [DType; 3] = [DType::F32, DType::BF16, DType::F16];
+
+/// The host C++ compiler the emulator needs; `EPTC_REQUIRE_EMULATOR` (set by `.ci/run`)
+/// makes its absence a failure.
+fn emulator_or_skip() -> bool {
+    match emulate::available() {
+        Ok(v) => {
+            eprintln!("emulating with {v}");
+            true
+        }
+        Err(e) if std::env::var_os("EPTC_REQUIRE_EMULATOR").is_some() => {
+            panic!("EPTC_REQUIRE_EMULATOR is set, but: {e}")
+        }
+        Err(e) => {
+            eprintln!("skipped: {e}");
+            false
+        }
+    }
+}
+
+/// Without a GPU: every distinct kernel of the op configurations (with special values
+/// where the spec defines them per element) and of the tiny graphs, run by the CPU
+/// emulator against the f64 reference interpreter, in all three storage types. The same
+/// cases and bars as `gpu_kernels_match_the_reference`.
+#[test]
+fn emulated_kernels_match_the_reference() {
+    if !emulator_or_skip() {
+        return;
+    }
+    let mut cases = Vec::new();
+    for (i, g) in op_graphs().iter().enumerate() {
+        cases.extend(cases_of(g, 3, &format!("o{i}"), false));
+        cases.extend(cases_of(g, 2, &format!("s{i}"), true));
+    }
+    for (i, f) in TINY.iter().enumerate() {
+        cases.extend(cases_of(&example(f), 3, &format!("t{i}"), false));
+    }
+    eprintln!("{} distinct kernels", cases.len());
+    let failures = run_cases(&Emulator, &cases, &ALL_DTYPES, &tolerance);
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
 fn gpu_or_skip() -> Option<gpu::Gpu> {
@@ -1397,7 +1493,7 @@ fn gpu_kernels_match_the_reference() {
         cases.extend(cases_of(&example(f), 3, &format!("t{i}"), false));
     }
     eprintln!("{} distinct kernels", cases.len());
-    let failures = run_cases(&gpu, &cases, &tolerance);
+    let failures = run_cases(&gpu, &cases, &ALL_DTYPES, &tolerance);
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
@@ -1411,7 +1507,7 @@ fn gpu_vit_b16_kernels_match_the_reference() {
         cases.extend(cases_of(&example(f), 2, &format!("v{i}"), false));
     }
     eprintln!("{} distinct kernels", cases.len());
-    let failures = run_cases(&gpu, &cases, &tolerance);
+    let failures = run_cases(&gpu, &cases, &ALL_DTYPES, &tolerance);
     assert!(failures.is_empty(), "{}", failures.join("\n"));
     // Times at batch 64 (f32 and bf16), each kernel's mean over 5 launches after one.
     let mut timed = Vec::new();

@@ -168,7 +168,7 @@ pub fn offsets(
 }
 
 /// The storage type and its conversions.
-fn storage(dtype: DType) -> &'static str {
+pub(crate) fn storage(dtype: DType) -> &'static str {
     match dtype {
         DType::F32 => {
             "typedef float T;\n\
