@@ -6,10 +6,13 @@
 #   there:  bash scripts/gpu-check.sh [OUT]      (the device tool carries .gpu and .gl)
 #
 # 1. the machine: nvidia-smi, `eptc plugins` (the cuda and wgpu backends' devices);
-# 2. the CUDA backend's own parity tests against the CPU backend (tiny ViT, f32, bf16);
+# 2. the CUDA backend's own parity tests against the CPU backend (tiny ViT, f32, bf16),
+#    and every generated kernel and fused element-wise chain of the op configurations,
+#    tiny graphs and ViT-B/16 against the f64 reference (f32, bf16, f16);
 # 3. the workspace's parity suite (every EPT mode, depth and checkpoint layout against
 #    PyTorch float64 logits) and gradient suite, run on --target cuda (f32; bf16 too
-#    with GPU_SUITE_DTYPES="f32 bf16");
+#    with GPU_SUITE_DTYPES="f32 bf16"), then again with EPTC_CUDA_FUSE=1 (element-wise
+#    chains fused; off by default until this passes on a GPU);
 # 4. benches/gpu_compare.py: ViT-B/16 + EPT parity against PyTorch float64 on the GPU,
 #    and the side-by-side timing against PyTorch eager and torch.compile (bf16);
 # 5. the wgpu backend through Vulkan on the same GPU (ViT-B/16 forward, batch 1 and 64).
@@ -60,6 +63,11 @@ stamp "== 2. cuda backend parity (tiny ViT vs the CPU backend)"
 EPTC_REQUIRE_CUDA=1 timeout 60 "$bin/test-cuda-parity" --nocapture --test-threads 1 \
   > "$out/cuda-parity.log" 2>&1; echo "exit $?" >> "$out/cuda-parity.log"
 grep -E "error|relative|plan for|test result|panicked|skipped|^exit" "$out/cuda-parity.log" | head -40
+EPTC_REQUIRE_CUDA=1 CARGO_MANIFEST_DIR=$PWD/plugins/cuda timeout 150 "$bin/test-cuda-codegen" \
+  gpu_kernels_match_the_reference gpu_fused_chains --nocapture --test-threads 1 \
+  > "$out/cuda-kernels.log" 2>&1; echo "exit $?" >> "$out/cuda-kernels.log"
+grep -E "distinct|worst relative error [0-9.e-]+|test result|panicked|FAILED|^exit" "$out/cuda-kernels.log" \
+  | grep -vE "error 0.00e0" | head -40
 
 export EPTC_BIN=$bin/eptc EPTC_FIXTURES=$PWD/tests/fixtures EPTC_TEST_TARGET=cuda
 for dt in ${GPU_SUITE_DTYPES:-f32}; do
@@ -72,6 +80,14 @@ for dt in ${GPU_SUITE_DTYPES:-f32}; do
     > "$out/suite-grad-$dt.log" 2>&1; echo "exit $?" >> "$out/suite-grad-$dt.log"
   grep -E "worst|test result|panicked|relative error|^exit" "$out/suite-grad-$dt.log" | head -10
 done
+stamp "== 3b. the same suites with element-wise chains fused (EPTC_CUDA_FUSE=1), f32"
+EPTC_CUDA_FUSE=1 timeout 100 "$bin/test-parity" --test-threads 8 --nocapture \
+  > "$out/suite-parity-fused.log" 2>&1; echo "exit $?" >> "$out/suite-parity-fused.log"
+grep -E "test result|FAILED|panicked|^exit" "$out/suite-parity-fused.log" | head -20
+grep -Eo "rel err [0-9.e+-]+" "$out/suite-parity-fused.log" | sort -k3 -g | tail -1
+EPTC_CUDA_FUSE=1 timeout 60 "$bin/test-training" grad_matches_pytorch --nocapture \
+  > "$out/suite-grad-fused.log" 2>&1; echo "exit $?" >> "$out/suite-grad-fused.log"
+grep -E "worst|test result|panicked|relative error|^exit" "$out/suite-grad-fused.log" | head -10
 unset EPTC_TEST_DTYPE EPTC_TEST_TARGET
 
 stamp "== 4. ViT-B/16: parity against PyTorch float64 and timing against PyTorch"
@@ -81,14 +97,15 @@ PYTHONUNBUFFERED=1 timeout ${GPU_COMPARE_TIMEOUT:-200} python3 benches/gpu_compa
   > "$out/gpu_compare.log" 2>&1; echo "exit $?" >> "$out/gpu_compare.log"
 tail -5 "$out/gpu_compare.log"
 
-stamp "== 4b. attention as cuBLAS GEMMs (default) or the fused kernel; where the time goes"
+stamp "== 4b. attention as cuBLAS GEMMs (default) or the fused kernel, element-wise chains fused or not; where the time goes"
 if [ -d /tmp/eptc-gpu/art_cuda_bf16 ]; then
-  for mode in gemm fused; do
+  for mode in gemm fused gemm+fuse; do
     for tr in "" --train; do
-      EPTC_CUDA_ATTENTION=$mode timeout 30 "$bin/eptc" bench /tmp/eptc-gpu/art_cuda_bf16 \
+      att=${mode%+fuse}; fuse=0; [ "$mode" = gemm+fuse ] && fuse=1
+      EPTC_CUDA_ATTENTION=$att EPTC_CUDA_FUSE=$fuse timeout 30 "$bin/eptc" bench /tmp/eptc-gpu/art_cuda_bf16 \
         --batch 64 --iters 10 --warmup 2 $tr --json 2>>"$out/attention-modes.err" | python3 -c "
 import json, sys; r = json.loads(sys.stdin.read()); d = r.get('device_median_s') or float('nan')
-print(f'  attention={sys.argv[1]:5} {r[\"what\"]:13} b64 bf16: device {d*1e3:.2f} ms, wall {r[\"median_s\"]*1e3:.2f} ms')" $mode
+print(f'  mode={sys.argv[1]:9} {r[\"what\"]:13} b64 bf16: device {d*1e3:.2f} ms, wall {r[\"median_s\"]*1e3:.2f} ms')" $mode
     done
   done 2>&1 | tee "$out/attention-modes.txt"
   EPTC_CUDA_PROFILE=1 timeout 30 "$bin/eptc" bench /tmp/eptc-gpu/art_cuda_bf16 --batch 64 \

@@ -12,7 +12,8 @@ cd "$(dirname "$0")/.."
 mkdir -p .gpu
 cargo build --release --bin eptc
 strip -o .gpu/eptc target/release/eptc
-# Test binaries (release): the CLI parity and training suites, the CUDA crate's parity.
+# Test binaries (release): the CLI parity and training suites, the CUDA crate's parity and
+# code generator (its GPU tests run every generated and fused kernel against the reference).
 json=$(cargo test --release --no-run --message-format=json \
   --test parity --test training -p eptc 2>/dev/null | grep '"executable":"/' || true)
 for name in parity training; do
@@ -20,7 +21,9 @@ for name in parity training; do
   [ -n "$exe" ] || { echo "no test binary for $name"; exit 1; }
   strip -o ".gpu/test-$name" "$exe"
 done
-cargo test --release --no-run -p eptc-cuda --test parity --message-format=json 2>/dev/null \
-  | grep -o '"executable":"/[^"]*"' | cut -d'"' -f4 | tail -1 | xargs -I{} strip -o .gpu/test-cuda-parity {}
+for t in parity codegen; do
+  cargo test --release --no-run -p eptc-cuda --test $t --message-format=json 2>/dev/null \
+    | grep -o '"executable":"/[^"]*"' | cut -d'"' -f4 | tail -1 | xargs -I{} strip -o .gpu/test-cuda-$t {}
+done
 ls -la .gpu
 du -sh .gpu .gl 2>/dev/null || true

@@ -707,8 +707,9 @@ pub fn eval_host(
     eval(g, &values)
 }
 
-/// One op on its evaluated operands; `want` is the node's declared shape, batch bound.
-fn eval_op(
+/// One op on its evaluated operands; `want` is the node's declared shape, batch bound;
+/// `values` holds the inputs and params by name (for leaves).
+pub fn eval_op(
     op: &Op,
     args: &[&Tensor64],
     want: &[usize],

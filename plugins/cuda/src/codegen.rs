@@ -33,6 +33,7 @@
 mod attention;
 pub(crate) mod cuda;
 mod elementwise;
+pub mod fuse;
 mod matmul;
 mod rows;
 

@@ -12,6 +12,9 @@
 //! inputs in, replays the graph, and copies the outputs out: no allocation, no
 //! compilation, one launch. `reshape` is a view of its operand's buffer.
 //!
+//! `EPTC_CUDA_FUSE=1` fuses element-wise chains into one kernel each
+//! ([`codegen::fuse`]); it is off by default until a GPU run has checked it (the fused
+//! kernels themselves pass the reference on the CPU emulator in CI).
 //! `EPTC_CUDA_GRAPH=0` launches kernel by kernel instead of replaying a graph;
 //! `EPTC_CUDA_PROFILE=1` does too, waits after each launch, prints the time per op kind
 //! to stderr and names the kernel that failed.
@@ -280,6 +283,8 @@ pub struct PlanStats {
     pub gemms: usize,
     pub intermediate_bytes: u64,
     pub captured: bool,
+    /// Kernels that each compute a fused element-wise chain (`EPTC_CUDA_FUSE=1`).
+    pub fused: usize,
 }
 
 /// A graph compiled for CUDA.
@@ -291,6 +296,11 @@ pub struct CudaExecutable {
     outputs: Vec<(String, usize)>,
     params: HashMap<String, (Vec<usize>, Option<DevMem>)>,
     plans: Vec<BatchPlan>,
+    /// The element-wise chains computed by one kernel each (empty unless
+    /// `EPTC_CUDA_FUSE=1`).
+    fusion: Vec<codegen::fuse::Group>,
+    /// The slot of each live node.
+    slot_of: HashMap<NodeId, usize>,
     profile: bool,
     use_graph: bool,
     /// `EPTC_CUDA_TF32=1`: f32 GEMMs on the tensor cores' TF32 mode (about 3e-4 relative
@@ -330,6 +340,61 @@ impl Drop for DevMem {
     }
 }
 
+/// The buffer roles of a plan's slots and which slots fused chains replace.
+struct Layout {
+    /// Per slot: its role for the buffer planner and its bytes (0: no buffer).
+    roles: Vec<(Role, u64)>,
+    /// Slots computed inside a fused chain's kernel: no buffer, no kernel.
+    interior: HashSet<usize>,
+    /// The slots whose kernel is a fused chain's, with the chain's index in `fusion`.
+    fused_root: HashMap<usize, usize>,
+}
+
+/// The roles at `batch` with `eb` bytes per element. A fused chain's root reads the
+/// chain's leaves (so the planner keeps them alive until the root runs); the chain's
+/// other nodes get no buffer.
+fn layout(slots: &[Slot], fusion: &[codegen::fuse::Group], batch: usize, eb: u64) -> Layout {
+    let slot_of: HashMap<NodeId, usize> =
+        slots.iter().enumerate().map(|(i, s)| (s.id, i)).collect();
+    let mut interior = HashSet::new();
+    let mut fused_root = HashMap::new();
+    for (k, gr) in fusion.iter().enumerate() {
+        for n in &gr.nodes[..gr.nodes.len() - 1] {
+            interior.insert(slot_of[n]);
+        }
+        fused_root.insert(slot_of[&gr.root()], k);
+    }
+    let roles = slots
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let role = match &s.kind {
+                Kind::View(o) => Role::View(*o),
+                Kind::Compute(_) if fused_root.contains_key(&i) => Role::Compute(
+                    fusion[fused_root[&i]]
+                        .leaves
+                        .iter()
+                        .map(|l| slot_of[l])
+                        .collect(),
+                ),
+                Kind::Compute(ops) => Role::Compute(ops.clone()),
+                _ => Role::Leaf,
+            };
+            let bytes = if interior.contains(&i) {
+                0
+            } else {
+                s.shape.resolve(batch).iter().product::<usize>() as u64 * eb
+            };
+            (role, bytes)
+        })
+        .collect();
+    Layout {
+        roles,
+        interior,
+        fused_root,
+    }
+}
+
 fn drop_plan(p: BatchPlan) {
     unsafe {
         if let Some((g, e)) = p.graph {
@@ -364,6 +429,8 @@ impl CudaExecutable {
             outputs: Vec::new(),
             params: HashMap::new(),
             plans: Vec::new(),
+            fusion: Vec::new(),
+            slot_of: HashMap::new(),
             profile: std::env::var("EPTC_CUDA_PROFILE").is_ok_and(|v| v != "0"),
             use_graph: std::env::var("EPTC_CUDA_GRAPH").map_or(true, |v| v != "0"),
             tf32: std::env::var("EPTC_CUDA_TF32").is_ok_and(|v| v == "1"),
@@ -453,6 +520,10 @@ impl CudaExecutable {
             .iter()
             .map(|(name, id)| (name.clone(), pos[id]))
             .collect();
+        exe.slot_of = pos;
+        if std::env::var("EPTC_CUDA_FUSE").is_ok_and(|v| v == "1") {
+            exe.fusion = codegen::fuse::elementwise_groups(graph, &order, &live);
+        }
         Ok(exe)
     }
 
@@ -484,18 +555,17 @@ impl CudaExecutable {
     fn make_plan(&mut self, batch: usize) -> Result<BatchPlan> {
         let eb = self.elem_bytes() as u64;
         let numel = |s: &Slot| -> usize { s.shape.resolve(batch).iter().product() };
-        // Buffers.
-        let roles: Vec<(Role, u64)> = self
-            .slots
-            .iter()
-            .map(|s| {
-                let role = match &s.kind {
-                    Kind::View(o) => Role::View(*o),
-                    Kind::Compute(ops) => Role::Compute(ops.clone()),
-                    _ => Role::Leaf,
-                };
-                (role, numel(s) as u64 * eb)
-            })
+        let Layout {
+            roles,
+            interior,
+            fused_root,
+        } = layout(&self.slots, &self.fusion, batch, eb);
+        let leaves_of = |gr: &codegen::fuse::Group| -> Vec<usize> {
+            gr.leaves.iter().map(|l| self.slot_of[l]).collect()
+        };
+        let fused_root: HashMap<usize, &codegen::fuse::Group> = fused_root
+            .into_iter()
+            .map(|(i, g)| (i, &self.fusion[g]))
             .collect();
         let outs: Vec<usize> = self.outputs.iter().map(|o| o.1).collect();
         let bp = plan::plan(&roles, &outs, u64::MAX);
@@ -542,6 +612,7 @@ impl CudaExecutable {
         let mut kernels: Vec<Kernel> = Vec::new();
         let mut pending: Vec<(usize, &'static str, String, PendingAction)> = Vec::new();
         let mut gemms = 0;
+        let mut fused = 0;
         // `attention` as two cuBLAS GEMMs around a softmax kernel (the default), or the
         // generated fused kernel (`EPTC_CUDA_ATTENTION=fused`, or without cuBLAS).
         let attention_gemm = std::env::var("EPTC_CUDA_ATTENTION").map_or(true, |v| v != "fused");
@@ -550,10 +621,20 @@ impl CudaExecutable {
             let Kind::Compute(ops) = &s.kind else {
                 continue;
             };
-            if numel(s) == 0 {
+            if numel(s) == 0 || interior.contains(&i) {
                 continue;
             }
             let out = ptr_of(i);
+            if let Some(gr) = fused_root.get(&i) {
+                let name = format!("n{}_fused", s.id.index());
+                let k =
+                    codegen::fuse::fused_kernel(&self.graph, gr, batch, &name).map_err(other)?;
+                let args: Vec<u64> = leaves_of(gr).into_iter().map(ptr_of).chain([out]).collect();
+                fused += 1;
+                pending.push((i, "fused", name, PendingAction::Kernel(kernels.len(), args)));
+                kernels.push(k);
+                continue;
+            }
             let args: Vec<u64> = ops.iter().map(|&o| ptr_of(o)).chain([out]).collect();
             let node = self.graph.node(s.id);
             if blas && attention_gemm {
@@ -746,6 +827,7 @@ impl CudaExecutable {
             gemms,
             intermediate_bytes: bp.slots.iter().sum(),
             captured: false,
+            fused,
         };
         let mut p = BatchPlan {
             batch,
@@ -1230,6 +1312,188 @@ impl CudaExecutable {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use eptc_ir::reference::{eval_nodes, eval_op, Tensor64};
+    use eptc_ir::{BinaryOp, TensorType, UnaryOp};
+
+    /// The slots `CudaExecutable::new` builds, without a device (no uploads).
+    fn slots_of(g: &Graph) -> (Vec<Slot>, Vec<usize>, HashSet<NodeId>, Vec<NodeId>) {
+        let order = g.topo_order().unwrap();
+        let mut live = HashSet::new();
+        let mut stack: Vec<NodeId> = g.outputs().iter().map(|o| o.1).collect();
+        while let Some(n) = stack.pop() {
+            if live.insert(n) {
+                stack.extend(g.operands(n));
+            }
+        }
+        let mut pos = HashMap::new();
+        let mut slots = Vec::new();
+        for &id in &order {
+            if !live.contains(&id) {
+                continue;
+            }
+            let node = g.node(id);
+            let ops: Vec<usize> = g.operands(id).iter().map(|o| pos[o]).collect();
+            let kind = match &node.op {
+                Op::Input { name } => Kind::Input(name.clone()),
+                Op::Param { name, .. } => Kind::Param(name.clone()),
+                Op::Const { .. } => Kind::Const(None),
+                Op::Reshape { .. } => Kind::View(ops[0]),
+                _ => Kind::Compute(ops),
+            };
+            pos.insert(id, slots.len());
+            slots.push(Slot {
+                id,
+                op: node.op.kind(),
+                shape: node.ty.shape.clone(),
+                kind,
+            });
+        }
+        let outs = g.outputs().iter().map(|o| pos[&o.1]).collect();
+        (slots, outs, live, order)
+    }
+
+    /// Run the plan's steps in order on the CPU with the planner's buffer assignment:
+    /// every value lives in its planned buffer (shared buffers really are shared), a
+    /// fused root computes its chain from the leaves' buffers, and chain interiors run
+    /// nothing. Returns the outputs, to compare with the reference of the whole graph.
+    fn simulate(
+        g: &Graph,
+        fused: bool,
+        values: &HashMap<String, Tensor64>,
+        batch: usize,
+    ) -> Vec<Vec<f64>> {
+        let (slots, outs, live, order) = slots_of(g);
+        let fusion = if fused {
+            codegen::fuse::elementwise_groups(g, &order, &live)
+        } else {
+            Vec::new()
+        };
+        assert!(!fused || !fusion.is_empty(), "the graph has chains to fuse");
+        let lay = layout(&slots, &fusion, batch, 4);
+        let bp = plan::plan(&lay.roles, &outs, u64::MAX);
+        let mut buffers: Vec<Vec<f64>> = bp.slots.iter().map(|_| Vec::new()).collect();
+        let mut leaf: HashMap<usize, Vec<f64>> = HashMap::new();
+        let read =
+            |buffers: &Vec<Vec<f64>>, leaf: &HashMap<usize, Vec<f64>>, i: usize| -> Tensor64 {
+                let shape = slots[i].shape.resolve(batch);
+                let n: usize = shape.iter().product();
+                let data = match bp.loc[i] {
+                    Loc::Slot(k) => buffers[k][..n].to_vec(),
+                    Loc::Leaf(l) => leaf[&l].clone(),
+                    Loc::Empty => vec![0.0; n],
+                };
+                Tensor64 { shape, data }
+            };
+        for (i, s) in slots.iter().enumerate() {
+            let node = g.node(s.id);
+            let want = s.shape.resolve(batch);
+            let value = match &s.kind {
+                Kind::Input(_) | Kind::Param(_) | Kind::Const(_) => {
+                    let t = eval_op(&node.op, &[], &want, values).unwrap();
+                    leaf.insert(i, t.data);
+                    continue;
+                }
+                Kind::View(_) => continue,
+                Kind::Compute(_) if lay.interior.contains(&i) => continue,
+                Kind::Compute(ops) => match lay.fused_root.get(&i) {
+                    Some(&k) => {
+                        let gr = &fusion[k];
+                        let mut env: HashMap<NodeId, Tensor64> = HashMap::new();
+                        for l in &gr.leaves {
+                            env.insert(
+                                *l,
+                                read(
+                                    &buffers,
+                                    &leaf,
+                                    slots.iter().position(|s| s.id == *l).unwrap(),
+                                ),
+                            );
+                        }
+                        for &n in &gr.nodes {
+                            let args: Vec<Tensor64> =
+                                g.operands(n).iter().map(|o| env[o].clone()).collect();
+                            let refs: Vec<&Tensor64> = args.iter().collect();
+                            let t = eval_op(&g.node(n).op, &refs, &want, values).unwrap();
+                            env.insert(n, t);
+                        }
+                        env.remove(&gr.root()).unwrap()
+                    }
+                    None => {
+                        let args: Vec<Tensor64> =
+                            ops.iter().map(|&o| read(&buffers, &leaf, o)).collect();
+                        let refs: Vec<&Tensor64> = args.iter().collect();
+                        eval_op(&node.op, &refs, &want, values).unwrap()
+                    }
+                },
+            };
+            if let Loc::Slot(k) = bp.loc[i] {
+                let b = &mut buffers[k];
+                b.resize(b.len().max(value.data.len()), f64::NAN);
+                b[..value.data.len()].copy_from_slice(&value.data);
+            }
+        }
+        outs.iter()
+            .map(|&o| read(&buffers, &leaf, o).data)
+            .collect()
+    }
+
+    /// A chain whose nodes are far apart in the schedule: `exp(softmax(x)) * softmax(z)`.
+    /// Unless the planner keeps `softmax(x)` alive until the fused root, `softmax(z)`
+    /// takes its buffer and the root reads the wrong values.
+    fn spread_chain() -> Graph {
+        let mut g = Graph::new("spread");
+        let x = g.input("x", TensorType::f32(Shape::batched(&[6, 16])));
+        let z = g.input("z", TensorType::f32(Shape::batched(&[6, 16])));
+        let sx = g.softmax(x, 2).unwrap();
+        let a = g.unary(UnaryOp::Exp, sx).unwrap();
+        let sz = g.softmax(z, 2).unwrap();
+        let sz2 = g.unary(UnaryOp::Neg, sz).unwrap();
+        let sz3 = g.softmax(sz2, 2).unwrap();
+        let b = g.binary(BinaryOp::Mul, a, sz3).unwrap();
+        let c = g.binary(BinaryOp::Sub, b, x).unwrap();
+        g.set_output("y", c);
+        g
+    }
+
+    fn values_for(g: &Graph, batch: usize) -> HashMap<String, Tensor64> {
+        let mut out = HashMap::new();
+        for id in g.node_ids() {
+            let (Op::Input { name } | Op::Param { name, .. }) = &g.node(id).op else {
+                continue;
+            };
+            let shape = g.ty(id).shape.resolve(batch);
+            let n: usize = shape.iter().product();
+            let data = values(n, id.index() as u64 + 7);
+            out.insert(name.clone(), Tensor64 { shape, data });
+        }
+        out
+    }
+
+    #[test]
+    fn fused_plans_compute_what_the_graph_does() {
+        let dir = env!("CARGO_MANIFEST_DIR");
+        let mut graphs = vec![spread_chain()];
+        for f in [
+            "../wgpu/tests/data/tiny_train.eptc",
+            "../../ir-specs/examples/mlp.eptc",
+        ] {
+            let text = std::fs::read_to_string(format!("{dir}/{f}")).unwrap();
+            graphs.push(eptc_ir::text::parse(&text).unwrap());
+        }
+        for g in &graphs {
+            let batch = 3;
+            let vals = values_for(g, batch);
+            let env = eval_nodes(g, &vals).unwrap();
+            for fused in [false, true] {
+                let got = simulate(g, fused, &vals, batch);
+                for ((name, id), got) in g.outputs().iter().zip(&got) {
+                    close(got, &env[id].data);
+                    let _ = name;
+                }
+            }
+        }
+    }
 
     #[test]
     fn batching_merges_contiguous_lead_dims() {

@@ -8,6 +8,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
+use eptc_cuda::codegen::fuse;
 use eptc_cuda::codegen::{
     linear_epilogue, module_source, node_kernels, supported_kinds, CodegenError, Kernel, MAX_ELEMS,
 };
@@ -1257,7 +1258,18 @@ fn prepare(cases: &[Case], dtype: DType) -> Vec<(Vec<Vec<u8>>, Result<Vec<f64>, 
                 let Some(c) = cases.get(i) else { break };
                 let mut bytes = Vec::new();
                 let mut vals = HashMap::new();
-                for (j, &o) in c.one.operands(c.one.outputs()[0].1).iter().enumerate() {
+                // The inputs `x0, x1, ...` in order (the kernel's parameters).
+                let mut ins: Vec<(usize, NodeId)> = c
+                    .one
+                    .node_ids()
+                    .into_iter()
+                    .filter_map(|n| match &c.one.node(n).op {
+                        Op::Input { name } => Some((name[1..].parse().unwrap(), n)),
+                        _ => None,
+                    })
+                    .collect();
+                ins.sort();
+                for (j, &(_, o)) in ins.iter().enumerate() {
                     let shape = c.one.ty(o).shape.resolve(1);
                     let n = shape.iter().product();
                     let v = draw(i as u64 * 31 + j as u64, n, c.special);
@@ -1450,6 +1462,218 @@ fn emulated_kernels_match_the_reference() {
     }
     eprintln!("{} distinct kernels", cases.len());
     let failures = run_cases(&Emulator, &cases, &ALL_DTYPES, &tolerance);
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+// ---- fused element-wise chains ----------------------------------------------------------
+
+fn live_of(g: &Graph) -> std::collections::HashSet<NodeId> {
+    let mut live = std::collections::HashSet::new();
+    let mut stack: Vec<NodeId> = g.outputs().iter().map(|o| o.1).collect();
+    while let Some(n) = stack.pop() {
+        if live.insert(n) {
+            stack.extend(g.operands(n));
+        }
+    }
+    live
+}
+
+fn groups_of(g: &Graph) -> Vec<fuse::Group> {
+    fuse::elementwise_groups(g, &g.topo_order().unwrap(), &live_of(g))
+}
+
+/// The groups' rules hold on every example graph: each node of a group but the root is
+/// element-wise, has the root's shape, is no output, and its only live user is in the
+/// group; no node is in two groups; leaves are not in the group.
+#[test]
+fn fusion_groups_follow_the_rules() {
+    let mut total = BTreeMap::new();
+    for f in TINY.iter().chain(VIT_B16.iter()) {
+        let g = example(f);
+        let live = live_of(&g);
+        let outputs: BTreeSet<NodeId> = g.outputs().iter().map(|o| o.1).collect();
+        let mut seen = BTreeSet::new();
+        for gr in groups_of(&g) {
+            assert!(
+                gr.nodes.len() >= 2 && gr.nodes.len() <= fuse::MAX_NODES,
+                "{f}: {gr:?}"
+            );
+            assert!(gr.leaves.len() <= fuse::MAX_LEAVES, "{f}: {gr:?}");
+            let root = gr.root();
+            for &n in &gr.nodes {
+                assert!(seen.insert(n), "{f}: %{} in two groups", n.index());
+                assert!(matches!(g.node(n).op, Op::Unary(_) | Op::Binary(_)));
+                assert_eq!(g.ty(n).shape, g.ty(root).shape);
+                if n != root {
+                    assert!(!outputs.contains(&n));
+                    let users: Vec<NodeId> = g
+                        .users(n)
+                        .into_iter()
+                        .filter(|u| live.contains(u))
+                        .collect();
+                    assert_eq!(users.len(), 1, "{f}: %{}", n.index());
+                    assert!(gr.nodes.contains(&users[0]));
+                }
+                for o in g.operands(n) {
+                    assert!(gr.nodes.contains(&o) || gr.leaves.contains(&o));
+                }
+            }
+            for l in &gr.leaves {
+                assert!(!gr.nodes.contains(l));
+            }
+            let kinds: Vec<&str> = gr.nodes.iter().map(|&n| g.node(n).op.kind()).collect();
+            *total.entry((*f, kinds.join(">"))).or_insert(0) += 1;
+        }
+    }
+    for ((f, k), n) in &total {
+        eprintln!("{f}: {n} x {k}");
+    }
+    // ViT-B/16 training: dy * gelu'(x) in every layer, and A * (dA - delta) wherever the
+    // graph has it (11 sub nodes of shape [B,12,197,197]).
+    let train = VIT_B16[1];
+    assert!(
+        total
+            .get(&(train, "sub>mul".to_string()))
+            .copied()
+            .unwrap_or(0)
+            >= 11
+    );
+    assert!(
+        total
+            .get(&(train, "gelu_deriv>mul".to_string()))
+            .copied()
+            .unwrap_or(0)
+            >= 12
+    );
+}
+
+/// Hand-made chains: broadcast leaves, a leaf used twice, a node used twice by one user,
+/// an output inside a chain (not fused), a chain longer than the limit.
+fn chain_graphs() -> Vec<Graph> {
+    use BinaryOp::*;
+    let mut out = Vec::new();
+    let mut g = Graph::new("chain_bcast");
+    let x = input(&mut g, "x", batched(&[5, 7]));
+    let r = input(&mut g, "r", batched(&[5, 1]));
+    let c = param(&mut g, "c", fixed(&[7]));
+    let a = g.binary(Sub, x, r).unwrap();
+    let b = g.unary(UnaryOp::Exp, a).unwrap();
+    let m = g.binary(Mul, b, c).unwrap();
+    let d = g.binary(Div, m, x).unwrap();
+    let e = g.binary(Maximum, d, r).unwrap();
+    g.set_output("y", e);
+    out.push(g);
+
+    let mut g = Graph::new("chain_twice");
+    let x = input(&mut g, "x", batched(&[33]));
+    let a = g.unary(UnaryOp::Tanh, x).unwrap();
+    let b = g.binary(Mul, a, a).unwrap();
+    let s = g.unary(UnaryOp::Sigmoid, x).unwrap();
+    let c = g.binary(Add, b, s).unwrap();
+    let d = g.unary(UnaryOp::GeluDeriv, c).unwrap();
+    let e = g.binary(Equal, d, x).unwrap();
+    let f = g.binary(Add, d, e).unwrap();
+    g.set_output("y", f);
+    out.push(g);
+
+    let mut g = Graph::new("chain_output");
+    let x = input(&mut g, "x", batched(&[4, 9]));
+    let a = g.unary(UnaryOp::Relu, x).unwrap();
+    let b = g.unary(UnaryOp::Sqrt, a).unwrap();
+    let c = g.binary(Minimum, b, x).unwrap();
+    let d = g.unary(UnaryOp::Neg, c).unwrap();
+    g.set_output("b", b);
+    g.set_output("y", d);
+    out.push(g);
+
+    let mut g = Graph::new("chain_long");
+    let x = input(&mut g, "x", batched(&[300]));
+    let mut v = x;
+    for i in 0..40 {
+        let u = [UnaryOp::Sigmoid, UnaryOp::Gelu, UnaryOp::Abs, UnaryOp::Log][i % 4];
+        v = g.unary(u, v).unwrap();
+        v = g.binary(Add, v, x).unwrap();
+    }
+    g.set_output("y", v);
+    out.push(g);
+    out
+}
+
+/// The group as a graph of its own: the leaves as fixed-shape inputs `x0, x1, ...`.
+fn group_graph(g: &Graph, gr: &fuse::Group, batch: usize) -> Graph {
+    let mut h = Graph::new("group");
+    let mut map: HashMap<NodeId, NodeId> = HashMap::new();
+    for (j, &l) in gr.leaves.iter().enumerate() {
+        let s = g.ty(l).shape.resolve(batch);
+        map.insert(l, h.input(&format!("x{j}"), TensorType::f32(fixed(&s))));
+    }
+    for &n in &gr.nodes {
+        let ins: Vec<NodeId> = g.operands(n).iter().map(|o| map[o]).collect();
+        let s = g.ty(n).shape.resolve(batch);
+        let y = h
+            .add_typed(g.node(n).op.clone(), &ins, TensorType::f32(fixed(&s)))
+            .unwrap();
+        map.insert(n, y);
+    }
+    h.set_output("y", map[&gr.root()]);
+    h
+}
+
+/// The distinct fused kernels of the hand-made chains (with special values) and of the
+/// tiny and ViT-B/16 graphs, each with its group as a graph.
+fn fused_cases() -> Vec<Case> {
+    let mut cases = Vec::new();
+    let mut graphs: Vec<(Graph, usize, bool)> =
+        chain_graphs().into_iter().map(|g| (g, 3, true)).collect();
+    for f in TINY.iter().chain(VIT_B16.iter()) {
+        graphs.push((example(f), 1, false));
+    }
+    let mut seen = BTreeSet::new();
+    for (i, (g, batch, special)) in graphs.iter().enumerate() {
+        for (j, gr) in groups_of(g).iter().enumerate() {
+            let k = fuse::fused_kernel(g, gr, *batch, &format!("f{i}_{j}")).unwrap();
+            check_entry(&k);
+            if !seen.insert(k.masked_source()) {
+                continue;
+            }
+            cases.push(Case {
+                what: format!("{} group of %{}", g.name, gr.root().index()),
+                kernel: k,
+                one: group_graph(g, gr, *batch),
+                special: *special,
+            });
+        }
+    }
+    cases
+}
+
+/// Every fused kernel on the emulator against the reference of its group, in all three
+/// storage types; the kernels also compile with NVRTC where it is present.
+#[test]
+fn fused_chains_match_the_reference() {
+    let cases = fused_cases();
+    eprintln!("{} distinct fused kernels", cases.len());
+    assert!(cases.len() >= 8);
+    if nvrtc_or_skip() {
+        let refs: Vec<&Kernel> = cases.iter().map(|c| &c.kernel).collect();
+        for dt in ALL_DTYPES {
+            if let Err(log) = nvrtc::compile(&module_source(&refs, dt), "sm_80") {
+                panic!("{dt}: {log}");
+            }
+        }
+    }
+    if !emulator_or_skip() {
+        return;
+    }
+    let failures = run_cases(&Emulator, &cases, &ALL_DTYPES, &tolerance);
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// The same fused kernels on a GPU.
+#[test]
+fn gpu_fused_chains_match_the_reference() {
+    let Some(gpu) = gpu_or_skip() else { return };
+    let failures = run_cases(&gpu, &fused_cases(), &ALL_DTYPES, &tolerance);
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 

@@ -63,17 +63,23 @@ pub fn unary(name: &str, op: UnaryOp, n: usize) -> Result<Kernel, String> {
     })
 }
 
-/// The C expression of `op` on `va`, `vb`. Maximum and minimum ignore a NaN on one side
-/// (as f32::max and f32::min do): `fmaxf`, `fminf`.
-fn binary_expr(op: BinaryOp) -> &'static str {
+/// The C expression of `op` on `va`, `vb`.
+fn binary_expr(op: BinaryOp) -> String {
+    binary_expr_of(op, "va", "vb")
+}
+
+/// The C expression of `op` on `a` and `b` (identifiers or parenthesised f32
+/// expressions). Maximum and minimum ignore a NaN on one side (as f32::max and f32::min
+/// do): `fmaxf`, `fminf`.
+pub fn binary_expr_of(op: BinaryOp, a: &str, b: &str) -> String {
     match op {
-        BinaryOp::Add => "va + vb",
-        BinaryOp::Sub => "va - vb",
-        BinaryOp::Mul => "va * vb",
-        BinaryOp::Div => "va / vb",
-        BinaryOp::Maximum => "fmaxf(va, vb)",
-        BinaryOp::Minimum => "fminf(va, vb)",
-        BinaryOp::Equal => "(va == vb ? 1.0f : 0.0f)",
+        BinaryOp::Add => format!("{a} + {b}"),
+        BinaryOp::Sub => format!("{a} - {b}"),
+        BinaryOp::Mul => format!("{a} * {b}"),
+        BinaryOp::Div => format!("{a} / {b}"),
+        BinaryOp::Maximum => format!("fmaxf({a}, {b})"),
+        BinaryOp::Minimum => format!("fminf({a}, {b})"),
+        BinaryOp::Equal => format!("({a} == {b} ? 1.0f : 0.0f)"),
     }
 }
 
