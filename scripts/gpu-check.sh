@@ -12,7 +12,9 @@
 # 3. the workspace's parity suite (every EPT mode, depth and checkpoint layout against
 #    PyTorch float64 logits) and gradient suite, run on --target cuda (f32; bf16 too
 #    with GPU_SUITE_DTYPES="f32 bf16"), then again with EPTC_CUDA_FUSE=1 (element-wise
-#    chains fused; off by default until this passes on a GPU);
+#    chains fused) and with EPTC_CUDA_ATTENTION=fused (attention as the generated fused
+#    kernels, forward and the flash-style backward); both off by default until they
+#    pass here;
 # 4. benches/gpu_compare.py: ViT-B/16 + EPT parity against PyTorch float64 on the GPU,
 #    and the side-by-side timing against PyTorch eager and torch.compile (bf16);
 # 5. the wgpu backend through Vulkan on the same GPU (ViT-B/16 forward, batch 1 and 64).
@@ -88,6 +90,10 @@ grep -Eo "rel err [0-9.e+-]+" "$out/suite-parity-fused.log" | sort -k3 -g | tail
 EPTC_CUDA_FUSE=1 timeout 60 "$bin/test-training" grad_matches_pytorch --nocapture \
   > "$out/suite-grad-fused.log" 2>&1; echo "exit $?" >> "$out/suite-grad-fused.log"
 grep -E "worst|test result|panicked|relative error|^exit" "$out/suite-grad-fused.log" | head -10
+stamp "== 3c. the gradient suite with the fused attention kernels, backward included (EPTC_CUDA_ATTENTION=fused), f32"
+EPTC_CUDA_ATTENTION=fused timeout 90 "$bin/test-training" grad_matches_pytorch --nocapture \
+  > "$out/suite-grad-fused-attention.log" 2>&1; echo "exit $?" >> "$out/suite-grad-fused-attention.log"
+grep -E "worst|test result|panicked|relative error|^exit" "$out/suite-grad-fused-attention.log" | head -10
 unset EPTC_TEST_DTYPE EPTC_TEST_TARGET
 
 stamp "== 4. ViT-B/16: parity against PyTorch float64 and timing against PyTorch"
@@ -108,6 +114,17 @@ import json, sys; r = json.loads(sys.stdin.read()); d = r.get('device_median_s')
 print(f'  mode={sys.argv[1]:9} {r[\"what\"]:13} b64 bf16: device {d*1e3:.2f} ms, wall {r[\"median_s\"]*1e3:.2f} ms')" $mode
     done
   done 2>&1 | tee "$out/attention-modes.txt"
+  # The training step with the fused attention backward needs an artifact compiled with
+  # it (the training graph then holds attention_lse / attention_grad).
+  EPTC_CUDA_ATTENTION=fused timeout 60 "$bin/eptc" compile /tmp/eptc-gpu/vit_b16_timm.safetensors \
+    --peft ept --prompt-len 100 --num-classes 10 --target cuda --dtype bf16 \
+    -o /tmp/eptc-gpu/art_cuda_bf16_fused >/dev/null 2>>"$out/attention-modes.err" \
+  && for fuse in 0 1; do
+    EPTC_CUDA_ATTENTION=fused EPTC_CUDA_FUSE=$fuse timeout 40 "$bin/eptc" bench /tmp/eptc-gpu/art_cuda_bf16_fused \
+      --batch 64 --iters 10 --warmup 2 --train --json 2>>"$out/attention-modes.err" | python3 -c "
+import json, sys; r = json.loads(sys.stdin.read()); d = r.get('device_median_s') or float('nan')
+print(f'  mode=fused backward, fuse={sys.argv[1]} {r[\"what\"]:13} b64 bf16: device {d*1e3:.2f} ms, wall {r[\"median_s\"]*1e3:.2f} ms')" $fuse
+  done 2>&1 | tee -a "$out/attention-modes.txt"
   EPTC_CUDA_PROFILE=1 timeout 30 "$bin/eptc" bench /tmp/eptc-gpu/art_cuda_bf16 --batch 64 \
     --iters 1 --warmup 1 > "$out/profile.log" 2>&1; echo "exit $?" >> "$out/profile.log"
   grep -A14 "eptc cuda profile" "$out/profile.log" | tail -15

@@ -63,6 +63,20 @@ fn blocks_gradient(op: &Op) -> bool {
 /// linear and a separate `gelu`, so the backward reads the pre-activation instead of
 /// recomputing the matrix product.
 pub fn differentiate(graph: &Graph, loss: &str) -> Result<Graph> {
+    differentiate_with(graph, loss, &Options::default())
+}
+
+/// Choices of the pass.
+#[derive(Clone, Debug, Default)]
+pub struct Options {
+    /// Differentiate `attention` into the fused `attention_lse` and `attention_grad` ops
+    /// (a flash-attention backward, for a backend that has kernels for them) instead of
+    /// matrix products around the recomputed attention matrix (the default).
+    pub fused_attention: bool,
+}
+
+/// [`differentiate`] with options.
+pub fn differentiate_with(graph: &Graph, loss: &str, opts: &Options) -> Result<Graph> {
     let mut g = graph.clone();
     let loss_id = g
         .output(loss)
@@ -123,7 +137,7 @@ pub fn differentiate(graph: &Graph, loss: &str) -> Result<Graph> {
             contributions.entry(operands[0]).or_default().push(piece);
             continue;
         }
-        let grads = vjp::vjp(&mut g, id, dy, &needs)?;
+        let grads = vjp::vjp_with(&mut g, id, dy, &needs, opts)?;
         for ((o, need), gr) in operands.iter().zip(&needs).zip(grads) {
             if let (true, Some(gr)) = (*need, gr) {
                 debug_assert_eq!(g.ty(gr).shape, g.ty(*o).shape);

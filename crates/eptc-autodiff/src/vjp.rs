@@ -6,7 +6,7 @@
 //! next to each other; each is checked against finite differences in f64
 //! (`tests/finite_differences.rs`).
 
-use eptc_ir::{Activation, BinaryOp, Dim, Graph, NodeId, Op, ReduceOp, Shape, UnaryOp};
+use eptc_ir::{Activation, AttnWrt, BinaryOp, Dim, Graph, NodeId, Op, ReduceOp, Shape, UnaryOp};
 
 use crate::{AutodiffError, Result};
 
@@ -15,6 +15,17 @@ type Grads = Vec<Option<NodeId>>;
 /// Gradients of node `id`'s operands given `dy`, the adjoint of its output; `None` where
 /// `needs` is false or the op passes no gradient to that operand.
 pub fn vjp(g: &mut Graph, id: NodeId, dy: NodeId, needs: &[bool]) -> Result<Grads> {
+    vjp_with(g, id, dy, needs, &crate::Options::default())
+}
+
+/// [`vjp`] with the pass's options (the fused attention backward).
+pub fn vjp_with(
+    g: &mut Graph,
+    id: NodeId,
+    dy: NodeId,
+    needs: &[bool],
+    opts: &crate::Options,
+) -> Result<Grads> {
     let op = g.node(id).op.clone();
     let x = g.operands(id);
     let mut out: Grads = match &op {
@@ -53,13 +64,16 @@ pub fn vjp(g: &mut Graph, id: NodeId, dy: NodeId, needs: &[bool]) -> Result<Grad
         Op::Broadcast { .. } => vec![Some(dy)],
         Op::Patchify { patch } => vec![Some(unpatchify(g, dy, x[0], *patch)?)],
         Op::SoftmaxSink => softmax_sink(g, id, x[0], x[1], dy)?,
+        Op::Attention { scale, sink } if opts.fused_attention => {
+            attention_fused(g, id, &x, *scale, *sink, dy, needs)?
+        }
         Op::Attention { scale, sink } => attention(g, id, &x, *scale, *sink, dy, needs)?,
         Op::Linear {
             bias,
             activation,
             residual,
         } => linear(g, &x, *bias, *activation, *residual, dy, needs)?,
-        Op::LayerNormGrad { .. } => {
+        Op::LayerNormGrad { .. } | Op::AttentionLse { .. } | Op::AttentionGrad { .. } => {
             return Err(AutodiffError::Unsupported {
                 op: op.kind().into(),
                 node: id.index(),
@@ -495,6 +509,43 @@ fn attention(
     }
     if sink && needs[3] {
         let w = sink_weight(g, s, x[3])?;
+        let wd = mul(g, w, delta)?;
+        out[3] = Some(un(g, UnaryOp::Neg, wd)?);
+    }
+    Ok(out)
+}
+
+/// The attention's backward as fused ops (a flash-attention backward: no attention
+/// matrix is materialised): `lse = attention_lse(q, k[, z])`, `delta = rowsum(dO * O)`,
+/// `dq`, `dk`, `dv` from `attention_grad`, and the sink's `dz = -exp(z - lse) * delta`
+/// (its weight `exp(z) / D` times `-delta`, DESIGN.md section 1).
+fn attention_fused(
+    g: &mut Graph,
+    o: NodeId,
+    x: &[NodeId],
+    sc: f32,
+    sink: bool,
+    dy: NodeId,
+    needs: &[bool],
+) -> Result<Grads> {
+    let (q, k, v) = (x[0], x[1], x[2]);
+    let mut lse_ops = vec![q, k];
+    if sink {
+        lse_ops.push(x[3]);
+    }
+    let lse = g.add(Op::AttentionLse { scale: sc, sink }, &lse_ops)?;
+    let t = mul(g, dy, o)?;
+    let delta = row_sum(g, t)?;
+    let mut out: Grads = vec![None; x.len()];
+    for (i, wrt) in [AttnWrt::Q, AttnWrt::K, AttnWrt::V].into_iter().enumerate() {
+        if needs[i] {
+            let op = Op::AttentionGrad { scale: sc, wrt };
+            out[i] = Some(g.add(op, &[q, k, v, lse, delta, dy])?);
+        }
+    }
+    if sink && needs[3] {
+        let d = sub(g, x[3], lse)?;
+        let w = un(g, UnaryOp::Exp, d)?;
         let wd = mul(g, w, delta)?;
         out[3] = Some(un(g, UnaryOp::Neg, wd)?);
     }

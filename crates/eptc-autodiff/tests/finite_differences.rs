@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 
-use eptc_autodiff::{differentiate, grad_output, loss};
+use eptc_autodiff::{differentiate, differentiate_with, grad_output, loss, Options};
 use eptc_ir::reference::{eval, Tensor64};
 use eptc_ir::{
     Activation, BinaryOp, Dim, Graph, Init, NodeId, Op, ReduceOp, Shape, TensorType, UnaryOp,
@@ -85,10 +85,46 @@ fn check(mut case: Case, y: NodeId, seed: u64) {
     check_graph(&case.g, "loss", case.positive, &mut rng);
 }
 
+/// Both ways of differentiating attention (matrix products, or the fused
+/// `attention_lse` / `attention_grad` ops) against finite differences.
 fn check_graph(g: &Graph, loss_name: &str, positive: bool, rng: &mut StdRng) {
+    let state = rng.clone();
+    check_graph_with(g, loss_name, positive, rng, &Options::default());
+    let has_attention = g
+        .node_ids()
+        .iter()
+        .any(|&id| matches!(g.node(id).op, Op::Attention { .. }));
+    if has_attention {
+        let mut rng = state;
+        let fused = Options {
+            fused_attention: true,
+        };
+        check_graph_with(g, loss_name, positive, &mut rng, &fused);
+    }
+}
+
+fn check_graph_with(g: &Graph, loss_name: &str, positive: bool, rng: &mut StdRng, opts: &Options) {
     eptc_ir::verify(g).unwrap();
-    let train = differentiate(g, loss_name).unwrap();
+    let train = differentiate_with(g, loss_name, opts).unwrap();
     eptc_ir::verify(&train).unwrap();
+    let fused_nodes = train
+        .node_ids()
+        .iter()
+        .filter(|&&id| {
+            matches!(
+                train.node(id).op,
+                Op::AttentionGrad { .. } | Op::AttentionLse { .. }
+            )
+        })
+        .count();
+    assert_eq!(
+        fused_nodes > 0,
+        opts.fused_attention
+            && g.node_ids()
+                .iter()
+                .any(|&id| matches!(g.node(id).op, Op::Attention { .. })),
+        "fused attention backward nodes: {fused_nodes}"
+    );
     let mut values: HashMap<String, Tensor64> = HashMap::new();
     for id in g.node_ids() {
         let (name, pos) = match &g.node(id).op {

@@ -6,6 +6,8 @@
 //! |---|---|
 //! | `softmax_sink(s, z)` | `slice(softmax(concat([broadcast(z), s], -1), -1), -1, 1..1+M)`: EPT's concat / softmax / slice with one prompt column |
 //! | `attention(q, k, v[, z])` | `matmul(q, k, transpose_b)` → `mul` by `const [scale]` → `softmax` (or the `softmax_sink` decomposition with `z`) → `matmul(·, v)` |
+//! | `attention_lse(q, k[, z])` | `reduce_logsumexp(concat([broadcast(z), scale · q kᵀ], -1), -1, keepdim)` (no concat without `z`) |
+//! | `attention_grad(q, k, v, lse, delta, dO)` | `P = exp(scale · q kᵀ − lse)`; wrt v `Pᵀ dO`; else `dS = scale · P ∘ (dO vᵀ − delta)`, wrt q `dS k`, wrt k `dSᵀ q` |
 //! | `linear(x, w[, b][, r])` | `matmul(x, w, transpose_b)` → `add b` → `gelu` → `add r` (each step only when present; a vector `x` is reshaped to `[1, K]` for the matmul and back) |
 //!
 //! New nodes carry the fused node's tag.
@@ -165,7 +167,92 @@ impl Emit<'_> {
                 Ok(y)
             }
             Op::LayerNormGrad { eps } => self.layernorm_grad(ops[0], ops[1], ops[2], eps),
+            Op::AttentionLse { scale, sink } => {
+                let s = self.scores(ops[0], ops[1], scale)?;
+                let last = self.shape(s).rank() - 1;
+                let s = match sink {
+                    true => {
+                        let mut rows = self.shape(s).0;
+                        rows[last] = Dim::Fixed(1);
+                        let rows = Shape(rows);
+                        let zb = if self.shape(ops[2]) == rows {
+                            ops[2]
+                        } else {
+                            self.add(Op::Broadcast { shape: rows }, &[ops[2]])?
+                        };
+                        self.add(Op::Concat { axis: last }, &[zb, s])?
+                    }
+                    false => s,
+                };
+                let lse = self.add(
+                    Op::Reduce {
+                        op: ReduceOp::LogSumExp,
+                        axes: vec![last],
+                        keepdim: true,
+                    },
+                    &[s],
+                )?;
+                self.fit(lse, ty)
+            }
+            Op::AttentionGrad { scale, wrt } => {
+                let (q, k, v, lse, delta, dout) = (ops[0], ops[1], ops[2], ops[3], ops[4], ops[5]);
+                let mm = |ta, tb| Op::MatMul {
+                    transpose_a: ta,
+                    transpose_b: tb,
+                };
+                let s = self.scores(q, k, scale)?;
+                let t = self.add(Op::Binary(BinaryOp::Sub), &[s, lse])?;
+                let p = self.add(Op::Unary(UnaryOp::Exp), &[t])?;
+                let out = if wrt == crate::op::AttnWrt::V {
+                    self.add(mm(true, false), &[p, dout])?
+                } else {
+                    let dp = self.add(mm(false, true), &[dout, v])?;
+                    let d = self.add(Op::Binary(BinaryOp::Sub), &[dp, delta])?;
+                    let ds = self.add(Op::Binary(BinaryOp::Mul), &[p, d])?;
+                    let ds = self.scaled(ds, scale)?;
+                    match wrt {
+                        crate::op::AttnWrt::Q => self.add(mm(false, false), &[ds, k])?,
+                        _ => self.add(mm(true, false), &[ds, q])?,
+                    }
+                };
+                self.fit(out, ty)
+            }
             _ => Err(IrError::Invalid(format!("{} is not fused", op.kind()))),
+        }
+    }
+
+    /// `scale * q k^T` (no multiply for a scale of 1).
+    fn scores(&mut self, q: NodeId, k: NodeId, scale: f32) -> Result<NodeId> {
+        let s = self.add(
+            Op::MatMul {
+                transpose_a: false,
+                transpose_b: true,
+            },
+            &[q, k],
+        )?;
+        self.scaled(s, scale)
+    }
+
+    fn scaled(&mut self, x: NodeId, scale: f32) -> Result<NodeId> {
+        if scale == 1.0 {
+            return Ok(x);
+        }
+        let c = self.add_const(scale, x)?;
+        self.add(Op::Binary(BinaryOp::Mul), &[x, c])
+    }
+
+    /// `x` broadcast to the declared type's shape where an operand that did not take
+    /// part (v's leading axes for the gradient wrt v, say) widens it.
+    fn fit(&mut self, x: NodeId, ty: &TensorType) -> Result<NodeId> {
+        if self.shape(x) == ty.shape {
+            Ok(x)
+        } else {
+            self.add(
+                Op::Broadcast {
+                    shape: ty.shape.clone(),
+                },
+                &[x],
+            )
         }
     }
 

@@ -324,6 +324,75 @@ pub fn infer(op: &Op, operands: &[&TensorType]) -> Result<TensorType, String> {
             out.extend([n, e]);
             Shape(out)
         }
+        Op::AttentionLse { scale, sink } => {
+            if !scale.is_finite() {
+                return Err(format!("attention_lse scale must be finite, got {scale}"));
+            }
+            let (q, k) = (x, &operands[1].shape);
+            if q.rank() < 2 || k.rank() < 2 {
+                return Err(format!("attention_lse needs rank >= 2, got q {q}, k {k}"));
+            }
+            let (n, d) = (q.0[q.rank() - 2], q.0[q.rank() - 1]);
+            if d != k.0[k.rank() - 1] {
+                return Err(format!(
+                    "attention_lse q and k feature dims differ: q {q}, k {k}"
+                ));
+            }
+            let lead = |s: &Shape| Shape(s.0[..s.rank() - 2].to_vec());
+            let mut rows = broadcast_shapes(&lead(q), &lead(k))?.0;
+            rows.extend([n, Dim::Fixed(1)]);
+            let rows = Shape(rows);
+            if *sink {
+                let z = &operands[2].shape;
+                if !broadcasts_to(z, &rows) {
+                    return Err(format!(
+                        "attention_lse sink z {z} does not broadcast to {rows}"
+                    ));
+                }
+            }
+            rows
+        }
+        Op::AttentionGrad { scale, wrt } => {
+            if !scale.is_finite() {
+                return Err(format!("attention_grad scale must be finite, got {scale}"));
+            }
+            let names = ["q", "k", "v", "lse", "delta", "dO"];
+            for (o, name) in operands.iter().zip(names) {
+                if o.shape.rank() < 2 {
+                    return Err(format!(
+                        "attention_grad needs rank >= 2, got {name} {}",
+                        o.shape
+                    ));
+                }
+            }
+            let last2 = |s: &Shape| (s.0[s.rank() - 2], s.0[s.rank() - 1]);
+            let lead = |s: &Shape| Shape(s.0[..s.rank() - 2].to_vec());
+            let sh: Vec<&Shape> = operands.iter().map(|o| &o.shape).collect();
+            let ((n, d), (m, dk), (mv, e)) = (last2(sh[0]), last2(sh[1]), last2(sh[2]));
+            let one = Dim::Fixed(1);
+            let fits = d == dk
+                && m == mv
+                && last2(sh[3]) == (n, one)
+                && last2(sh[4]) == (n, one)
+                && last2(sh[5]) == (n, e);
+            if !fits {
+                return Err(format!(
+                    "attention_grad shapes do not fit: q {} [n, d], k {} [m, d], v {} [m, e], lse {} and delta {} [n, 1], dO {} [n, e]",
+                    sh[0], sh[1], sh[2], sh[3], sh[4], sh[5]
+                ));
+            }
+            let mut l = lead(sh[0]);
+            for s in &sh[1..] {
+                l = broadcast_shapes(&l, &lead(s))?;
+            }
+            let mut out = l.0;
+            out.extend(match wrt {
+                crate::op::AttnWrt::Q => [n, d],
+                crate::op::AttnWrt::K => [m, d],
+                crate::op::AttnWrt::V => [m, e],
+            });
+            Shape(out)
+        }
         Op::Linear { bias, residual, .. } => {
             let w = &operands[1].shape;
             let kx = *x.0.last().ok_or("linear of a scalar x")?;

@@ -21,7 +21,7 @@ pub mod weights;
 pub use decompose::{decompose, lower_unsupported};
 pub use error::{IrError, Result};
 pub use graph::{Graph, Node, NodeId};
-pub use op::{Activation, BinaryOp, Init, Op, ReduceOp, UnaryOp};
+pub use op::{Activation, AttnWrt, BinaryOp, Init, Op, ReduceOp, UnaryOp};
 pub use types::{DType, Dim, Shape, TensorType};
 pub use verify::verify;
 pub use weights::{HostTensor, WeightStore};

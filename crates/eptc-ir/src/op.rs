@@ -74,6 +74,31 @@ impl Activation {
     }
 }
 
+/// The operand whose gradient an `attention_grad` node computes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum AttnWrt {
+    Q,
+    K,
+    V,
+}
+
+impl AttnWrt {
+    pub const ALL: [AttnWrt; 3] = [AttnWrt::Q, AttnWrt::K, AttnWrt::V];
+
+    /// The name in the text format (`wrt=q`).
+    pub fn name(self) -> &'static str {
+        match self {
+            AttnWrt::Q => "q",
+            AttnWrt::K => "k",
+            AttnWrt::V => "v",
+        }
+    }
+
+    pub fn from_name(s: &str) -> Option<Self> {
+        AttnWrt::ALL.into_iter().find(|a| a.name() == s)
+    }
+}
+
 /// How a parameter gets its initial value.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Init {
@@ -271,6 +296,28 @@ pub enum Op {
     LayerNormGrad {
         eps: f32,
     },
+    /// `attention_lse(q, k[, z])`: per query row, the log of the normaliser of
+    /// `attention(q, k, v[, z])`: `lse_i = log(sum_j exp(scale q_i . k_j) + exp(z_i))`
+    /// (without the `z` term when `!sink`), shape `[.., n, 1]` with the leading axes of
+    /// the operands broadcast. Made by the autodiff pass for a fused attention backward:
+    /// the probabilities are `P_ij = exp(scale q_i . k_j - lse_i)`, the sink's weight
+    /// `exp(z_i - lse_i)`.
+    AttentionLse {
+        scale: f32,
+        sink: bool,
+    },
+    /// `attention_grad(q, k, v, lse, delta, dO)`: the gradient of `attention` with respect
+    /// to one of q, k, v (`wrt`), given the output's gradient `dO` `[.., n, e]`, the row
+    /// normaliser `lse` (`attention_lse`, sink included) and `delta = rowsum(dO * O)`,
+    /// both `[.., n, 1]`. With `P_ij = exp(scale q_i . k_j - lse_i)` and
+    /// `dS_ij = P_ij (dO_i . v_j - delta_i)`: wrt q `scale dS k` `[.., n, d]`; wrt k
+    /// `scale dS^T q` `[.., m, d]`; wrt v `P^T dO` `[.., m, e]`; the leading axes of all
+    /// operands broadcast. A sink enters only through `lse`. Made by the autodiff pass
+    /// (the flash-attention backward, DESIGN.md section 1).
+    AttentionGrad {
+        scale: f32,
+        wrt: AttnWrt,
+    },
 }
 
 impl Op {
@@ -296,6 +343,8 @@ impl Op {
             Op::Attention { .. } => "attention",
             Op::Linear { .. } => "linear",
             Op::LayerNormGrad { .. } => "layernorm_grad",
+            Op::AttentionLse { .. } => "attention_lse",
+            Op::AttentionGrad { .. } => "attention_grad",
         }
     }
 
@@ -303,13 +352,25 @@ impl Op {
     pub fn is_fused(&self) -> bool {
         matches!(
             self,
-            Op::SoftmaxSink | Op::Attention { .. } | Op::Linear { .. } | Op::LayerNormGrad { .. }
+            Op::SoftmaxSink
+                | Op::Attention { .. }
+                | Op::Linear { .. }
+                | Op::LayerNormGrad { .. }
+                | Op::AttentionLse { .. }
+                | Op::AttentionGrad { .. }
         )
     }
 
     /// The names of the fused ops, in a fixed order (the tail of [`Op::all_kinds`]).
     pub fn fused_kinds() -> Vec<&'static str> {
-        vec!["softmax_sink", "attention", "linear", "layernorm_grad"]
+        vec![
+            "softmax_sink",
+            "attention",
+            "linear",
+            "layernorm_grad",
+            "attention_lse",
+            "attention_grad",
+        ]
     }
 
     /// Every op name the IR knows, in a fixed order: primitives, then the fused ops.
@@ -347,6 +408,8 @@ impl Op {
             | Op::Broadcast { .. } => Some(1),
             Op::MatMul { .. } | Op::Binary(_) | Op::SoftmaxSink => Some(2),
             Op::Attention { sink, .. } => Some(3 + usize::from(*sink)),
+            Op::AttentionLse { sink, .. } => Some(2 + usize::from(*sink)),
+            Op::AttentionGrad { .. } => Some(6),
             Op::Linear { bias, residual, .. } => {
                 Some(2 + usize::from(*bias) + usize::from(*residual))
             }

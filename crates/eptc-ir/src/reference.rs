@@ -795,6 +795,10 @@ pub fn eval_op(
             sink.then(|| args[3]),
             f64::from(*scale),
         )?,
+        Op::AttentionLse { scale, sink } => {
+            attention_lse(args[0], args[1], sink.then(|| args[2]), f64::from(*scale))?
+        }
+        Op::AttentionGrad { scale, wrt } => attention_grad(args, f64::from(*scale), *wrt)?,
         Op::Linear {
             bias,
             activation,
@@ -1068,6 +1072,137 @@ fn attention(
     Ok(Tensor64::new(with(n, e), out))
 }
 
+/// `log(sum_j exp(scale q_i . k_j) + exp(z_i))` per row, by its definition (stably).
+fn attention_lse(
+    q: &Tensor64,
+    k: &Tensor64,
+    z: Option<&Tensor64>,
+    scale: f64,
+) -> Result<Tensor64, String> {
+    let (rq, rk) = (q.shape.len(), k.shape.len());
+    if rq < 2 || rk < 2 || q.shape[rq - 1] != k.shape[rk - 1] {
+        return Err(format!(
+            "attention_lse shapes q {:?}, k {:?} do not fit",
+            q.shape, k.shape
+        ));
+    }
+    let (n, d, m) = (q.shape[rq - 2], q.shape[rq - 1], k.shape[rk - 2]);
+    let lead = broadcast_shape(&q.shape[..rq - 2], &k.shape[..rk - 2])?;
+    let with = |x: usize, y: usize| {
+        let mut s = lead.clone();
+        s.extend([x, y]);
+        s
+    };
+    let qv = broadcast_to(q, &with(n, d))?;
+    let kv = broadcast_to(k, &with(m, d))?;
+    let zv = z.map(|z| broadcast_to(z, &with(n, 1))).transpose()?;
+    let mut out = Vec::with_capacity(numel(&lead) * n);
+    for l in 0..numel(&lead) {
+        for i in 0..n {
+            let row = (0..m).map(|j| {
+                scale
+                    * (0..d)
+                        .map(|p| qv[(l * n + i) * d + p] * kv[(l * m + j) * d + p])
+                        .sum::<f64>()
+            });
+            let xs: Vec<f64> = row.chain(zv.as_ref().map(|z| z[l * n + i])).collect();
+            let mx = max_nan(xs.iter().copied());
+            // All terms -inf (or none): log 0 = -inf; +inf and NaN propagate.
+            out.push(if !mx.is_finite() {
+                mx
+            } else {
+                mx + xs.iter().map(|&x| (x - mx).exp()).sum::<f64>().ln()
+            });
+        }
+    }
+    Ok(Tensor64::new(with(n, 1), out))
+}
+
+/// One operand's gradient of attention, by the definition in `Op::AttentionGrad`.
+fn attention_grad(
+    args: &[&Tensor64],
+    scale: f64,
+    wrt: crate::op::AttnWrt,
+) -> Result<Tensor64, String> {
+    let [q, k, v, lse, delta, dout] = args else {
+        return Err(format!(
+            "attention_grad takes 6 operands, got {}",
+            args.len()
+        ));
+    };
+    let last2 = |t: &Tensor64| {
+        let r = t.shape.len();
+        (t.shape[r - 2], t.shape[r - 1])
+    };
+    if args.iter().any(|t| t.shape.len() < 2) {
+        return Err("attention_grad needs rank >= 2".into());
+    }
+    let ((n, d), (m, dk), (mv, e)) = (last2(q), last2(k), last2(v));
+    if d != dk || m != mv || last2(lse) != (n, 1) || last2(delta) != (n, 1) || last2(dout) != (n, e)
+    {
+        return Err(format!(
+            "attention_grad shapes do not fit: q {:?}, k {:?}, v {:?}, lse {:?}, delta {:?}, dO {:?}",
+            q.shape, k.shape, v.shape, lse.shape, delta.shape, dout.shape
+        ));
+    }
+    let mut lead: Vec<usize> = Vec::new();
+    for t in args {
+        lead = broadcast_shape(&lead, &t.shape[..t.shape.len() - 2])?;
+    }
+    let with = |x: usize, y: usize| {
+        let mut s = lead.clone();
+        s.extend([x, y]);
+        s
+    };
+    let qv = broadcast_to(q, &with(n, d))?;
+    let kv = broadcast_to(k, &with(m, d))?;
+    let vv = broadcast_to(v, &with(m, e))?;
+    let lv = broadcast_to(lse, &with(n, 1))?;
+    let dv = broadcast_to(delta, &with(n, 1))?;
+    let ov = broadcast_to(dout, &with(n, e))?;
+    let (rows, cols) = match wrt {
+        crate::op::AttnWrt::Q => (n, d),
+        crate::op::AttnWrt::K => (m, d),
+        crate::op::AttnWrt::V => (m, e),
+    };
+    let mut out = vec![0.0; numel(&lead) * rows * cols];
+    for l in 0..numel(&lead) {
+        for i in 0..n {
+            for j in 0..m {
+                let s: f64 = scale
+                    * (0..d)
+                        .map(|p| qv[(l * n + i) * d + p] * kv[(l * m + j) * d + p])
+                        .sum::<f64>();
+                let p = (s - lv[l * n + i]).exp();
+                let o = &mut out[l * rows * cols..(l + 1) * rows * cols];
+                match wrt {
+                    crate::op::AttnWrt::V => {
+                        for c in 0..e {
+                            o[j * e + c] += p * ov[(l * n + i) * e + c];
+                        }
+                    }
+                    crate::op::AttnWrt::Q | crate::op::AttnWrt::K => {
+                        let dp: f64 = (0..e)
+                            .map(|c| ov[(l * n + i) * e + c] * vv[(l * m + j) * e + c])
+                            .sum();
+                        let ds = scale * p * (dp - dv[l * n + i]);
+                        if wrt == crate::op::AttnWrt::Q {
+                            for c in 0..d {
+                                o[i * d + c] += ds * kv[(l * m + j) * d + c];
+                            }
+                        } else {
+                            for c in 0..d {
+                                o[j * d + c] += ds * qv[(l * n + i) * d + c];
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    Ok(Tensor64::new(with(rows, cols), out))
+}
+
 /// `act(x w^T + b) + r` by its definition.
 fn linear(
     x: &Tensor64,
@@ -1329,6 +1464,38 @@ mod tests {
         g.set_output("ss", ss);
         g.set_output("a2", a2);
         g.set_output("l", l);
+        // The fused attention backward (k broadcast over the leading axes).
+        let lse = g
+            .add(
+                Op::AttentionLse {
+                    scale: 0.3,
+                    sink: true,
+                },
+                &[q, k, z],
+            )
+            .unwrap();
+        let lse2 = g
+            .add(
+                Op::AttentionLse {
+                    scale: 0.7,
+                    sink: false,
+                },
+                &[q, k],
+            )
+            .unwrap();
+        let dl = g.input("dl", TensorType::f32(Shape::batched(&[2, 3, 1])));
+        let dout = g.input("do", TensorType::f32(Shape::batched(&[2, 3, 6])));
+        g.set_output("lse", lse);
+        g.set_output("lse2", lse2);
+        for wrt in crate::op::AttnWrt::ALL {
+            let gr = g
+                .add(
+                    Op::AttentionGrad { scale: 0.3, wrt },
+                    &[q, k, v, lse, dl, dout],
+                )
+                .unwrap();
+            g.set_output(&format!("grad_{}", wrt.name()), gr);
+        }
         let mut seed = 1u64;
         let mut rand = |shape: Vec<usize>| {
             let n = numel(&shape);
@@ -1351,12 +1518,14 @@ mod tests {
             ("w", rand(vec![7, 6])),
             ("b", rand(vec![7])),
             ("r", rand(vec![2, 2, 3, 7])),
+            ("dl", rand(vec![2, 2, 3, 1])),
+            ("do", rand(vec![2, 2, 3, 6])),
         ]);
         let fused = eval(&g, &values).unwrap();
         let mut d = g.clone();
         assert_eq!(
             crate::decompose::lower_unsupported(&mut d, &|_| false).unwrap(),
-            4
+            9
         );
         let prim = eval(&d, &values).unwrap();
         for ((n, a), (_, b)) in fused.iter().zip(&prim) {

@@ -120,11 +120,14 @@ pub fn print(g: &Graph) -> Result<String> {
             Op::Slice { axis, start, end } => {
                 head.push(format!("axis={axis} start={start} end={end}"))
             }
-            Op::Attention { scale, sink } => {
+            Op::Attention { scale, sink } | Op::AttentionLse { scale, sink } => {
                 head.push(format!("scale={}", float(*scale)));
                 if *sink {
                     head.push("sink".into());
                 }
+            }
+            Op::AttentionGrad { scale, wrt } => {
+                head.push(format!("scale={} wrt={}", float(*scale), wrt.name()));
             }
             Op::Linear {
                 bias,
@@ -406,7 +409,8 @@ pub fn parse(text: &str) -> Result<Graph> {
             "layernorm" | "layernorm_grad" => (&[], &["eps"]),
             "permute" => (&[], &["perm"]),
             "slice" => (&[], &["axis", "start", "end"]),
-            "attention" => (&["sink"], &["scale"]),
+            "attention" | "attention_lse" => (&["sink"], &["scale"]),
+            "attention_grad" => (&[], &["scale", "wrt"]),
             "linear" => (&["bias", "residual"], &["act"]),
             k if k.starts_with("reduce_") => (&["keepdim"], &["axes"]),
             _ => (&[], &[]),
@@ -453,6 +457,7 @@ pub fn parse(text: &str) -> Result<Graph> {
         let mut lists: HashMap<String, Vec<usize>> = HashMap::new();
         let mut floats: HashMap<String, f32> = HashMap::new();
         let mut act = None;
+        let mut wrt = None;
         while !c.eat(":") {
             if c.at_end() {
                 return c.err("expected `: type`");
@@ -469,6 +474,7 @@ pub fn parse(text: &str) -> Result<Graph> {
                 || lists.contains_key(&key)
                 || floats.contains_key(&key)
                 || (key == "act" && act.is_some())
+                || (key == "wrt" && wrt.is_some())
             {
                 return c.err(format!("attribute {key:?} given twice"));
             }
@@ -488,6 +494,13 @@ pub fn parse(text: &str) -> Result<Graph> {
                     "eps" | "scale" => {
                         let v = c.f32()?;
                         floats.insert(key, v);
+                    }
+                    "wrt" => {
+                        let w = c.word()?;
+                        wrt = Some(crate::op::AttnWrt::from_name(w).map_or_else(
+                            || c.err(format!("unknown operand {w:?} (q, k or v)")),
+                            Ok,
+                        )?);
                     }
                     "act" => {
                         let w = c.word()?;
@@ -583,6 +596,14 @@ pub fn parse(text: &str) -> Result<Graph> {
                 "attention" => Op::Attention {
                     scale: need_f32(&c, "scale")?,
                     sink: flag("sink"),
+                },
+                "attention_lse" => Op::AttentionLse {
+                    scale: need_f32(&c, "scale")?,
+                    sink: flag("sink"),
+                },
+                "attention_grad" => Op::AttentionGrad {
+                    scale: need_f32(&c, "scale")?,
+                    wrt: wrt.map_or_else(|| c.err("attention_grad needs wrt="), Ok)?,
                 },
                 "linear" => Op::Linear {
                     bias: flag("bias"),

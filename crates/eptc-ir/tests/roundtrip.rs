@@ -5,8 +5,8 @@ use std::collections::BTreeSet;
 
 use eptc_ir::text::{parse, print};
 use eptc_ir::{
-    lower_unsupported, verify, Activation, BinaryOp, DType, Dim, Graph, Init, NodeId, Op, ReduceOp,
-    Shape, TensorType, UnaryOp,
+    lower_unsupported, verify, Activation, AttnWrt, BinaryOp, DType, Dim, Graph, Init, NodeId, Op,
+    ReduceOp, Shape, TensorType, UnaryOp,
 };
 use rand::rngs::StdRng;
 use rand::seq::{IndexedRandom, SliceRandom};
@@ -615,6 +615,54 @@ impl Gen {
                 let dy = self.leaf(dx);
                 let eps = self.rng.random_range(0.0..1e-3);
                 self.add(Op::LayerNormGrad { eps }, &[x, gamma, dy])
+            }
+            "attention_lse" | "attention_grad" => {
+                let q = self.pick(
+                    |d| (2..=MAX_RANK).contains(&d.len()),
+                    |s| {
+                        let r = s.rng.random_range(2..=4);
+                        s.shape(r, true)
+                    },
+                );
+                let dq = self.dims(q);
+                let r = dq.len();
+                let (lead, n, d) = (dq[..r - 2].to_vec(), dq[r - 2], dq[r - 1]);
+                let m = Dim::Fixed(self.dim());
+                let mut kd = self.broadcastable(&lead);
+                kd.extend([m, d]);
+                let k = self.leaf(kd);
+                let scale = self.finite();
+                if kind == "attention_lse" {
+                    let sink = self.rng.random_bool(0.6);
+                    let mut ops = vec![q, k];
+                    if sink {
+                        let mut rows = lead.clone();
+                        rows.extend([n, Dim::Fixed(1)]);
+                        let zd = self.broadcastable(&rows);
+                        ops.push(self.leaf(zd));
+                    }
+                    return self.add(Op::AttentionLse { scale, sink }, &ops);
+                }
+                let e = Dim::Fixed(self.dim());
+                let with = |s: &mut Self, a: Dim, b: Dim| {
+                    let mut v = s.broadcastable(&lead);
+                    v.extend([a, b]);
+                    v
+                };
+                let vd = with(self, m, e);
+                let ld = with(self, n, Dim::Fixed(1));
+                let dd = with(self, n, Dim::Fixed(1));
+                let od = with(self, n, e);
+                let ops = vec![
+                    q,
+                    k,
+                    self.leaf(vd),
+                    self.leaf(ld),
+                    self.leaf(dd),
+                    self.leaf(od),
+                ];
+                let wrt = *AttnWrt::ALL.choose(&mut self.rng).unwrap();
+                self.add(Op::AttentionGrad { scale, wrt }, &ops)
             }
             k => panic!("the generator does not know op {k:?}: teach it"),
         }

@@ -4,7 +4,7 @@
 use eptc_ir::infer::{broadcast_shapes, broadcasts_to, infer};
 use eptc_ir::text::{parse, print};
 use eptc_ir::{
-    verify, Activation, BinaryOp, DType, Dim, Graph, Init, IrError, Op, ReduceOp, Shape,
+    verify, Activation, AttnWrt, BinaryOp, DType, Dim, Graph, Init, IrError, Op, ReduceOp, Shape,
     TensorType, UnaryOp,
 };
 
@@ -641,10 +641,81 @@ fn activation_names() {
 }
 
 #[test]
+fn attention_backward() {
+    let lse = |sink| Op::AttentionLse { scale: 0.25, sink };
+    let grad = |wrt| Op::AttentionGrad { scale: 0.25, wrt };
+    let (q, k) = (tb(&[3, 17, 16]), tf(&[19, 16]));
+    assert_eq!(ok(lse(false), &[q.clone(), k.clone()]), tb(&[3, 17, 1]));
+    assert_eq!(
+        ok(lse(true), &[q.clone(), k.clone(), tf(&[17, 1])]),
+        tb(&[3, 17, 1])
+    );
+    err(lse(false), &[q.clone(), tf(&[19, 15])], "feature dims");
+    err(
+        lse(true),
+        &[q.clone(), k.clone(), tf(&[18, 1])],
+        "does not broadcast",
+    );
+    err(
+        Op::AttentionLse {
+            scale: f32::NAN,
+            sink: false,
+        },
+        &[q.clone(), k.clone()],
+        "finite",
+    );
+    let v = tb(&[1, 19, 8]);
+    let rows = tb(&[3, 17, 1]);
+    let dout = tb(&[3, 17, 8]);
+    let ops = [
+        q.clone(),
+        k.clone(),
+        v.clone(),
+        rows.clone(),
+        rows.clone(),
+        dout.clone(),
+    ];
+    assert_eq!(ok(grad(AttnWrt::Q), &ops), tb(&[3, 17, 16]));
+    assert_eq!(ok(grad(AttnWrt::K), &ops), tb(&[3, 19, 16]));
+    assert_eq!(ok(grad(AttnWrt::V), &ops), tb(&[3, 19, 8]));
+    // The leading axes of all six broadcast (here only dO has the 2).
+    let wide = [
+        q.clone(),
+        k.clone(),
+        v.clone(),
+        rows.clone(),
+        rows.clone(),
+        tf(&[2, 1, 3, 17, 8]),
+    ];
+    assert_eq!(
+        ok(grad(AttnWrt::K), &wide),
+        t(&[f(2), B, f(3), f(19), f(16)])
+    );
+    let mut bad = ops.clone();
+    bad[3] = tb(&[3, 17, 2]);
+    err(grad(AttnWrt::Q), &bad, "do not fit");
+    let mut bad = ops.clone();
+    bad[5] = tb(&[3, 17, 9]);
+    err(grad(AttnWrt::V), &bad, "do not fit");
+    err(grad(AttnWrt::Q), &ops[..5], "operand");
+    for w in AttnWrt::ALL {
+        assert_eq!(AttnWrt::from_name(w.name()), Some(w));
+    }
+    assert_eq!(AttnWrt::from_name("z"), None);
+}
+
+#[test]
 fn fused_kinds() {
     assert_eq!(
         Op::fused_kinds(),
-        vec!["softmax_sink", "attention", "linear", "layernorm_grad"]
+        vec![
+            "softmax_sink",
+            "attention",
+            "linear",
+            "layernorm_grad",
+            "attention_lse",
+            "attention_grad"
+        ]
     );
     let all = Op::all_kinds();
     for k in Op::fused_kinds() {

@@ -55,6 +55,30 @@ pub fn op_cost(op: &Op, ins: &[&TensorType], out: &TensorType) -> f64 {
             let rows = n_out / e;
             2.0 * rows * m * (d + e) + 5.0 * rows * m
         }
+        Op::AttentionLse { .. } => {
+            // One product of N x M scores and their log-sum-exp.
+            let (q, k) = (ins[0].shape.dims(), ins[1].shape.dims());
+            let d = q[q.len() - 1].resolve(1) as f64;
+            let m = k[k.len() - 2].resolve(1) as f64;
+            n_out * m * (2.0 * d + 5.0)
+        }
+        Op::AttentionGrad { .. } => {
+            // The scores, the probabilities, dO v^T and one more product, all N x M.
+            let (q, k, v) = (
+                ins[0].shape.dims(),
+                ins[1].shape.dims(),
+                ins[2].shape.dims(),
+            );
+            let n = q[q.len() - 2].resolve(1) as f64;
+            let d = q[q.len() - 1].resolve(1) as f64;
+            let m = k[k.len() - 2].resolve(1) as f64;
+            let e = v[v.len() - 1].resolve(1) as f64;
+            let entries: f64 = q[..q.len() - 2]
+                .iter()
+                .map(|x| x.resolve(1) as f64)
+                .product();
+            entries * n * m * (2.0 * d + 4.0 * e + 10.0)
+        }
         Op::Softmax { .. } | Op::SoftmaxSink => 5.0 * n_out,
         Op::LayerNorm { .. } => 8.0 * n_out,
         Op::LayerNormGrad { .. } => 12.0 * n_out,

@@ -94,7 +94,8 @@ pub fn encode(op: &Op) -> (&'static str, Vec<String>) {
         Op::Slice { axis, start, end } => {
             vec![axis.to_string(), start.to_string(), end.to_string()]
         }
-        Op::Attention { scale, .. } => vec![float_attr(*scale)],
+        Op::Attention { scale, .. } | Op::AttentionLse { scale, .. } => vec![float_attr(*scale)],
+        Op::AttentionGrad { scale, wrt } => vec![float_attr(*scale), format!("w:{}", wrt.name())],
         Op::Linear {
             bias,
             activation,
@@ -117,8 +118,8 @@ pub fn leaf_symbol(eg: &Graph, id: Id) -> Option<Symbol> {
 pub fn attr_count(op: &str) -> usize {
     match op {
         "patchify" | "softmax" | "concat" | "layernorm" | "layernorm_grad" | "reshape"
-        | "broadcast" | "permute" | "attention" | "linear" => 1,
-        "matmul" => 2,
+        | "broadcast" | "permute" | "attention" | "linear" | "attention_lse" => 1,
+        "matmul" | "attention_grad" => 2,
         "slice" => 3,
         k if k.starts_with("reduce_") => 2,
         _ => 0,
@@ -180,6 +181,14 @@ pub fn decode(eg: &Graph, n: &SymbolLang) -> Option<(Op, Vec<Id>)> {
             "attention" => Op::Attention {
                 scale: parse_float(&attr(0)?)?,
                 sink: operands.len() == 4,
+            },
+            "attention_lse" => Op::AttentionLse {
+                scale: parse_float(&attr(0)?)?,
+                sink: operands.len() == 3,
+            },
+            "attention_grad" => Op::AttentionGrad {
+                scale: parse_float(&attr(0)?)?,
+                wrt: eptc_ir::AttnWrt::from_name(attr(1)?.strip_prefix("w:")?)?,
             },
             "linear" => {
                 let a = attr(0)?;

@@ -80,7 +80,10 @@ pub fn build(
         s.folded_weights = folded.len();
         (f.graph, Some(s), folded)
     };
-    let train = training_graph(&optimized, config.task)?;
+    // The fused attention backward where the target has kernels for it.
+    let caps = backends::find(target)?.capabilities();
+    let fused_attention = caps.supports("attention_lse") && caps.supports("attention_grad");
+    let train = training_graph(&optimized, config.task, fused_attention)?;
     Ok(Compiled {
         model,
         imported,
@@ -96,8 +99,10 @@ pub fn build(
 
 /// The training graph of a run graph: the task's loss on `logits` (input `labels`
 /// `[B, C]`), then the autodiff pass. It is derived from the optimized forward graph, so
-/// the fused ops (attention with the EPT sink, linear epilogues) keep their own backward.
-pub fn training_graph(run: &Graph, task: eptc_peft::Task) -> Result<Graph> {
+/// the fused ops (attention with the EPT sink, linear epilogues) keep their own backward;
+/// with `fused_attention`, attention's backward is the fused `attention_lse` /
+/// `attention_grad` ops (for a backend with kernels for them).
+pub fn training_graph(run: &Graph, task: eptc_peft::Task, fused_attention: bool) -> Result<Graph> {
     use eptc_autodiff::loss::{add_loss, Loss, LOSS};
     let mut g = run.clone();
     let loss = match task {
@@ -107,7 +112,8 @@ pub fn training_graph(run: &Graph, task: eptc_peft::Task) -> Result<Graph> {
     add_loss(&mut g, "logits", loss)?;
     // Training reads the loss, the logits (for its running metrics) and the gradients.
     g.remove_output("features");
-    let mut t = eptc_autodiff::differentiate(&g, LOSS)?;
+    let opts = eptc_autodiff::Options { fused_attention };
+    let mut t = eptc_autodiff::differentiate_with(&g, LOSS, &opts)?;
     t.name = format!("{}-train", run.name);
     Ok(t)
 }
@@ -230,4 +236,86 @@ pub fn executable(
         }
     }
     Ok(backend.compile(&g, weights, &CompileOptions { threads, dtype })?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    #[command(no_binary_name = true)]
+    struct Cli {
+        #[command(flatten)]
+        a: crate::cmd_compile::CompileArgs,
+    }
+
+    fn count(g: &Graph, kind: &str) -> usize {
+        g.node_ids()
+            .into_iter()
+            .filter(|&id| g.node(id).op.kind() == kind)
+            .count()
+    }
+
+    /// The training graph with the fused attention backward (`attention_lse`,
+    /// `attention_grad`), run on the CPU backend as its decomposition, gives the loss and
+    /// gradients of the default training graph (tiny ViT, EPT deep with the sink).
+    #[test]
+    fn fused_attention_backward_gives_the_same_gradients() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let model = root.join("tests/fixtures/tiny_timm.safetensors");
+        let a = Cli::try_parse_from([model.to_str().unwrap(), "--heads", "3", "--peft", "ept"])
+            .unwrap()
+            .a;
+        let c = build(&a.model, &a.model_args, &a.peft, &a.opt, "cpu").unwrap();
+        let plain = training_graph(&c.optimized, c.config.task, false).unwrap();
+        let fused = training_graph(&c.optimized, c.config.task, true).unwrap();
+        let layers = count(&c.optimized, "attention");
+        assert!(layers > 0);
+        assert_eq!(count(&plain, "attention_grad"), 0);
+        // Every attention on a path from a trainable tensor gets its lse and gradients.
+        let (lse, grads) = (
+            count(&fused, "attention_lse"),
+            count(&fused, "attention_grad"),
+        );
+        eprintln!("{layers} attention layers: {lse} attention_lse, {grads} attention_grad");
+        assert!(lse >= 1 && lse <= layers && grads >= lse && grads <= 3 * lse);
+        let w = weights_with(&c.model, &c.folded, &c.adapter);
+        let px = TensorFile::read(&root.join("tests/fixtures/input_b3.safetensors")).unwrap();
+        let px = px.get("pixel_values", "[B, 3, H, W]").unwrap().clone();
+        let labels_id = fused.find_input(eptc_autodiff::loss::LABELS).unwrap();
+        let classes = fused.ty(labels_id).shape.resolve(3)[1];
+        let mut onehot = vec![0.0; 3 * classes];
+        for (i, c) in [0, 2, 1].iter().enumerate() {
+            onehot[i * classes + c % classes] = 1.0;
+        }
+        let labels = HostTensor::new(vec![3, classes], onehot);
+        let run = |g: &Graph| {
+            let mut exe = executable("cpu", g, &w, Some(2), DType::F32).unwrap();
+            let out = exe
+                .run(&[("pixel_values", px.clone()), ("labels", labels.clone())])
+                .unwrap();
+            out.into_iter().collect::<BTreeMap<_, _>>()
+        };
+        let (want, got) = (run(&plain), run(&fused));
+        assert_eq!(
+            want.keys().collect::<Vec<_>>(),
+            got.keys().collect::<Vec<_>>()
+        );
+        let mut grads = 0;
+        for (k, a) in &want {
+            let b = &got[k];
+            let num: f64 = a
+                .data()
+                .iter()
+                .zip(b.data())
+                .map(|(x, y)| f64::from(x - y).powi(2))
+                .sum();
+            let den: f64 = a.data().iter().map(|x| f64::from(*x).powi(2)).sum();
+            let rel = (num / den.max(1e-30)).sqrt();
+            assert!(rel <= 1e-5, "{k}: relative error {rel:e}");
+            grads += usize::from(k.starts_with("grad."));
+        }
+        assert!(grads >= 2, "{grads} gradients compared");
+    }
 }

@@ -49,6 +49,12 @@ pub fn eval(op: &Op, args: Vec<Value>, batch: usize, declared: &Shape) -> Result
             let (x, g, dy) = (next()?, next()?, next()?);
             norm::layernorm_grad(&x, g.data(), dy, *eps)
         }
+        Op::AttentionLse { .. } | Op::AttentionGrad { .. } => {
+            return Err(format!(
+                "{} is not a CPU kernel: the CPU backend runs its decomposition",
+                op.kind()
+            ))
+        }
         Op::Reshape { .. } => next()?.reshaped(out_shape),
         Op::Permute { perm } => shape_ops::permute(&next()?, perm),
         Op::Concat { .. } => unreachable!("handled above"),

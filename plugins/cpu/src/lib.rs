@@ -108,7 +108,12 @@ impl Backend for CpuBackend {
                 .filter(|k| !Op::fused_kinds().contains(k))
                 .map(str::to_owned)
                 .collect(),
-            fused_ops: Op::fused_kinds().into_iter().map(str::to_owned).collect(),
+            // The fused attention backward runs as its decomposition (matrix products).
+            fused_ops: Op::fused_kinds()
+                .into_iter()
+                .filter(|k| !["attention_lse", "attention_grad"].contains(k))
+                .map(str::to_owned)
+                .collect(),
             dtypes: vec![DType::F32],
         }
     }

@@ -31,6 +31,7 @@
 //! - No `#include`s: NVRTC needs no headers.
 
 mod attention;
+mod attention_grad;
 pub(crate) mod cuda;
 mod elementwise;
 pub mod fuse;
@@ -172,6 +173,26 @@ fn bound_comment(op: &Op, x: &[Vec<usize>], out: &[usize]) -> String {
             let scores = numel(out) / e.max(1) as f64 * m as f64;
             2.0 * scores * (d + e) as f64
         }
+        Op::AttentionLse { .. } => {
+            // A score per (row, key): d multiply-adds, then an exp.
+            let (q, k) = (&x[0], &x[1]);
+            let (d, m) = (q[q.len() - 1], k[k.len() - 2]);
+            numel(out) * m as f64 * (2.0 * d as f64 + 2.0)
+        }
+        Op::AttentionGrad { wrt, .. } => {
+            // Per (query, key) pair: the score (d), for q and k also dO . v (e), and the
+            // accumulation into the output row (its width).
+            let (q, k, v) = (&x[0], &x[1], &x[2]);
+            let (n, d) = (q[q.len() - 2], q[q.len() - 1]);
+            let (m, e) = (k[k.len() - 2], v[v.len() - 1]);
+            let (r, w) = (out[out.len() - 2], out[out.len() - 1]);
+            let entries = numel(out) / (r * w).max(1) as f64;
+            let per_pair = match wrt {
+                eptc_ir::AttnWrt::V => 2 * d + 2 * e,
+                _ => 2 * d + 2 * e + 2 * d,
+            };
+            entries * (n * m * per_pair) as f64
+        }
         // A handful of operations per element: far below the ridge point.
         _ => 4.0 * elems,
     };
@@ -302,6 +323,86 @@ fn generate(name: &str, op: &Op, x: &[Vec<usize>], out: &[usize]) -> Result<Kern
                 return Err(format!("concat along {a} of {x:?} does not give {out:?}"));
             }
             elementwise::concat(name, numel(&out[..a]), &sizes, numel(&out[a + 1..]))
+        }
+        Op::AttentionLse { scale, sink } => {
+            let (q, k) = (&x[0], &x[1]);
+            if q.len() < 2 || k.len() < 2 || out.len() < 2 {
+                return Err(format!("q {q:?}, k {k:?} and {out:?} need rank >= 2"));
+            }
+            let (n, d, m) = (q[q.len() - 2], q[q.len() - 1], k[k.len() - 2]);
+            let lead = out[..out.len() - 2].to_vec();
+            if k[k.len() - 1] != d || out[out.len() - 2..] != [n, 1] {
+                return Err(format!("q {q:?}, k {k:?} do not give {out:?}"));
+            }
+            let ls = |s: &[usize], mat: usize| -> Result<Vec<usize>, String> {
+                Ok(bstrides(&s[..s.len() - 2], &lead)?
+                    .iter()
+                    .map(|v| v * mat)
+                    .collect())
+            };
+            let mut leads = vec![ls(q, n * d)?, ls(k, m * d)?];
+            let mut z_row = 0;
+            if *sink {
+                let st = bstrides(&x[2], out)?;
+                z_row = st[lead.len()];
+                leads.push(st[..lead.len()].to_vec());
+            }
+            let spec = attention_grad::Spec {
+                lead,
+                n,
+                m,
+                d,
+                e: 0,
+                scale: *scale,
+                leads,
+                z_row,
+                max_numel: x.iter().map(|s| numel(s)).max().unwrap_or(0),
+            };
+            attention_grad::lse(name, &spec)
+        }
+        Op::AttentionGrad { scale, wrt } => {
+            if x.iter().any(|s| s.len() < 2) || out.len() < 2 {
+                return Err(format!("operands {x:?} need rank >= 2"));
+            }
+            let last2 = |s: &[usize]| (s[s.len() - 2], s[s.len() - 1]);
+            let ((n, d), (m, dk), (mv, e)) = (last2(&x[0]), last2(&x[1]), last2(&x[2]));
+            let fits = d == dk
+                && m == mv
+                && last2(&x[3]) == (n, 1)
+                && last2(&x[4]) == (n, 1)
+                && last2(&x[5]) == (n, e);
+            let want = match wrt {
+                eptc_ir::AttnWrt::Q => (n, d),
+                eptc_ir::AttnWrt::K => (m, d),
+                eptc_ir::AttnWrt::V => (m, e),
+            };
+            if !fits || last2(out) != want {
+                return Err(format!("operands {x:?} do not give {out:?}"));
+            }
+            let lead = out[..out.len() - 2].to_vec();
+            let mats = [n * d, m * d, m * e, n, n, n * e];
+            let leads = x
+                .iter()
+                .zip(mats)
+                .map(|(s, mat)| {
+                    Ok(bstrides(&s[..s.len() - 2], &lead)?
+                        .iter()
+                        .map(|v| v * mat)
+                        .collect())
+                })
+                .collect::<Result<Vec<Vec<usize>>, String>>()?;
+            let spec = attention_grad::Spec {
+                lead,
+                n,
+                m,
+                d,
+                e,
+                scale: *scale,
+                leads,
+                z_row: 0,
+                max_numel: x.iter().map(|s| numel(s)).max().unwrap_or(0),
+            };
+            attention_grad::grad(name, &spec, *wrt)
         }
         Op::Reduce { op, axes, .. } => {
             if axes.iter().any(|&a| a >= x[0].len()) {

@@ -53,6 +53,12 @@ impl CudaBackend {
 /// Ops the executor handles itself, without kernels.
 const RUNTIME_KINDS: [&str; 4] = ["input", "param", "const", "reshape"];
 
+/// `EPTC_CUDA_ATTENTION=fused`: attention as the generated fused kernels, forward and
+/// (for graphs compiled with it set) backward, instead of cuBLAS GEMMs around a softmax.
+fn fused_attention() -> bool {
+    std::env::var("EPTC_CUDA_ATTENTION").is_ok_and(|v| v == "fused")
+}
+
 fn other(msg: impl std::fmt::Display) -> BackendError {
     BackendError::Other(format!("cuda: {msg}"))
 }
@@ -79,7 +85,14 @@ impl Backend for CudaBackend {
                 .filter(|k| !fused.contains(k))
                 .map(|k| k.to_string())
                 .collect(),
-            fused_ops: fused.iter().map(|k| k.to_string()).collect(),
+            // The fused attention backward (`attention_lse`, `attention_grad`: SIMT
+            // kernels) only with `EPTC_CUDA_ATTENTION=fused`; by default the training
+            // graph differentiates attention into matrix products, which run on cuBLAS.
+            fused_ops: fused
+                .iter()
+                .filter(|k| fused_attention() || !["attention_lse", "attention_grad"].contains(k))
+                .map(|k| k.to_string())
+                .collect(),
             dtypes: vec![DType::F32, DType::BF16],
         }
     }
@@ -615,7 +628,7 @@ impl CudaExecutable {
         let mut fused = 0;
         // `attention` as two cuBLAS GEMMs around a softmax kernel (the default), or the
         // generated fused kernel (`EPTC_CUDA_ATTENTION=fused`, or without cuBLAS).
-        let attention_gemm = std::env::var("EPTC_CUDA_ATTENTION").map_or(true, |v| v != "fused");
+        let attention_gemm = !fused_attention();
         let mut scratch_elems = 0usize;
         for (i, s) in self.slots.iter().enumerate() {
             let Kind::Compute(ops) = &s.kind else {

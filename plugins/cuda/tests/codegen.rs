@@ -14,7 +14,8 @@ use eptc_cuda::codegen::{
 };
 use eptc_cuda::{emulate, nvrtc};
 use eptc_ir::{
-    Activation, BinaryOp, DType, Dim, Graph, Init, NodeId, Op, ReduceOp, Shape, TensorType, UnaryOp,
+    Activation, AttnWrt, BinaryOp, DType, Dim, Graph, Init, NodeId, Op, ReduceOp, Shape,
+    TensorType, UnaryOp,
 };
 
 fn batched(d: &[usize]) -> Shape {
@@ -156,7 +157,9 @@ fn check_launch(g: &Graph, id: NodeId, batch: usize, k: &Kernel) {
         Op::SoftmaxSink
         | Op::LayerNorm { .. }
         | Op::LayerNormGrad { .. }
-        | Op::Attention { .. } => blocks * threads_per_block / 32 * last(&out),
+        | Op::Attention { .. }
+        | Op::AttentionLse { .. }
+        | Op::AttentionGrad { .. } => blocks * threads_per_block / 32 * last(&out),
         // 16 x 16 threads, at most 4 x 4 outputs each.
         Op::MatMul { .. } | Op::Linear { .. } => {
             assert_eq!(k.block, [16, 16, 1]);
@@ -223,6 +226,65 @@ fn check_graph(g: &Graph, batches: &[usize]) -> (BTreeSet<&'static str>, usize) 
         }
     }
     (kinds, count)
+}
+
+/// q, k, v and the optional sink z of the attention configurations.
+fn attention_cases() -> Vec<(Shape, Shape, Shape, Option<Shape>)> {
+    vec![
+        (
+            batched(&[3, 17, 16]),
+            batched(&[3, 17, 16]),
+            batched(&[3, 17, 16]),
+            Some(fixed(&[17, 1])),
+        ),
+        (
+            batched(&[3, 17, 16]),
+            batched(&[3, 17, 16]),
+            batched(&[3, 17, 16]),
+            None,
+        ),
+        (
+            batched(&[3, 5, 8]),
+            fixed(&[1, 3, 7, 8]),
+            fixed(&[3, 7, 4]),
+            Some(batched(&[1, 5, 1])),
+        ),
+        (fixed(&[5, 8]), fixed(&[6, 8]), fixed(&[6, 3]), None),
+        (
+            fixed(&[5, 8]),
+            fixed(&[6, 8]),
+            fixed(&[6, 3]),
+            Some(fixed(&[])),
+        ),
+        // Head dims beyond the registers: q in shared memory, several column slots.
+        (
+            batched(&[2, 9, 150]),
+            batched(&[2, 11, 150]),
+            batched(&[2, 11, 130]),
+            Some(fixed(&[9, 1])),
+        ),
+        (
+            batched(&[4, 64]),
+            batched(&[4, 64]),
+            batched(&[4, 128]),
+            None,
+        ),
+        (batched(&[1, 1]), batched(&[1, 1]), batched(&[1, 1]), None),
+        (batched(&[3, 4]), batched(&[0, 4]), batched(&[0, 2]), None),
+        // ViT-B/16's heads: 197 tokens, 64 features, several key chunks.
+        (
+            batched(&[2, 197, 64]),
+            batched(&[2, 197, 64]),
+            batched(&[2, 197, 64]),
+            Some(fixed(&[197, 1])),
+        ),
+        (
+            batched(&[1, 40, 96]),
+            batched(&[1, 70, 96]),
+            batched(&[1, 70, 33]),
+            Some(batched(&[1, 40, 1])),
+        ),
+    ]
 }
 
 /// Small graphs exercising every op kind over several configurations (the wgpu
@@ -431,67 +493,38 @@ fn op_graphs() -> Vec<Graph> {
         }
     });
     new("attention", &|g| {
-        let cases: &[(Shape, Shape, Shape, Option<Shape>)] = &[
-            (
-                batched(&[3, 17, 16]),
-                batched(&[3, 17, 16]),
-                batched(&[3, 17, 16]),
-                Some(fixed(&[17, 1])),
-            ),
-            (
-                batched(&[3, 17, 16]),
-                batched(&[3, 17, 16]),
-                batched(&[3, 17, 16]),
-                None,
-            ),
-            (
-                batched(&[3, 5, 8]),
-                fixed(&[1, 3, 7, 8]),
-                fixed(&[3, 7, 4]),
-                Some(batched(&[1, 5, 1])),
-            ),
-            (fixed(&[5, 8]), fixed(&[6, 8]), fixed(&[6, 3]), None),
-            (
-                fixed(&[5, 8]),
-                fixed(&[6, 8]),
-                fixed(&[6, 3]),
-                Some(fixed(&[])),
-            ),
-            // Head dims beyond the registers: q in shared memory, several column slots.
-            (
-                batched(&[2, 9, 150]),
-                batched(&[2, 11, 150]),
-                batched(&[2, 11, 130]),
-                Some(fixed(&[9, 1])),
-            ),
-            (
-                batched(&[4, 64]),
-                batched(&[4, 64]),
-                batched(&[4, 128]),
-                None,
-            ),
-            (batched(&[1, 1]), batched(&[1, 1]), batched(&[1, 1]), None),
-            (batched(&[3, 4]), batched(&[0, 4]), batched(&[0, 2]), None),
-            // ViT-B/16's heads: 197 tokens, 64 features, several key chunks.
-            (
-                batched(&[2, 197, 64]),
-                batched(&[2, 197, 64]),
-                batched(&[2, 197, 64]),
-                Some(fixed(&[197, 1])),
-            ),
-            (
-                batched(&[1, 40, 96]),
-                batched(&[1, 70, 96]),
-                batched(&[1, 70, 33]),
-                Some(batched(&[1, 40, 1])),
-            ),
-        ];
-        for (i, (q, k, v, z)) in cases.iter().enumerate() {
+        for (i, (q, k, v, z)) in attention_cases().iter().enumerate() {
             let q = input(g, &format!("q{i}"), q.clone());
             let k = input(g, &format!("k{i}"), k.clone());
             let v = input(g, &format!("v{i}"), v.clone());
             let z = z.as_ref().map(|z| input(g, &format!("z{i}"), z.clone()));
             g.attention(q, k, v, z, 0.25).unwrap();
+        }
+    });
+    // The fused backward on the same shapes: lse (with the sink where the case has
+    // one), and the gradient wrt q, k and v from inputs lse, delta and dO.
+    new("attention_backward", &|g| {
+        for (i, (q, k, v, z)) in attention_cases().iter().enumerate() {
+            let q = input(g, &format!("q{i}"), q.clone());
+            let k = input(g, &format!("k{i}"), k.clone());
+            let v = input(g, &format!("v{i}"), v.clone());
+            let z = z.as_ref().map(|z| input(g, &format!("z{i}"), z.clone()));
+            let mut ops = vec![q, k];
+            ops.extend(z);
+            let sink = z.is_some();
+            let lse = g.add(Op::AttentionLse { scale: 0.25, sink }, &ops).unwrap();
+            let out = g.attention(q, k, v, z, 0.25).unwrap();
+            let rows = g.ty(lse).shape.clone();
+            let lse_in = input(g, &format!("lse{i}"), rows.clone());
+            let delta = input(g, &format!("delta{i}"), rows);
+            let dout = input(g, &format!("do{i}"), g.ty(out).shape.clone());
+            for wrt in AttnWrt::ALL {
+                g.add(
+                    Op::AttentionGrad { scale: 0.25, wrt },
+                    &[q, k, v, lse_in, delta, dout],
+                )
+                .unwrap();
+            }
         }
     });
     new("linear", &|g| {

@@ -165,6 +165,12 @@ fn generate(
         Op::Input { .. } | Op::Param { .. } | Op::Const { .. } | Op::Reshape { .. } => {
             return Err("no kernel for a leaf or a view".into())
         }
+        Op::AttentionLse { .. } | Op::AttentionGrad { .. } => {
+            return Err(format!(
+                "{} has no WGSL kernel: the wgpu backend runs its decomposition",
+                op.kind()
+            ))
+        }
         Op::Unary(u) => elementwise::unary(st, name, *u, numel(out)),
         Op::Binary(b) => {
             let sa = bstrides(&x[0], out)?;
@@ -340,6 +346,10 @@ fn generate(
 
 /// The op kinds (`Op::kind`) this backend generates kernels for, primitives and fused.
 pub fn supported_kinds() -> Vec<&'static str> {
-    // Every op of the IR: leaves and reshape need no kernel, the rest one each.
+    // Every op of the IR but the fused attention backward (run as its decomposition):
+    // leaves and reshape need no kernel, the rest one each.
     Op::all_kinds()
+        .into_iter()
+        .filter(|k| !["attention_lse", "attention_grad"].contains(k))
+        .collect()
 }
