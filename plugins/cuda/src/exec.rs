@@ -15,6 +15,10 @@
 //! `EPTC_CUDA_FUSE=1` fuses element-wise chains into one kernel each
 //! ([`codegen::fuse`]); it is off by default until a GPU run has checked it (the fused
 //! kernels themselves pass the reference on the CPU emulator in CI).
+//! `EPTC_CUDA_VIEWS=1` lets the attention GEMMs read q, k and v in place through strided
+//! views of the fused qkv projection (pointer-array batched GEMMs), so the `permute` and
+//! `slice` nodes that split it copy nothing; off by default until a GPU run has checked
+//! it (the mapping is checked on the CPU against the reference).
 //! `EPTC_CUDA_GRAPH=0` launches kernel by kernel instead of replaying a graph;
 //! `EPTC_CUDA_PROFILE=1` does too, waits after each launch, prints the time per op kind
 //! to stderr and names the kernel that failed.
@@ -255,6 +259,13 @@ struct Gemm {
     a: u64,
     b: u64,
     c: u64,
+    /// Run every entry of `offsets` (each a batch of 1) as one pointer-array batched GEMM
+    /// (`cublasGemmBatchedEx`) instead of a loop of calls: for operands read through
+    /// strided views whose leading strides merge into no single batch stride.
+    pointer_arrays: bool,
+    /// With `pointer_arrays`: the device arrays of A, B and C pointers (built once the
+    /// plan's buffers are known).
+    ptrs: Option<(u64, u64, u64)>,
 }
 
 enum Action {
@@ -353,6 +364,65 @@ impl Drop for DevMem {
     }
 }
 
+/// The attentions that read q, k and v through strided views (by slot, with their
+/// GEMMs), and the `permute` and `slice` slots they make views (no kernel, no buffer): an
+/// attention qualifies when [`attention_view_gemms`] maps it and every node on its
+/// operands' view chains is used only by such chains or by qualifying attentions as q,
+/// k or v (and is no graph output).
+fn attention_views(
+    g: &Graph,
+    slots: &[Slot],
+    batch: usize,
+) -> (HashMap<usize, AttentionGemms>, HashSet<usize>) {
+    let slot_of: HashMap<NodeId, usize> =
+        slots.iter().enumerate().map(|(i, s)| (s.id, i)).collect();
+    let outputs: HashSet<NodeId> = g.outputs().iter().map(|o| o.1).collect();
+    let mut cands: HashMap<NodeId, (AttentionGemms, Vec<NodeId>)> = slots
+        .iter()
+        .filter(|s| matches!(g.node(s.id).op, Op::Attention { .. }))
+        .filter_map(|s| attention_view_gemms(g, s.id, batch).map(|x| (s.id, x)))
+        .collect();
+    loop {
+        let chain: HashSet<NodeId> = cands.values().flat_map(|c| c.1.iter().copied()).collect();
+        let fine = |c: NodeId| {
+            !outputs.contains(&c)
+                && g.users(c)
+                    .into_iter()
+                    .filter(|u| slot_of.contains_key(u))
+                    .all(|u| {
+                        chain.contains(&u)
+                            || (cands.contains_key(&u)
+                                && g.operands(u)
+                                    .iter()
+                                    .enumerate()
+                                    .all(|(pos, &o)| o != c || pos < 3))
+                    })
+        };
+        let bad: Vec<NodeId> = cands
+            .iter()
+            .filter(|(_, (_, through))| !through.iter().all(|&c| fine(c)))
+            .map(|(&a, _)| a)
+            .collect();
+        if bad.is_empty() {
+            break;
+        }
+        for a in bad {
+            cands.remove(&a);
+        }
+    }
+    let virtual_slots = cands
+        .values()
+        .flat_map(|c| c.1.iter().copied())
+        .filter(|&n| matches!(g.node(n).op, Op::Permute { .. } | Op::Slice { .. }))
+        .map(|n| slot_of[&n])
+        .collect();
+    let gemms = cands
+        .into_iter()
+        .map(|(a, (at, _))| (slot_of[&a], at))
+        .collect();
+    (gemms, virtual_slots)
+}
+
 /// The buffer roles of a plan's slots and which slots fused chains replace.
 struct Layout {
     /// Per slot: its role for the buffer planner and its bytes (0: no buffer).
@@ -366,7 +436,13 @@ struct Layout {
 /// The roles at `batch` with `eb` bytes per element. A fused chain's root reads the
 /// chain's leaves (so the planner keeps them alive until the root runs); the chain's
 /// other nodes get no buffer.
-fn layout(slots: &[Slot], fusion: &[codegen::fuse::Group], batch: usize, eb: u64) -> Layout {
+fn layout(
+    slots: &[Slot],
+    fusion: &[codegen::fuse::Group],
+    virtual_slots: &HashSet<usize>,
+    batch: usize,
+    eb: u64,
+) -> Layout {
     let slot_of: HashMap<NodeId, usize> =
         slots.iter().enumerate().map(|(i, s)| (s.id, i)).collect();
     let mut interior = HashSet::new();
@@ -383,6 +459,8 @@ fn layout(slots: &[Slot], fusion: &[codegen::fuse::Group], batch: usize, eb: u64
         .map(|(i, s)| {
             let role = match &s.kind {
                 Kind::View(o) => Role::View(*o),
+                // A permute or slice read in place by its users: a view of its operand.
+                Kind::Compute(ops) if virtual_slots.contains(&i) => Role::View(ops[0]),
                 Kind::Compute(_) if fused_root.contains_key(&i) => Role::Compute(
                     fusion[fused_root[&i]]
                         .leaves
@@ -568,11 +646,21 @@ impl CudaExecutable {
     fn make_plan(&mut self, batch: usize) -> Result<BatchPlan> {
         let eb = self.elem_bytes() as u64;
         let numel = |s: &Slot| -> usize { s.shape.resolve(batch).iter().product() };
+        // `EPTC_CUDA_VIEWS=1`: q, k, v read in place by the attention GEMMs.
+        let blas =
+            self.gpu.blas.is_some() && std::env::var("EPTC_CUDA_CUBLAS").map_or(true, |v| v != "0");
+        let attention_gemm = !fused_attention();
+        let (mut view_att, virtual_slots) =
+            if blas && attention_gemm && std::env::var("EPTC_CUDA_VIEWS").is_ok_and(|v| v == "1") {
+                attention_views(&self.graph, &self.slots, batch)
+            } else {
+                (HashMap::new(), HashSet::new())
+            };
         let Layout {
             roles,
             interior,
             fused_root,
-        } = layout(&self.slots, &self.fusion, batch, eb);
+        } = layout(&self.slots, &self.fusion, &virtual_slots, batch, eb);
         let leaves_of = |gr: &codegen::fuse::Group| -> Vec<usize> {
             gr.leaves.iter().map(|l| self.slot_of[l]).collect()
         };
@@ -620,21 +708,18 @@ impl CudaExecutable {
             }
         };
         // Steps.
-        let blas =
-            self.gpu.blas.is_some() && std::env::var("EPTC_CUDA_CUBLAS").map_or(true, |v| v != "0");
         let mut kernels: Vec<Kernel> = Vec::new();
         let mut pending: Vec<(usize, &'static str, String, PendingAction)> = Vec::new();
         let mut gemms = 0;
         let mut fused = 0;
         // `attention` as two cuBLAS GEMMs around a softmax kernel (the default), or the
         // generated fused kernel (`EPTC_CUDA_ATTENTION=fused`, or without cuBLAS).
-        let attention_gemm = !fused_attention();
         let mut scratch_elems = 0usize;
         for (i, s) in self.slots.iter().enumerate() {
             let Kind::Compute(ops) = &s.kind else {
                 continue;
             };
-            if numel(s) == 0 || interior.contains(&i) {
+            if numel(s) == 0 || interior.contains(&i) || virtual_slots.contains(&i) {
                 continue;
             }
             let out = ptr_of(i);
@@ -651,7 +736,10 @@ impl CudaExecutable {
             let args: Vec<u64> = ops.iter().map(|&o| ptr_of(o)).chain([out]).collect();
             let node = self.graph.node(s.id);
             if blas && attention_gemm {
-                if let Some(at) = attention_for(&self.graph, s.id, batch) {
+                let at = view_att
+                    .remove(&i)
+                    .or_else(|| attention_for(&self.graph, s.id, batch));
+                if let Some(at) = at {
                     let id = s.id.index();
                     gemms += 2;
                     scratch_elems = scratch_elems.max(at.s_elems);
@@ -765,6 +853,27 @@ impl CudaExecutable {
             }
             scratch.push(sm);
             scratch.push(pm);
+        }
+        // The pointer arrays of the GEMMs that read through views, now that every
+        // pointer is known: A's, B's and C's, one after another in one buffer.
+        for (_, _, name, a) in pending.iter_mut() {
+            let PendingAction::Gemm(g) = a else { continue };
+            if !g.pointer_arrays {
+                continue;
+            }
+            let count = g.offsets.len() as u64;
+            let mut host: Vec<u8> = Vec::with_capacity(24 * g.offsets.len());
+            for (k, base) in [g.a, g.b, g.c].into_iter().enumerate() {
+                for o in &g.offsets {
+                    let off = [o.0, o.1, o.2][k] as u64;
+                    host.extend((base + off * eb).to_le_bytes());
+                }
+            }
+            let mem = alloc(host.len(), &format!("{name}: GEMM pointer arrays"))?;
+            unsafe { dr::memcpy_htod_sync(mem.ptr, &host) }
+                .map_err(|e| other(format!("uploading {name}'s pointer arrays: {e}")))?;
+            g.ptrs = Some((mem.ptr, mem.ptr + 8 * count, mem.ptr + 16 * count));
+            scratch.push(mem);
         }
         // One module of the distinct kernels (the name masked), compiled once.
         let mut unique: Vec<usize> = Vec::new();
@@ -918,6 +1027,39 @@ impl CudaExecutable {
         } else {
             bs::cublasComputeType_t::CUBLAS_COMPUTE_32F
         };
+        if let Some((pa, pb, pc)) = g.ptrs {
+            let count = i32::try_from(g.offsets.len()).map_err(|_| "too many GEMMs")?;
+            // SAFETY: the three arrays hold `count` device pointers each, into buffers of
+            // the plan that hold every matrix the offsets address.
+            let st = unsafe {
+                bs::cublasGemmBatchedEx(
+                    blas.handle,
+                    op(g.transa),
+                    op(g.transb),
+                    g.m,
+                    g.n,
+                    g.k,
+                    &alpha as *const f32 as *const c_void,
+                    pa as *const *const c_void,
+                    ty,
+                    g.lda,
+                    pb as *const *const c_void,
+                    ty,
+                    g.ldb,
+                    &beta as *const f32 as *const c_void,
+                    pc as *const *mut c_void,
+                    ty,
+                    g.ldc,
+                    count,
+                    compute,
+                    bs::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+                )
+            };
+            if st != bs::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
+                return Err(format!("cuBLAS batched GEMM: {st:?}"));
+            }
+            return Ok(());
+        }
         for &(oa, ob, oc) in &g.offsets {
             unsafe {
                 br::gemm_strided_batched_ex(
@@ -1047,6 +1189,8 @@ fn cublas_gemm(
         a: 0,
         b: 0,
         c: 0,
+        pointer_arrays: false,
+        ptrs: None,
     })
 }
 
@@ -1162,6 +1306,213 @@ fn attention_for(g: &Graph, id: NodeId, batch: usize) -> Option<AttentionGemms> 
         sink: *sink,
         s_elems: s_shape.iter().product(),
     })
+}
+
+/// A tensor read in place from another node's buffer: `value[idx] = root[offset + Σ idx ·
+/// strides]`.
+#[derive(Clone, Debug, PartialEq)]
+struct StridedView {
+    root: NodeId,
+    offset: usize,
+    shape: Vec<usize>,
+    strides: Vec<usize>,
+    /// The `reshape`, `permute` and `slice` nodes walked from the node to the root.
+    through: Vec<NodeId>,
+}
+
+/// `id` as a strided view of the nearest node that is not a `reshape`, `permute` or
+/// `slice`; `None` where a reshape of a non-contiguous view is not just the insertion or
+/// removal of size-1 axes.
+fn strided_view(g: &Graph, id: NodeId, batch: usize) -> Option<StridedView> {
+    let shape = g.ty(id).shape.resolve(batch);
+    let node = g.node(id);
+    let inner = || {
+        let mut v = strided_view(g, g.operands(id)[0], batch)?;
+        v.through.push(id);
+        Some(v)
+    };
+    Some(match &node.op {
+        Op::Reshape { .. } => {
+            let v = inner()?;
+            let strides = if v.strides == eptc_ir::strides::contiguous_strides(&v.shape) {
+                eptc_ir::strides::contiguous_strides(&shape)
+            } else {
+                // Only size-1 axes come and go: the others keep their strides in order.
+                let kept: Vec<usize> = (0..v.shape.len()).filter(|&i| v.shape[i] != 1).collect();
+                let new_kept: Vec<usize> = (0..shape.len()).filter(|&i| shape[i] != 1).collect();
+                let same = kept.len() == new_kept.len()
+                    && kept
+                        .iter()
+                        .zip(&new_kept)
+                        .all(|(&a, &b)| v.shape[a] == shape[b]);
+                if !same {
+                    return None;
+                }
+                let mut st = vec![0; shape.len()];
+                for (&a, &b) in kept.iter().zip(&new_kept) {
+                    st[b] = v.strides[a];
+                }
+                st
+            };
+            StridedView {
+                shape,
+                strides,
+                ..v
+            }
+        }
+        Op::Permute { perm } => {
+            let v = inner()?;
+            if perm.len() != v.shape.len() || perm.iter().any(|&p| p >= v.shape.len()) {
+                return None;
+            }
+            StridedView {
+                shape: perm.iter().map(|&p| v.shape[p]).collect(),
+                strides: perm.iter().map(|&p| v.strides[p]).collect(),
+                ..v
+            }
+        }
+        Op::Slice { axis, start, .. } => {
+            let v = inner()?;
+            if *axis >= v.shape.len() {
+                return None;
+            }
+            StridedView {
+                offset: v.offset + start * v.strides[*axis],
+                shape,
+                ..v
+            }
+        }
+        _ => StridedView {
+            root: id,
+            offset: 0,
+            strides: eptc_ir::strides::contiguous_strides(&shape),
+            shape,
+            through: Vec::new(),
+        },
+    })
+}
+
+/// `C = alpha · op(A) op(B)` over the leading dims `lead`, C contiguous, A and B read
+/// through views: `a = (offset, lead strides, row stride)` (rows of the stored matrix are
+/// contiguous), likewise `b`. One entry per leading index, run as one pointer-array
+/// batched GEMM.
+#[allow(clippy::too_many_arguments)]
+fn view_gemm(
+    ta: bool,
+    tb: bool,
+    m: usize,
+    n: usize,
+    k: usize,
+    lead: &[usize],
+    a: (usize, &[usize], usize),
+    b: (usize, &[usize], usize),
+    alpha: f32,
+) -> Option<Gemm> {
+    let fits = |v: usize| i32::try_from(v).ok();
+    let sc = dims::lead_contiguous(lead, m * n);
+    let total: usize = lead.iter().product();
+    let mut offsets = Vec::with_capacity(total);
+    for flat in 0..total {
+        let (mut rem, mut oa, mut ob, mut oc) = (flat, a.0, b.0, 0);
+        for d in (0..lead.len()).rev() {
+            let i = rem % lead[d];
+            rem /= lead[d];
+            oa += i * a.1[d];
+            ob += i * b.1[d];
+            oc += i * sc[d];
+        }
+        // (cuBLAS A = our B, cuBLAS B = our A, C).
+        offsets.push((ob, oa, oc));
+    }
+    Some(Gemm {
+        transa: tb,
+        transb: ta,
+        m: fits(n)?,
+        n: fits(m)?,
+        k: fits(k)?,
+        lda: fits(b.2)?,
+        ldb: fits(a.2)?,
+        ldc: fits(n)?,
+        stride_a: 0,
+        stride_b: 0,
+        stride_c: 0,
+        batch: 1,
+        offsets,
+        alpha,
+        a: 0,
+        b: 0,
+        c: 0,
+        pointer_arrays: true,
+        ptrs: None,
+    })
+}
+
+/// The attention `id` as GEMMs reading q, k and v in place through strided views (the
+/// `slice`s and `permute` that split a fused qkv projection then need no copy), with the
+/// view nodes walked; `None` unless every operand's view has contiguous rows, the
+/// output's leading dims, and at least one of them goes through a `permute` or `slice`.
+fn attention_view_gemms(
+    g: &Graph,
+    id: NodeId,
+    batch: usize,
+) -> Option<(AttentionGemms, Vec<NodeId>)> {
+    let base = attention_for(g, id, batch)?;
+    let ops = g.operands(id);
+    let out = g.ty(id).shape.resolve(batch);
+    let lead = &out[..out.len() - 2];
+    let (n, e) = (out[out.len() - 2], out[out.len() - 1]);
+    let mut views = Vec::new();
+    let mut through = Vec::new();
+    for &o in &ops[..3] {
+        let v = strided_view(g, o, batch)?;
+        let r = v.shape.len();
+        if r < 2 || v.shape[..r - 2] != *lead || (v.shape[r - 1] > 1 && v.strides[r - 1] != 1) {
+            return None;
+        }
+        through.extend(v.through.iter().copied());
+        views.push(v);
+    }
+    let copies = through
+        .iter()
+        .any(|&t| matches!(g.node(t).op, Op::Permute { .. } | Op::Slice { .. }));
+    if !copies {
+        return None;
+    }
+    let (q, k, v) = (&views[0], &views[1], &views[2]);
+    let (m, d) = (k.shape[k.shape.len() - 2], k.shape[k.shape.len() - 1]);
+    let row = |v: &StridedView| v.strides[v.strides.len() - 2].max(v.shape[v.shape.len() - 1]);
+    let lead_st = |v: &StridedView| v.strides[..v.strides.len() - 2].to_vec();
+    let scale = match g.node(id).op {
+        Op::Attention { scale, .. } => scale,
+        _ => return None,
+    };
+    // S = scale · Q Kᵀ; O = P V (P contiguous in the scratch).
+    let qk = view_gemm(
+        false,
+        true,
+        n,
+        m,
+        d,
+        lead,
+        (q.offset, &lead_st(q), row(q)),
+        (k.offset, &lead_st(k), row(k)),
+        scale,
+    )?;
+    let sp = dims::lead_contiguous(lead, n * m);
+    let pv = view_gemm(
+        false,
+        false,
+        n,
+        e,
+        m,
+        lead,
+        (0, &sp, m),
+        (v.offset, &lead_st(v), row(v)),
+        1.0,
+    )?;
+    through.sort();
+    through.dedup();
+    Some((AttentionGemms { qk, pv, ..base }, through))
 }
 
 /// Split the lead dims into one strided batch (the innermost dims that merge for every
@@ -1383,7 +1734,7 @@ mod tests {
             Vec::new()
         };
         assert!(!fused || !fusion.is_empty(), "the graph has chains to fuse");
-        let lay = layout(&slots, &fusion, batch, 4);
+        let lay = layout(&slots, &fusion, &HashSet::new(), batch, 4);
         let bp = plan::plan(&lay.roles, &outs, u64::MAX);
         let mut buffers: Vec<Vec<f64>> = bp.slots.iter().map(|_| Vec::new()).collect();
         let mut leaf: HashMap<usize, Vec<f64>> = HashMap::new();
@@ -1481,6 +1832,118 @@ mod tests {
             out.insert(name.clone(), Tensor64 { shape, data });
         }
         out
+    }
+
+    /// ViT's attention on a fused qkv projection: `x [b, n, 3d]` → reshape `[b, n, 3, h,
+    /// dh]` → permute `[3, b, h, n, dh]` → slice q, k, v → reshape → attention with a sink
+    /// `z` that needs a buffer of x's size (`y = exp(w)`) while x must still live.
+    fn qkv_graph(b: usize, n: usize, h: usize, dh: usize) -> (Graph, NodeId, NodeId, NodeId) {
+        use eptc_ir::TensorType;
+        let dm = h * dh;
+        let mut g = Graph::new("qkv");
+        let xin = g.input("x", TensorType::f32(Shape::fixed(&[b, n, 3 * dm])));
+        let x = g.unary(UnaryOp::Tanh, xin).unwrap();
+        let r = g.reshape(x, Shape::fixed(&[b, n, 3, h, dh])).unwrap();
+        let p = g.permute(r, &[2, 0, 3, 1, 4]).unwrap();
+        let mut qkv = Vec::new();
+        for i in 0..3 {
+            let sl = g.slice(p, 0, i, i + 1).unwrap();
+            qkv.push(g.reshape(sl, Shape::fixed(&[b, h, n, dh])).unwrap());
+        }
+        let w = g.input("w", TensorType::f32(Shape::fixed(&[b, n, 3 * dm])));
+        let y = g.unary(UnaryOp::Exp, w).unwrap();
+        let l = g
+            .reduce(eptc_ir::ReduceOp::LogSumExp, y, &[2], true)
+            .unwrap();
+        let z = g.reshape(l, Shape::fixed(&[b, 1, n, 1])).unwrap();
+        let a = g.attention(qkv[0], qkv[1], qkv[2], Some(z), 0.35).unwrap();
+        g.set_output("y", a);
+        (g, x, y, a)
+    }
+
+    #[test]
+    fn attention_reads_q_k_v_through_views() {
+        let (b, n, h, dh) = (2, 5, 3, 4);
+        let (g, x, y, a) = qkv_graph(b, n, h, dh);
+        let (slots, outs, _, _) = slots_of(&g);
+        let (gemms, virt) = attention_views(&g, &slots, 1);
+        let slot = |id: NodeId| slots.iter().position(|s| s.id == id).unwrap();
+        assert_eq!(gemms.len(), 1);
+        let at = &gemms[&slot(a)];
+        // The permute and the three slices become views: no kernel, no buffer.
+        let kinds: Vec<&str> = virt.iter().map(|&i| slots[i].op).collect();
+        assert_eq!(virt.len(), 4, "{kinds:?}");
+        assert!(kinds.iter().all(|k| *k == "permute" || *k == "slice"));
+        // The planner keeps x alive until the attention: exp(w), of x's size and made in
+        // between, gets another buffer; the views read x's.
+        let lay = layout(&slots, &[], &virt, 1, 4);
+        let bp = plan::plan(&lay.roles, &outs, u64::MAX);
+        assert_ne!(bp.loc[slot(y)], bp.loc[slot(x)]);
+        for &v in &virt {
+            assert_eq!(bp.loc[v], bp.loc[slot(x)]);
+        }
+        // The GEMMs on the host (cuBLAS's column-major semantics, one entry per head and
+        // image) give the reference's attention from x's buffer.
+        let dm = h * dh;
+        let xin = values(b * n * 3 * dm, 11);
+        let w = values(b * n * 3 * dm, 12);
+        let want = reference(
+            &g,
+            &[
+                ("x", vec![b, n, 3 * dm], xin.clone()),
+                ("w", vec![b, n, 3 * dm], w.clone()),
+            ],
+        );
+        let xv: Vec<f64> = xin.iter().map(|v| v.tanh()).collect();
+        let zv: Vec<f64> = (0..b * n)
+            .map(|r| {
+                let row = &w[r * 3 * dm..(r + 1) * 3 * dm];
+                let e: Vec<f64> = row.iter().map(|v| v.exp()).collect();
+                let mx = e.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                mx + e.iter().map(|v| (v - mx).exp()).sum::<f64>().ln()
+            })
+            .collect();
+        assert!(at.qk.pointer_arrays && at.pv.pointer_arrays);
+        assert_eq!(at.qk.offsets.len(), b * h);
+        let mut sc = vec![f64::NAN; at.s_elems];
+        emulate(&at.qk, &xv, &xv, &mut sc);
+        let mut p = vec![0.0; sc.len()];
+        for r in 0..b * h * n {
+            let row = &sc[r * n..(r + 1) * n];
+            let z = zv[(r / (h * n)) * n + r % n];
+            let mx = row.iter().cloned().fold(z, f64::max);
+            let den: f64 = row.iter().map(|x| (x - mx).exp()).sum::<f64>() + (z - mx).exp();
+            for j in 0..n {
+                p[r * n + j] = (row[j] - mx).exp() / den;
+            }
+        }
+        let mut o = vec![f64::NAN; b * h * n * dh];
+        emulate(&at.pv, &xv, &p, &mut o);
+        close(&o, &want);
+    }
+
+    #[test]
+    fn views_stay_off_where_a_copy_is_read_elsewhere() {
+        // The training graph reads q, k and v with matmuls too: no views there.
+        let dir = env!("CARGO_MANIFEST_DIR");
+        let text =
+            std::fs::read_to_string(format!("{dir}/../wgpu/tests/data/tiny_train.eptc")).unwrap();
+        let g = eptc_ir::text::parse(&text).unwrap();
+        let (slots, ..) = slots_of(&g);
+        let (gemms, virt) = attention_views(&g, &slots, 2);
+        assert!(gemms.is_empty() && virt.is_empty());
+        // The forward graphs' attentions all qualify (ViT-B/16: 12).
+        for (f, want) in [("tiny_optimized", 0), ("vit_b16_optimized", 12)] {
+            let text =
+                std::fs::read_to_string(format!("{dir}/../wgpu/tests/data/{f}.eptc")).unwrap();
+            let g = eptc_ir::text::parse(&text).unwrap();
+            let (slots, ..) = slots_of(&g);
+            let (gemms, virt) = attention_views(&g, &slots, 2);
+            let attentions = slots.iter().filter(|s| s.op == "attention").count();
+            assert!(attentions > 0 && (want == 0 || attentions == want), "{f}");
+            assert_eq!(gemms.len(), attentions, "{f}");
+            assert_eq!(virt.len(), 4 * attentions, "{f}");
+        }
     }
 
     #[test]
