@@ -105,7 +105,8 @@ def parity(args, work, model, tensors, layers, arts, results):
     # PyTorch's own f32 and bf16 on the GPU, for scale.
     rows = []
     with torch.no_grad():
-        for name, dt in [(f"PyTorch f32 ({dev})", torch.float32), (f"PyTorch bf16 ({dev})", torch.bfloat16)]:
+        for name, dt in [(f"PyTorch f32 ({dev})", torch.float32), (f"PyTorch bf16 ({dev})", torch.bfloat16),
+                         (f"PyTorch f16 ({dev})", torch.float16)]:
             m = ept_model(model, tensors, layers, dt, dev)
             lg, ft = forward(m, x.to(dev, dt), (tensors["head.weight"].to(dev, dt),
                                                 tensors["head.bias"].to(dev, dt)))

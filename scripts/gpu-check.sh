@@ -105,7 +105,7 @@ unset EPTC_TEST_DTYPE EPTC_TEST_TARGET
 stamp "== 4. ViT-B/16: parity against PyTorch float64 and timing against PyTorch"
 PYTHONUNBUFFERED=1 timeout ${GPU_COMPARE_TIMEOUT:-200} python3 benches/gpu_compare.py \
   --eptc "$bin/eptc" --work /tmp/eptc-gpu --out "$out" \
-  --targets "cuda:f32,cuda:bf16${GPU_COMPARE_WGPU:+,wgpu:f32}" ${GPU_COMPARE_ARGS:-} \
+  --targets "cuda:f32,cuda:bf16,cuda:f16${GPU_COMPARE_WGPU:+,wgpu:f32}" ${GPU_COMPARE_ARGS:-} \
   > "$out/gpu_compare.log" 2>&1; echo "exit $?" >> "$out/gpu_compare.log"
 tail -5 "$out/gpu_compare.log"
 

@@ -155,7 +155,7 @@ fn bad_options_are_refused() {
     assert!(with(&["--prompt-init", "token"]).contains("--init-input"));
     assert!(with(&["--target", "tpu"]).contains("eptc plugins"));
     assert!(with(&["--dtype", "bf16"]).contains("f32 only"));
-    assert!(with(&["--target", "cuda", "--dtype", "f16"]).contains("bf16"));
+    assert!(with(&["--target", "wgpu", "--dtype", "bf16"]).contains("f16"));
     let e = eptc_err(&[
         "compile",
         s(&m),

@@ -32,7 +32,7 @@ pub struct CompileArgs {
     #[arg(long, default_value = "cpu")]
     pub target: String,
     /// Storage type of device tensors (arithmetic stays f32): f32; f16 on wgpu (adapters
-    /// with shader-f16); bf16 on cuda
+    /// with shader-f16); bf16 or f16 on cuda
     #[arg(long, default_value = "f32")]
     pub dtype: String,
     /// Artifact folder to write [default: <model name>-eptc]

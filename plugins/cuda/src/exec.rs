@@ -97,7 +97,7 @@ impl Backend for CudaBackend {
                 .filter(|k| fused_attention() || !["attention_lse", "attention_grad"].contains(k))
                 .map(|k| k.to_string())
                 .collect(),
-            dtypes: vec![DType::F32, DType::BF16],
+            dtypes: vec![DType::F32, DType::BF16, DType::F16],
         }
     }
 
@@ -141,11 +141,10 @@ impl Backend for CudaBackend {
 }
 
 fn check_dtype(dtype: DType) -> Result<()> {
+    // Every storage type: f16 through PTX's conversions, its GEMMs on cuBLAS's
+    // CUDA_R_16F with f32 accumulation.
     match dtype {
-        DType::F32 | DType::BF16 => Ok(()),
-        DType::F16 => Err(other(
-            "f16 storage is not supported by the cuda backend; use bf16 or f32",
-        )),
+        DType::F32 | DType::BF16 | DType::F16 => Ok(()),
     }
 }
 

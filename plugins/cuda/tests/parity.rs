@@ -1,4 +1,4 @@
-//! The CUDA backend against the CPU reference on a whole tiny ViT (f32 and bf16 storage)
+//! The CUDA backend against the CPU reference on a whole tiny ViT (f32, bf16 and f16 storage)
 //! and the runtime's contract (set_param, plans per batch size, CUDA graph replay).
 //! Without a GPU each test prints why it is skipped and passes, unless
 //! `EPTC_REQUIRE_CUDA` is set (as `scripts/gpu-check.sh` does), which makes a missing
@@ -6,7 +6,7 @@
 //! training graphs) are checked against PyTorch by the workspace's `parity` and
 //! `training` suites run with `EPTC_TEST_TARGET=cuda`.
 //!
-//! Bars: relative L2 error `‖cuda − cpu‖ / ‖cpu‖ ≤ 1e-5` in f32, `≤ 1e-2` with bf16
+//! Bars: relative L2 error `‖cuda − cpu‖ / ‖cpu‖ ≤ 1e-5` in f32, `≤ 1e-2` with bf16 or f16
 //! storage; NaN never passes.
 
 use eptc_backend::{Backend, CompileOptions, Executable};
@@ -123,6 +123,21 @@ fn tiny_vit_matches_cpu_bf16() {
         let x = [("pixel_values", images(batch, 20 + batch as u64))];
         let e = check(&got.run(&x).unwrap(), &want.run(&x).unwrap(), 1e-2, "bf16");
         eprintln!("tiny ViT bf16, batch {batch}: relative L2 error {e:.2e}");
+    }
+}
+
+#[test]
+fn tiny_vit_matches_cpu_f16() {
+    // f16 storage: more mantissa than bf16, less range; the same bar.
+    let Some(be) = device() else { return };
+    let g = tiny_vit();
+    let w = weights(&g, 2);
+    let mut want = cpu(&g, &w);
+    let mut got = cuda(&be, &g, &w, DType::F16);
+    for batch in [1, 4] {
+        let x = [("pixel_values", images(batch, 20 + batch as u64))];
+        let e = check(&got.run(&x).unwrap(), &want.run(&x).unwrap(), 1e-2, "f16");
+        eprintln!("tiny ViT f16, batch {batch}: relative L2 error {e:.2e}");
     }
 }
 
