@@ -18,7 +18,9 @@
 #    default until they pass here;
 # 4. benches/gpu_compare.py: ViT-B/16 + EPT parity against PyTorch float64 on the GPU,
 #    and the side-by-side timing against PyTorch eager and torch.compile (bf16);
-# 5. the wgpu backend through Vulkan on the same GPU (ViT-B/16 forward, batch 1 and 64).
+# 5. with GPU_WGPU=1, the wgpu backend through Vulkan on the same GPU (ViT-B/16
+#    forward, batch 1 and 64; measured in GPU runs 1-3, so off by default to keep the
+#    call short).
 # Each part runs even when an earlier one fails; logs and tables go to OUT (default
 # $OUT, else ./gpu-out), the summary table last on stdout.
 set -uo pipefail
@@ -139,7 +141,7 @@ print(f'  mode=fused backward, fuse={sys.argv[1]} {r[\"what\"]:13} b64 bf16: dev
 fi
 
 stamp "== 5. wgpu on this GPU through Vulkan (ViT-B/16 forward)"
-if [ -z "${GPU_SKIP_WGPU:-}" ] && [ -d /tmp/eptc-gpu ] && [ -f /tmp/eptc-gpu/vit_b16_timm.safetensors ]; then
+if [ -n "${GPU_WGPU:-}" ] && [ -d /tmp/eptc-gpu ] && [ -f /tmp/eptc-gpu/vit_b16_timm.safetensors ]; then
   (timeout 20 "$bin/eptc" compile /tmp/eptc-gpu/vit_b16_timm.safetensors --peft ept \
      --prompt-len 100 --num-classes 10 --target wgpu -o /tmp/eptc-gpu/art_wgpu \
    && for b in 1 64; do timeout 30 "$bin/eptc" bench /tmp/eptc-gpu/art_wgpu --batch $b \
