@@ -14,8 +14,9 @@
 #    with GPU_SUITE_DTYPES="f32 bf16"), then again with EPTC_CUDA_FUSE=1 (element-wise
 #    chains fused), with EPTC_CUDA_ATTENTION=fused (attention as the generated fused
 #    kernels, forward and the flash-style backward) and with EPTC_CUDA_VIEWS=1 (the
-#    attention GEMMs read q, k, v in place, no permute / slice copies); all three off by
-#    default until they pass here;
+#    attention GEMMs read q, k, v in place, no permute / slice copies) and
+#    EPTC_CUDA_PINNED=1 (pinned staging for the host copies); all off by default until
+#    they pass here;
 # 4. benches/gpu_compare.py: ViT-B/16 + EPT parity against PyTorch float64 on the GPU,
 #    and the side-by-side timing against PyTorch eager and torch.compile (bf16);
 # 5. with GPU_WGPU=1, the wgpu backend through Vulkan on the same GPU (ViT-B/16
@@ -97,8 +98,8 @@ stamp "== 3c. the gradient suite with the fused attention kernels, backward incl
 EPTC_CUDA_ATTENTION=fused timeout 90 "$bin/test-training" grad_matches_pytorch --nocapture \
   > "$out/suite-grad-fused-attention.log" 2>&1; echo "exit $?" >> "$out/suite-grad-fused-attention.log"
 grep -E "worst|test result|panicked|relative error|^exit" "$out/suite-grad-fused-attention.log" | head -10
-stamp "== 3d. the parity suite with q, k, v read in place (EPTC_CUDA_VIEWS=1), f32"
-EPTC_CUDA_VIEWS=1 timeout 100 "$bin/test-parity" --test-threads 8 --nocapture \
+stamp "== 3d. the parity suite with q, k, v read in place and pinned staging (EPTC_CUDA_VIEWS=1 EPTC_CUDA_PINNED=1), f32"
+EPTC_CUDA_VIEWS=1 EPTC_CUDA_PINNED=1 timeout 100 "$bin/test-parity" --test-threads 8 --nocapture \
   > "$out/suite-parity-views.log" 2>&1; echo "exit $?" >> "$out/suite-parity-views.log"
 grep -E "test result|FAILED|panicked|^exit" "$out/suite-parity-views.log" | head -20
 grep -Eo "rel err [0-9.e+-]+" "$out/suite-parity-views.log" | sort -k3 -g | tail -1
@@ -113,15 +114,16 @@ tail -5 "$out/gpu_compare.log"
 
 stamp "== 4b. attention as cuBLAS GEMMs (default) or the fused kernel, element-wise chains fused or not; where the time goes"
 if [ -d /tmp/eptc-gpu/art_cuda_bf16 ]; then
-  for mode in gemm fused gemm+fuse gemm+views gemm+fuse+views; do
+  for mode in gemm fused gemm+fuse gemm+views gemm+pinned gemm+fuse+views+pinned; do
     for tr in "" --train; do
-      att=${mode%%+*}; fuse=0; views=0
+      att=${mode%%+*}; fuse=0; views=0; pinned=0
       case $mode in *fuse*) fuse=1;; esac
       case $mode in *views*) views=1;; esac
-      EPTC_CUDA_ATTENTION=$att EPTC_CUDA_FUSE=$fuse EPTC_CUDA_VIEWS=$views timeout 30 "$bin/eptc" bench /tmp/eptc-gpu/art_cuda_bf16 \
+      case $mode in *pinned*) pinned=1;; esac
+      EPTC_CUDA_ATTENTION=$att EPTC_CUDA_FUSE=$fuse EPTC_CUDA_VIEWS=$views EPTC_CUDA_PINNED=$pinned timeout 30 "$bin/eptc" bench /tmp/eptc-gpu/art_cuda_bf16 \
         --batch 64 --iters 10 --warmup 2 $tr --json 2>>"$out/attention-modes.err" | python3 -c "
 import json, sys; r = json.loads(sys.stdin.read()); d = r.get('device_median_s') or float('nan')
-print(f'  mode={sys.argv[1]:16} {r[\"what\"]:13} b64 bf16: device {d*1e3:.2f} ms, wall {r[\"median_s\"]*1e3:.2f} ms')" $mode
+print(f'  mode={sys.argv[1]:23} {r[\"what\"]:13} b64 bf16: device {d*1e3:.2f} ms, wall {r[\"median_s\"]*1e3:.2f} ms')" $mode
     done
   done 2>&1 | tee "$out/attention-modes.txt"
   # The training step with the fused attention backward needs an artifact compiled with

@@ -19,6 +19,10 @@
 //! views of the fused qkv projection (pointer-array batched GEMMs), so the `permute` and
 //! `slice` nodes that split it copy nothing; off by default until a GPU run has checked
 //! it (the mapping is checked on the CPU against the reference).
+//! `EPTC_CUDA_PINNED=1`: inputs and outputs go through page-locked (pinned) staging
+//! allocated with the plan: each input is converted into it and copied asynchronously
+//! while the next is converted, and the outputs are copied back together before one
+//! wait (off by default until a GPU run has checked it).
 //! `EPTC_CUDA_GRAPH=0` launches kernel by kernel instead of replaying a graph;
 //! `EPTC_CUDA_PROFILE=1` does too, waits after each launch, prints the time per op kind
 //! to stderr and names the kernel that failed.
@@ -201,6 +205,27 @@ fn to_storage(values: &[f32], dtype: DType) -> Vec<u8> {
     }
 }
 
+/// [`to_storage`] into `out` (exactly the storage's size).
+fn to_storage_into(values: &[f32], dtype: DType, out: &mut [u8]) {
+    match dtype {
+        DType::BF16 => {
+            for (v, o) in values.iter().zip(out.chunks_exact_mut(2)) {
+                o.copy_from_slice(&half::bf16::from_f32(*v).to_bits().to_le_bytes());
+            }
+        }
+        DType::F16 => {
+            for (v, o) in values.iter().zip(out.chunks_exact_mut(2)) {
+                o.copy_from_slice(&half::f16::from_f32(*v).to_bits().to_le_bytes());
+            }
+        }
+        DType::F32 => {
+            for (v, o) in values.iter().zip(out.chunks_exact_mut(4)) {
+                o.copy_from_slice(&v.to_le_bytes());
+            }
+        }
+    }
+}
+
 fn from_storage(bytes: &[u8], dtype: DType) -> Vec<f32> {
     match dtype {
         DType::BF16 => bytes
@@ -296,6 +321,9 @@ struct BatchPlan {
     functions: Vec<ds::CUfunction>,
     graph: Option<(ds::CUgraph, ds::CUgraphExec)>,
     stats: PlanStats,
+    /// Pinned staging for the inputs (in `inputs` order) then the outputs, each at its
+    /// offset; `None` where page-locked memory was refused.
+    staging: Option<(Pinned, Vec<usize>)>,
 }
 
 /// What a batch plan holds (for tests and diagnostics).
@@ -359,6 +387,52 @@ impl Drop for DevMem {
     fn drop(&mut self) {
         unsafe {
             let _ = dr::free_sync(self.ptr);
+        }
+    }
+}
+
+/// Page-locked host memory (`cuMemHostAlloc`) for a plan's input and output copies: they
+/// run at the bus's full rate and asynchronously on the stream, so the host converts the
+/// next input while the previous one is on its way, and the outputs come back in one go.
+struct Pinned {
+    ptr: *mut u8,
+    bytes: usize,
+}
+
+// SAFETY: the memory is owned by this value; the plan that holds it writes and reads it
+// only from the thread running the step, after the stream has finished with it.
+unsafe impl Send for Pinned {}
+unsafe impl Sync for Pinned {}
+
+impl Pinned {
+    fn new(bytes: usize) -> Option<Pinned> {
+        if bytes == 0 {
+            return None;
+        }
+        // Without it (a driver refusing page-locked memory), plain copies are used.
+        let ptr = unsafe { dr::malloc_host(bytes, 0) }.ok()?;
+        Some(Pinned {
+            ptr: ptr as *mut u8,
+            bytes,
+        })
+    }
+
+    /// The bytes `off..off + len`.
+    ///
+    /// # Safety
+    /// No copy on the stream may be reading or writing them, and no other slice of the
+    /// same bytes may be alive.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn region(&self, off: usize, len: usize) -> &mut [u8] {
+        assert!(off + len <= self.bytes);
+        std::slice::from_raw_parts_mut(self.ptr.add(off), len)
+    }
+}
+
+impl Drop for Pinned {
+    fn drop(&mut self) {
+        unsafe {
+            let _ = dr::free_host(self.ptr as *mut c_void);
         }
     }
 }
@@ -933,7 +1007,7 @@ impl CudaExecutable {
                 },
             })
             .collect();
-        let outputs = self
+        let outputs: Vec<(String, Vec<usize>, Option<u64>)> = self
             .outputs
             .iter()
             .map(|(name, i)| {
@@ -950,7 +1024,29 @@ impl CudaExecutable {
             captured: false,
             fused,
         };
+        // Pinned staging: every input's and output's bytes, 256-byte aligned.
+        let mut offs = Vec::new();
+        let mut total = 0usize;
+        let in_bytes: Vec<usize> = inputs
+            .iter()
+            .map(|(_, m)| m.as_ref().map_or(0, |m| m.bytes))
+            .collect();
+        let out_bytes: Vec<usize> = outputs
+            .iter()
+            .map(|(_, shape, _)| shape.iter().product::<usize>() * eb as usize)
+            .collect();
+        for b in in_bytes.iter().chain(&out_bytes) {
+            offs.push(total);
+            total += b.div_ceil(256) * 256;
+        }
+        // `EPTC_CUDA_PINNED=1` (off until a GPU run has checked it).
+        let staging = if std::env::var("EPTC_CUDA_PINNED").is_ok_and(|v| v == "1") {
+            Pinned::new(total).map(|m| (m, offs))
+        } else {
+            None
+        };
         let mut p = BatchPlan {
+            staging,
             batch,
             inputs,
             _slots: slot_mem.into_iter().chain(scratch).collect(),
@@ -1612,15 +1708,28 @@ impl CudaExecutable {
                 .synchronize()
                 .map_err(|e| other(format!("running the step: {e}")))
         };
-        // Inputs, converted to the storage type (held until the copies are done).
+        // Inputs, converted to the storage type into the pinned staging (or vectors held
+        // until the copies are done), each copied while the next is converted.
         let mut staged = Vec::new();
-        for (name, mem) in &p.inputs {
+        for (k, (name, mem)) in p.inputs.iter().enumerate() {
             let Some(mem) = mem else { continue };
             let t = &inputs.iter().find(|(n, _)| n == name).expect("bound").1;
-            let bytes = to_storage(t.data(), self.dtype);
-            unsafe { dr::memcpy_htod_async(mem.ptr, &bytes, stream) }
-                .map_err(|e| other(format!("copying input {name}: {e}")))?;
-            staged.push(bytes);
+            match &p.staging {
+                Some((pin, offs)) => {
+                    // SAFETY: this input's region; the stream touches it only after this
+                    // write, and the last step's copies were waited for.
+                    let dst = unsafe { pin.region(offs[k], mem.bytes) };
+                    to_storage_into(t.data(), self.dtype, dst);
+                    unsafe { dr::memcpy_htod_async(mem.ptr, &*dst, stream) }
+                        .map_err(|e| other(format!("copying input {name}: {e}")))?;
+                }
+                None => {
+                    let bytes = to_storage(t.data(), self.dtype);
+                    unsafe { dr::memcpy_htod_async(mem.ptr, &bytes, stream) }
+                        .map_err(|e| other(format!("copying input {name}: {e}")))?;
+                    staged.push(bytes);
+                }
+            }
         }
         let ev = |e: ds::CUevent| {
             unsafe { dr::event::record(e, stream) }.map_err(|e| other(format!("event: {e}")))
@@ -1648,26 +1757,52 @@ impl CudaExecutable {
             }
         }
         ev(self.events.1)?;
-        sync()?;
-        drop(staged);
+        let eb = self.elem_bytes();
+        let mut out = Vec::new();
+        if let Some((pin, offs)) = &p.staging {
+            // Every output copied back on the stream, then one wait.
+            for (j, (name, shape, ptr)) in p.outputs.iter().enumerate() {
+                let n: usize = shape.iter().product();
+                if let (Some(ptr), true) = (ptr, n > 0) {
+                    // SAFETY: this output's region, read only after the wait below.
+                    let dst = unsafe { pin.region(offs[p.inputs.len() + j], n * eb) };
+                    unsafe { dr::memcpy_dtoh_async(dst, *ptr, stream) }
+                        .map_err(|e| other(format!("reading output {name}: {e}")))?;
+                }
+            }
+            sync()?;
+            for (j, (name, shape, ptr)) in p.outputs.iter().enumerate() {
+                let n: usize = shape.iter().product();
+                let data = match ptr {
+                    Some(_) if n > 0 => {
+                        // SAFETY: the copies are done (waited for above).
+                        let src = unsafe { pin.region(offs[p.inputs.len() + j], n * eb) };
+                        from_storage(src, self.dtype)
+                    }
+                    _ => vec![0.0; n],
+                };
+                out.push((name.clone(), HostTensor::new(shape.clone(), data)));
+            }
+        } else {
+            sync()?;
+            drop(staged);
+            for (name, shape, ptr) in &p.outputs {
+                let n: usize = shape.iter().product();
+                let data = match ptr {
+                    Some(ptr) if n > 0 => {
+                        let mut bytes = vec![0u8; n * eb];
+                        unsafe { dr::memcpy_dtoh_sync(&mut bytes, *ptr) }
+                            .map_err(|e| other(format!("reading output {name}: {e}")))?;
+                        from_storage(&bytes, self.dtype)
+                    }
+                    _ => vec![0.0; n],
+                };
+                out.push((name.clone(), HostTensor::new(shape.clone(), data)));
+            }
+        }
         let secs = unsafe { dr::event::elapsed(self.events.0, self.events.1) }
             .ok()
             .map(|ms| f64::from(ms) / 1e3);
-        let eb = self.elem_bytes();
-        let mut out = Vec::new();
-        for (name, shape, ptr) in &p.outputs {
-            let n: usize = shape.iter().product();
-            let data = match ptr {
-                Some(ptr) if n > 0 => {
-                    let mut bytes = vec![0u8; n * eb];
-                    unsafe { dr::memcpy_dtoh_sync(&mut bytes, *ptr) }
-                        .map_err(|e| other(format!("reading output {name}: {e}")))?;
-                    from_storage(&bytes, self.dtype)
-                }
-                _ => vec![0.0; n],
-            };
-            out.push((name.clone(), HostTensor::new(shape.clone(), data)));
-        }
         Ok((out, secs))
     }
 }
@@ -2188,6 +2323,14 @@ mod tests {
         let b = from_storage(&to_storage(&v, DType::BF16), DType::BF16);
         for (x, y) in v.iter().zip(&b) {
             assert!((x - y).abs() <= x.abs() / 128.0, "{x} {y}");
+        }
+        // Into the pinned staging: the same bytes as the vector path.
+        let w: Vec<f32> = (0..37).map(|i| (i as f32 - 18.0) * 0.731).collect();
+        for dt in [DType::F32, DType::BF16, DType::F16] {
+            let want = to_storage(&w, dt);
+            let mut got = vec![0xa5u8; want.len()];
+            to_storage_into(&w, dt, &mut got);
+            assert_eq!(got, want, "{dt}");
         }
     }
 }
