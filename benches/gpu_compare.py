@@ -202,14 +202,15 @@ def eptc_bench(args, art, batch, train, iters):
         cmd.append("--train")
     r = json.loads(eptc(args, *cmd))
     return {"median_s": r.get("device_median_s") or r["median_s"], "wall_s": r["median_s"],
-            "device": r.get("device_median_s") is not None}
+            "device": r.get("device_median_s") is not None,
+            "peak_bytes": r.get("device_peak_bytes")}
 
 
 def render_timing(args, arts, rows):
     keys = ["eager", "compile"] + [t for t in arts if "bf16" in t or args.all_dtypes]
     lines = ["| step | batch | " + " | ".join(
-        f"{k} ms (img/s)" for k in keys) + " | eptc / compile | PyTorch eager peak MiB |",
-             "|---|---|" + "---|" * (len(keys) + 2)]
+        f"{k} ms (img/s)" for k in keys) + " | eptc / compile | PyTorch eager peak MiB | eptc peak MiB |",
+             "|---|---|" + "---|" * (len(keys) + 3)]
     for r in rows:
         cells = []
         for k in keys:
@@ -225,9 +226,10 @@ def render_timing(args, arts, rows):
         comp = r.get("compile", {}).get("median_s")
         ratio = f"{comp / r[ek]['median_s']:.2f}x" if ek and comp else "-"
         peak = r.get("eager", {}).get("peak_bytes")
+        epeak = r.get(ek, {}).get("peak_bytes") if ek else None
+        mib = lambda b: f"{b / 2**20:.0f}" if b else "-"  # noqa: E731
         lines.append(f"| {r['what']} | {r['batch']} | " + " | ".join(cells) +
-                     f" | {ratio} | {peak / 2**20:.0f} |" if peak else
-                     f"| {r['what']} | {r['batch']} | " + " | ".join(cells) + f" | {ratio} | - |")
+                     f" | {ratio} | {mib(peak)} | {mib(epeak)} |")
     return "\n".join(lines)
 
 

@@ -100,6 +100,13 @@ pub trait Executable: Send {
     fn device_seconds(&self) -> Option<f64> {
         None
     }
+
+    /// The most device memory the backend's allocations in this process held at once
+    /// (weights, intermediates, scratch), in bytes, where the backend tracks it; `None`
+    /// otherwise. Libraries' own workspaces (cuBLAS) and the context are not included.
+    fn device_peak_bytes(&self) -> Option<u64> {
+        None
+    }
 }
 
 /// The source of one generated kernel.

@@ -100,7 +100,8 @@ pub fn cmd_bench(a: &BenchArgs) -> Result<()> {
             json!({"artifact": a.artifact, "target": m.target, "what": what, "batch": a.batch, "iters": a.iters,
                    "warmup": a.warmup, "threads": a.threads, "median_s": median, "p10_s": p10, "p90_s": p90,
                    "min_s": sorted[0], "max_s": sorted[sorted.len() - 1], "images_per_s": a.batch as f64 / median,
-                   "peak_rss_bytes": peak, "times_s": times, "device_median_s": device_median,
+                   "peak_rss_bytes": peak, "device_peak_bytes": exe.device_peak_bytes(),
+                   "times_s": times, "device_median_s": device_median,
                    "device_images_per_s": device_median.map(|d| a.batch as f64 / d)})
         );
     } else {
@@ -126,6 +127,12 @@ pub fn cmd_bench(a: &BenchArgs) -> Result<()> {
                 "  on the device alone (no host copies): median {:.3} ms; {:.1} images/s",
                 d * 1e3,
                 a.batch as f64 / d
+            );
+        }
+        if let Some(b) = exe.device_peak_bytes() {
+            println!(
+                "  device memory: peak {:.1} MiB held by eptc's allocations (without the CUDA context and library workspaces)",
+                b as f64 / (1u64 << 20) as f64
             );
         }
         if let Some(p) = peak {

@@ -174,6 +174,21 @@ struct DevMem {
     bytes: usize,
 }
 
+/// Device bytes held by this process's `DevMem`s, now and at most (for
+/// [`Executable::device_peak_bytes`]).
+static DEVICE_BYTES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+static DEVICE_PEAK: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+fn count_alloc(bytes: usize) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let now = DEVICE_BYTES.fetch_add(bytes as u64, Relaxed) + bytes as u64;
+    DEVICE_PEAK.fetch_max(now, Relaxed);
+}
+
+fn count_free(bytes: usize) {
+    DEVICE_BYTES.fetch_sub(bytes as u64, std::sync::atomic::Ordering::Relaxed);
+}
+
 fn alloc(bytes: usize, what: &str) -> Result<DevMem> {
     let ptr = unsafe { dr::malloc_sync(bytes.max(4)) }.map_err(|e| {
         other(format!(
@@ -182,6 +197,7 @@ fn alloc(bytes: usize, what: &str) -> Result<DevMem> {
             bytes as f64 / (1u64 << 20) as f64
         ))
     })?;
+    count_alloc(bytes.max(4));
     Ok(DevMem { ptr, bytes })
 }
 
@@ -388,6 +404,7 @@ impl Drop for DevMem {
         unsafe {
             let _ = dr::free_sync(self.ptr);
         }
+        count_free(self.bytes.max(4));
     }
 }
 
@@ -1692,6 +1709,10 @@ impl Executable for CudaExecutable {
 
     fn device_seconds(&self) -> Option<f64> {
         self.last_device
+    }
+
+    fn device_peak_bytes(&self) -> Option<u64> {
+        Some(DEVICE_PEAK.load(std::sync::atomic::Ordering::Relaxed))
     }
 }
 
