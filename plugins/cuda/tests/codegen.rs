@@ -977,17 +977,30 @@ fn snapshot_linear_gelu() {
 
 // ---- NVRTC -------------------------------------------------------------------------------
 
-fn nvrtc_or_skip() -> bool {
-    match nvrtc::available() {
-        Ok(()) => true,
-        Err(e) if std::env::var_os("EPTC_REQUIRE_NVRTC").is_some() => {
-            panic!("EPTC_REQUIRE_NVRTC is set, but: {e}")
+/// Whether a tool a test needs is there (`found`: what to print, or why not); without
+/// it the test is skipped, unless `var` is set (as `.ci/run` does), which makes that a
+/// failure.
+fn present_or_skip(found: Result<String, String>, var: &str) -> bool {
+    match found {
+        Ok(what) => {
+            if !what.is_empty() {
+                eprintln!("{what}");
+            }
+            true
         }
+        Err(e) if std::env::var_os(var).is_some() => panic!("{var} is set, but: {e}"),
         Err(e) => {
             eprintln!("skipped: {e}");
             false
         }
     }
+}
+
+fn nvrtc_or_skip() -> bool {
+    present_or_skip(
+        nvrtc::available().map(|()| String::new()),
+        "EPTC_REQUIRE_NVRTC",
+    )
 }
 
 /// The op configurations' distinct kernels at batch 3 (and the linear epilogues) compile,
@@ -1461,19 +1474,8 @@ const ALL_DTYPES: [DType; 3] = [DType::F32, DType::BF16, DType::F16];
 /// The host C++ compiler the emulator needs; `EPTC_REQUIRE_EMULATOR` (set by `.ci/run`)
 /// makes its absence a failure.
 fn emulator_or_skip() -> bool {
-    match emulate::available() {
-        Ok(v) => {
-            eprintln!("emulating with {v}");
-            true
-        }
-        Err(e) if std::env::var_os("EPTC_REQUIRE_EMULATOR").is_some() => {
-            panic!("EPTC_REQUIRE_EMULATOR is set, but: {e}")
-        }
-        Err(e) => {
-            eprintln!("skipped: {e}");
-            false
-        }
-    }
+    let found = emulate::available().map(|v| format!("emulating with {v}"));
+    present_or_skip(found, "EPTC_REQUIRE_EMULATOR")
 }
 
 /// Without a GPU: every distinct kernel of the op configurations (with special values
