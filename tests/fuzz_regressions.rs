@@ -99,6 +99,7 @@ fn seeds_reach_the_accepting_paths() {
         "spec_mlp",
         "spec_attention",
         "spec_fused",
+        "spec_attention_backward",
     ] {
         let text = String::from_utf8(seed("ir_text", name)).expect("UTF-8");
         eptc_ir::text::parse(&text).unwrap_or_else(|e| panic!("{name}: {e}"));
