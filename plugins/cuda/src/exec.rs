@@ -15,10 +15,11 @@
 //! `EPTC_CUDA_FUSE=1` fuses element-wise chains into one kernel each
 //! ([`codegen::fuse`]); it is off by default until a GPU run has checked it (the fused
 //! kernels themselves pass the reference on the CPU emulator in CI).
-//! `EPTC_CUDA_VIEWS=1` lets the attention GEMMs read q, k and v in place through strided
-//! views of the fused qkv projection (pointer-array batched GEMMs), so the `permute` and
-//! `slice` nodes that split it copy nothing; off by default until a GPU run has checked
-//! it (the mapping is checked on the CPU against the reference).
+//! `EPTC_CUDA_VIEWS=1` lets the attention and matmul GEMMs read their operands in place
+//! through strided views (pointer-array batched GEMMs), so `permute` and `slice` nodes
+//! read only by GEMMs (those splitting the fused qkv projection, in the forward and the
+//! training graph) copy nothing; off by default until a GPU run has checked it (the
+//! mapping is checked on the CPU against the reference).
 //! `EPTC_CUDA_PINNED=1`: inputs and outputs go through page-locked (pinned) staging
 //! allocated with the plan: each input is converted into it and copied asynchronously
 //! while the next is converted, and the outputs are copied back together before one
@@ -454,25 +455,40 @@ impl Drop for Pinned {
     }
 }
 
-/// The attentions that read q, k and v through strided views (by slot, with their
-/// GEMMs), and the `permute` and `slice` slots they make views (no kernel, no buffer): an
-/// attention qualifies when [`attention_view_gemms`] maps it and every node on its
-/// operands' view chains is used only by such chains or by qualifying attentions as q,
-/// k or v (and is no graph output).
+/// The GEMMs of a node that reads its operands through strided views.
+enum ViewGemms {
+    Attention(Box<AttentionGemms>),
+    MatMul(Gemm),
+}
+
+/// The attentions and matmuls that read their operands through strided views (by slot,
+/// with their GEMMs), and the `permute` and `slice` slots they make views (no kernel, no
+/// buffer): a node qualifies when [`attention_view_gemms`] or [`matmul_view_gemm`] maps
+/// it and every node on its operands' view chains is used only by such chains or by
+/// qualifying nodes (an attention as q, k or v) and is no graph output.
 fn attention_views(
     g: &Graph,
     slots: &[Slot],
     batch: usize,
-) -> (HashMap<usize, AttentionGemms>, HashSet<usize>) {
+) -> (HashMap<usize, ViewGemms>, HashSet<usize>) {
     let slot_of: HashMap<NodeId, usize> =
         slots.iter().enumerate().map(|(i, s)| (s.id, i)).collect();
     let outputs: HashSet<NodeId> = g.outputs().iter().map(|o| o.1).collect();
-    let mut cands: HashMap<NodeId, (AttentionGemms, Vec<NodeId>)> = slots
-        .iter()
-        .filter(|s| matches!(g.node(s.id).op, Op::Attention { .. }))
-        .filter_map(|s| attention_view_gemms(g, s.id, batch).map(|x| (s.id, x)))
-        .collect();
+    // Nodes that must stay copies (a permute or slice some other op reads), grown until
+    // every remaining chain is read only by GEMMs.
+    let mut stop: HashSet<NodeId> = HashSet::new();
+    let mut cands: HashMap<NodeId, (ViewGemms, Vec<NodeId>)>;
     loop {
+        cands = slots
+            .iter()
+            .filter_map(|s| match g.node(s.id).op {
+                Op::Attention { .. } => attention_view_gemms(g, s.id, batch, &stop)
+                    .map(|(at, t)| (s.id, (ViewGemms::Attention(Box::new(at)), t))),
+                Op::MatMul { .. } => matmul_view_gemm(g, s.id, batch, &stop)
+                    .map(|(mm, t)| (s.id, (ViewGemms::MatMul(mm), t))),
+                _ => None,
+            })
+            .collect();
         let chain: HashSet<NodeId> = cands.values().flat_map(|c| c.1.iter().copied()).collect();
         let fine = |c: NodeId| {
             !outputs.contains(&c)
@@ -481,25 +497,39 @@ fn attention_views(
                     .filter(|u| slot_of.contains_key(u))
                     .all(|u| {
                         chain.contains(&u)
-                            || (cands.contains_key(&u)
-                                && g.operands(u)
+                            || cands.get(&u).is_some_and(|(v, _)| {
+                                // Attention reads q, k, v (not z) in place; a matmul both.
+                                let max = match v {
+                                    ViewGemms::Attention(_) => 3,
+                                    ViewGemms::MatMul(_) => 2,
+                                };
+                                g.operands(u)
                                     .iter()
                                     .enumerate()
-                                    .all(|(pos, &o)| o != c || pos < 3))
+                                    .all(|(pos, &o)| o != c || pos < max)
+                            })
                     })
         };
-        let bad: Vec<NodeId> = cands
-            .iter()
-            .filter(|(_, (_, through))| !through.iter().all(|&c| fine(c)))
-            .map(|(&a, _)| a)
-            .collect();
-        if bad.is_empty() {
+        // A chain node read elsewhere is materialised where its copy is made: itself if
+        // it is a permute or slice, else (a reshape) the nearest one below it.
+        let mut grew = false;
+        for &c in &chain {
+            if fine(c) {
+                continue;
+            }
+            let mut m = c;
+            while matches!(g.node(m).op, Op::Reshape { .. }) {
+                m = g.operands(m)[0];
+            }
+            if matches!(g.node(m).op, Op::Permute { .. } | Op::Slice { .. }) {
+                grew |= stop.insert(m);
+            }
+        }
+        if !grew {
             break;
         }
-        for a in bad {
-            cands.remove(&a);
-        }
     }
+    // What is left unfine is a reshape of a computed buffer: already a view, no copy.
     let virtual_slots = cands
         .values()
         .flat_map(|c| c.1.iter().copied())
@@ -826,9 +856,14 @@ impl CudaExecutable {
             let args: Vec<u64> = ops.iter().map(|&o| ptr_of(o)).chain([out]).collect();
             let node = self.graph.node(s.id);
             if blas && attention_gemm {
-                let at = view_att
-                    .remove(&i)
-                    .or_else(|| attention_for(&self.graph, s.id, batch));
+                let at = if let Some(ViewGemms::Attention(_)) = view_att.get(&i) {
+                    match view_att.remove(&i) {
+                        Some(ViewGemms::Attention(at)) => Some(*at),
+                        _ => None,
+                    }
+                } else {
+                    attention_for(&self.graph, s.id, batch)
+                };
                 if let Some(at) = at {
                     let id = s.id.index();
                     gemms += 2;
@@ -870,6 +905,21 @@ impl CudaExecutable {
                     ));
                     continue;
                 }
+            }
+            if let Some(ViewGemms::MatMul(g)) = view_att.remove(&i) {
+                gemms += 1;
+                pending.push((
+                    i,
+                    s.op,
+                    format!("n{}_{}_gemm", s.id.index(), s.op),
+                    PendingAction::Gemm(Gemm {
+                        a: args[1],
+                        b: args[0],
+                        c: out,
+                        ..g
+                    }),
+                ));
+                continue;
             }
             if blas {
                 if let Some((g, epi)) = gemm_for(&self.graph, s.id, batch) {
@@ -916,6 +966,13 @@ impl CudaExecutable {
                 ));
                 kernels.push(k);
             }
+        }
+        // Every node planned to read through views did (their operands have no copy).
+        if !view_att.is_empty() {
+            return Err(other(format!(
+                "internal: {} nodes planned to read through views got other steps",
+                view_att.len()
+            )));
         }
         // The scores and probabilities of the attention GEMMs: one pair for the plan (the
         // attention nodes run one after another).
@@ -1433,16 +1490,31 @@ struct StridedView {
 }
 
 /// `id` as a strided view of the nearest node that is not a `reshape`, `permute` or
-/// `slice`; `None` where a reshape of a non-contiguous view is not just the insertion or
-/// removal of size-1 axes.
-fn strided_view(g: &Graph, id: NodeId, batch: usize) -> Option<StridedView> {
+/// `slice` (or is in `stop`: materialised); `None` where a reshape of a non-contiguous
+/// view is not just the insertion or removal of size-1 axes.
+fn strided_view(
+    g: &Graph,
+    id: NodeId,
+    batch: usize,
+    stop: &HashSet<NodeId>,
+) -> Option<StridedView> {
     let shape = g.ty(id).shape.resolve(batch);
     let node = g.node(id);
     let inner = || {
-        let mut v = strided_view(g, g.operands(id)[0], batch)?;
+        let mut v = strided_view(g, g.operands(id)[0], batch, stop)?;
         v.through.push(id);
         Some(v)
     };
+    if stop.contains(&id) {
+        // Materialised: a contiguous buffer of its own.
+        return Some(StridedView {
+            root: id,
+            offset: 0,
+            strides: eptc_ir::strides::contiguous_strides(&shape),
+            shape,
+            through: Vec::new(),
+        });
+    }
     Some(match &node.op {
         Op::Reshape { .. } => {
             let v = inner()?;
@@ -1567,16 +1639,20 @@ fn attention_view_gemms(
     g: &Graph,
     id: NodeId,
     batch: usize,
+    stop: &HashSet<NodeId>,
 ) -> Option<(AttentionGemms, Vec<NodeId>)> {
     let base = attention_for(g, id, batch)?;
     let ops = g.operands(id);
     let out = g.ty(id).shape.resolve(batch);
+    if out.iter().product::<usize>() == 0 {
+        return None;
+    }
     let lead = &out[..out.len() - 2];
     let (n, e) = (out[out.len() - 2], out[out.len() - 1]);
     let mut views = Vec::new();
     let mut through = Vec::new();
     for &o in &ops[..3] {
-        let v = strided_view(g, o, batch)?;
+        let v = strided_view(g, o, batch, stop)?;
         let r = v.shape.len();
         if r < 2 || v.shape[..r - 2] != *lead || (v.shape[r - 1] > 1 && v.strides[r - 1] != 1) {
             return None;
@@ -1625,6 +1701,78 @@ fn attention_view_gemms(
     through.sort();
     through.dedup();
     Some((AttentionGemms { qk, pv, ..base }, through))
+}
+
+/// `matmul` `id` as one pointer-array batched GEMM reading both operands through strided
+/// views, with the view nodes walked; `None` unless each operand's stored rows are
+/// contiguous and at least one operand goes through a `permute` or `slice`.
+fn matmul_view_gemm(
+    g: &Graph,
+    id: NodeId,
+    batch: usize,
+    stop: &HashSet<NodeId>,
+) -> Option<(Gemm, Vec<NodeId>)> {
+    let Op::MatMul {
+        transpose_a: ta,
+        transpose_b: tb,
+    } = g.node(id).op
+    else {
+        return None;
+    };
+    let ops = g.operands(id);
+    let out = g.ty(id).shape.resolve(batch);
+    if out.len() < 2 || out.iter().product::<usize>() == 0 {
+        return None;
+    }
+    let lead = &out[..out.len() - 2];
+    let (m, n) = (out[out.len() - 2], out[out.len() - 1]);
+    let mut through = Vec::new();
+    let mut parts = Vec::new();
+    for &o in &ops {
+        let v = strided_view(g, o, batch, stop)?;
+        let r = v.shape.len();
+        if r < 2 || (v.shape[r - 1] > 1 && v.strides[r - 1] != 1) || r - 2 > lead.len() {
+            return None;
+        }
+        // The operand's leading strides broadcast to the output's leading dims.
+        let skip = lead.len() - (r - 2);
+        let mut ls = vec![0; lead.len()];
+        for (i, l) in ls.iter_mut().enumerate().skip(skip) {
+            let j = i - skip;
+            *l = if v.shape[j] == 1 { 0 } else { v.strides[j] };
+            if v.shape[j] != 1 && v.shape[j] != lead[i] {
+                return None;
+            }
+        }
+        let ld = v.strides[r - 2].max(v.shape[r - 1]).max(1);
+        through.extend(v.through.iter().copied());
+        parts.push((v.offset, ls, ld, v.shape[r - 2], v.shape[r - 1]));
+    }
+    let copies = through
+        .iter()
+        .any(|&t| matches!(g.node(t).op, Op::Permute { .. } | Op::Slice { .. }));
+    if !copies || m == 0 || n == 0 {
+        return None;
+    }
+    let (a, b) = (&parts[0], &parts[1]);
+    let k = if ta { a.3 } else { a.4 };
+    if k == 0 || (if tb { b.4 } else { b.3 }) != k {
+        return None;
+    }
+    let gm = view_gemm(
+        ta,
+        tb,
+        m,
+        n,
+        k,
+        lead,
+        (a.0, &a.1, a.2),
+        (b.0, &b.1, b.2),
+        1.0,
+    )?;
+    through.sort();
+    through.dedup();
+    Some((gm, through))
 }
 
 /// Split the lead dims into one strided batch (the innermost dims that merge for every
@@ -2024,7 +2172,9 @@ mod tests {
         let (gemms, virt) = attention_views(&g, &slots, 1);
         let slot = |id: NodeId| slots.iter().position(|s| s.id == id).unwrap();
         assert_eq!(gemms.len(), 1);
-        let at = &gemms[&slot(a)];
+        let ViewGemms::Attention(at) = &gemms[&slot(a)] else {
+            panic!("an attention")
+        };
         // The permute and the three slices become views: no kernel, no buffer.
         let kinds: Vec<&str> = virt.iter().map(|&i| slots[i].op).collect();
         assert_eq!(virt.len(), 4, "{kinds:?}");
@@ -2077,16 +2227,123 @@ mod tests {
         close(&o, &want);
     }
 
+    /// Matmuls read through views too: `q kᵀ`, `dS k` and `dSᵀ q` with q, k sliced from
+    /// one projection (the training graph's recomputed scores and gradients), against
+    /// the reference.
+    #[test]
+    fn matmuls_read_through_views() {
+        use eptc_ir::TensorType;
+        let (b, n, h, dh) = (2, 5, 3, 4);
+        let dm = h * dh;
+        let mut g = Graph::new("mm");
+        let xin = g.input("x", TensorType::f32(Shape::fixed(&[b, n, 3 * dm])));
+        let x = g.unary(UnaryOp::Tanh, xin).unwrap();
+        let r = g.reshape(x, Shape::fixed(&[b, n, 3, h, dh])).unwrap();
+        let p = g.permute(r, &[2, 0, 3, 1, 4]).unwrap();
+        let mut qk = Vec::new();
+        for i in 0..2 {
+            let sl = g.slice(p, 0, i, i + 1).unwrap();
+            qk.push(g.reshape(sl, Shape::fixed(&[b, h, n, dh])).unwrap());
+        }
+        let ds = g.input("ds", TensorType::f32(Shape::fixed(&[b, h, n, n])));
+        let s = g.matmul(qk[0], qk[1], false, true).unwrap();
+        let dq = g.matmul(ds, qk[1], false, false).unwrap();
+        let dk = g.matmul(ds, qk[0], true, false).unwrap();
+        // A weight without the leading dims (broadcast over images and heads).
+        let wm = g.input("w", TensorType::f32(Shape::fixed(&[dh, 7])));
+        let qw = g.matmul(qk[0], wm, false, false).unwrap();
+        for (name, y) in [("s", s), ("dq", dq), ("dk", dk), ("qw", qw)] {
+            g.set_output(name, y);
+        }
+        let (slots, ..) = slots_of(&g);
+        let (gemms, virt) = attention_views(&g, &slots, 1);
+        assert_eq!(gemms.len(), 4);
+        assert_eq!(virt.len(), 3, "the permute and two slices");
+        let xin_v = values(b * n * 3 * dm, 21);
+        let dsv = values(b * h * n * n, 22);
+        let xv: Vec<f64> = xin_v.iter().map(|v| v.tanh()).collect();
+        let wv = values(dh * 7, 23);
+        let inputs = [
+            ("x", vec![b, n, 3 * dm], xin_v.clone()),
+            ("ds", vec![b, h, n, n], dsv.clone()),
+            ("w", vec![dh, 7], wv.clone()),
+        ];
+        let env = {
+            let mut vals = HashMap::new();
+            for (name, shape, data) in &inputs {
+                vals.insert(
+                    name.to_string(),
+                    Tensor64 {
+                        shape: shape.clone(),
+                        data: data.clone(),
+                    },
+                );
+            }
+            eval_nodes(&g, &vals).unwrap()
+        };
+        for (y, a_buf, b_buf) in [
+            (s, &xv, &xv),
+            (dq, &dsv, &xv),
+            (dk, &dsv, &xv),
+            (qw, &xv, &wv),
+        ] {
+            let i = slots.iter().position(|s| s.id == y).unwrap();
+            let ViewGemms::MatMul(gm) = &gemms[&i] else {
+                panic!("a matmul")
+            };
+            let want = &env[&y].data;
+            let mut c = vec![f64::NAN; want.len()];
+            // cuBLAS's A is our B.
+            emulate(gm, b_buf, a_buf, &mut c);
+            close(&c, want);
+        }
+    }
+
     #[test]
     fn views_stay_off_where_a_copy_is_read_elsewhere() {
-        // The training graph reads q, k and v with matmuls too: no views there.
+        // The training graph: the forward's permute and slices feed attentions and the
+        // backward's matmuls, all GEMMs: views; the backward's dO permute feeds an
+        // element-wise product too: a copy.
         let dir = env!("CARGO_MANIFEST_DIR");
-        let text =
-            std::fs::read_to_string(format!("{dir}/../wgpu/tests/data/tiny_train.eptc")).unwrap();
-        let g = eptc_ir::text::parse(&text).unwrap();
-        let (slots, ..) = slots_of(&g);
-        let (gemms, virt) = attention_views(&g, &slots, 2);
-        assert!(gemms.is_empty() && virt.is_empty());
+        for f in ["tiny_train", "vit_b16_train"] {
+            let text =
+                std::fs::read_to_string(format!("{dir}/../wgpu/tests/data/{f}.eptc")).unwrap();
+            let g = eptc_ir::text::parse(&text).unwrap();
+            let (slots, ..) = slots_of(&g);
+            let (gemms, virt) = attention_views(&g, &slots, 2);
+            let attentions = slots.iter().filter(|s| s.op == "attention").count();
+            let count = |k: &str| virt.iter().filter(|&&i| slots[i].op == k).count();
+            eprintln!(
+                "{f}: {} nodes read through views, {} permutes and {} slices become views, {attentions} attentions",
+                gemms.len(),
+                count("permute"),
+                count("slice")
+            );
+            // At least each layer's q, k, v slices and their permute (ViT-B/16 also
+            // slices the class token for the head's matmul).
+            assert!(count("slice") >= 3 * attentions, "{f}");
+            assert!(count("permute") >= attentions, "{f}");
+            // A view is read only by views and GEMMs (the dO permute, which an
+            // element-wise product reads too, stays a copy).
+            for &i in &virt {
+                for u in g.users(slots[i].id) {
+                    let op = &g.node(u).op;
+                    assert!(
+                        matches!(
+                            op,
+                            Op::Reshape { .. }
+                                | Op::Permute { .. }
+                                | Op::Slice { .. }
+                                | Op::Attention { .. }
+                                | Op::MatMul { .. }
+                        ),
+                        "{f}: %{} read by {}",
+                        slots[i].id.index(),
+                        op.kind()
+                    );
+                }
+            }
+        }
         // The forward graphs' attentions all qualify (ViT-B/16: 12).
         for (f, want) in [("tiny_optimized", 0), ("vit_b16_optimized", 12)] {
             let text =
