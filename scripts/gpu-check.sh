@@ -98,11 +98,14 @@ stamp "== 3c. the gradient suite with the fused attention kernels, backward incl
 EPTC_CUDA_ATTENTION=fused timeout 90 "$bin/test-training" grad_matches_pytorch --nocapture \
   > "$out/suite-grad-fused-attention.log" 2>&1; echo "exit $?" >> "$out/suite-grad-fused-attention.log"
 grep -E "worst|test result|panicked|relative error|^exit" "$out/suite-grad-fused-attention.log" | head -10
-stamp "== 3d. the parity suite with q, k, v read in place and pinned staging (EPTC_CUDA_VIEWS=1 EPTC_CUDA_PINNED=1), f32"
+stamp "== 3d. the parity and gradient suites with operands read in place and pinned staging (EPTC_CUDA_VIEWS=1 EPTC_CUDA_PINNED=1), f32"
 EPTC_CUDA_VIEWS=1 EPTC_CUDA_PINNED=1 timeout 100 "$bin/test-parity" --test-threads 8 --nocapture \
   > "$out/suite-parity-views.log" 2>&1; echo "exit $?" >> "$out/suite-parity-views.log"
 grep -E "test result|FAILED|panicked|^exit" "$out/suite-parity-views.log" | head -20
 grep -Eo "rel err [0-9.e+-]+" "$out/suite-parity-views.log" | sort -k3 -g | tail -1
+EPTC_CUDA_VIEWS=1 EPTC_CUDA_PINNED=1 timeout 60 "$bin/test-training" grad_matches_pytorch --nocapture \
+  > "$out/suite-grad-views.log" 2>&1; echo "exit $?" >> "$out/suite-grad-views.log"
+grep -E "worst|test result|panicked|relative error|^exit" "$out/suite-grad-views.log" | head -10
 unset EPTC_TEST_DTYPE EPTC_TEST_TARGET
 
 stamp "== 4. ViT-B/16: parity against PyTorch float64 and timing against PyTorch"
