@@ -196,6 +196,12 @@ fn bound_comment(op: &Op, x: &[Vec<usize>], out: &[usize]) -> String {
         // A handful of operations per element: far below the ridge point.
         _ => 4.0 * elems,
     };
+    bound_line(elems, flops)
+}
+
+/// The bound comment for a kernel that moves `elems` elements (read once or written
+/// once) and does `flops` floating-point operations.
+pub(crate) fn bound_line(elems: f64, flops: f64) -> String {
     let us = |bytes_per_elem: f64| elems * bytes_per_elem / H100_BYTES_PER_S * 1e6;
     let compute_us = flops / H100_FP32_FLOPS * 1e6;
     let (m32, m16) = (us(4.0), us(2.0));

@@ -131,7 +131,14 @@ pub fn fused_kernel(
     let off_refs: Vec<&str> = offs.iter().map(String::as_str).collect();
 
     let kinds: Vec<&str> = group.nodes.iter().map(|&id| g.node(id).op.kind()).collect();
-    let mut src = format!(
+    // Each leaf read once, the root written once; a few operations per node and element.
+    let elems: usize = n + group
+        .leaves
+        .iter()
+        .map(|&l| g.ty(l).shape.resolve(batch).iter().product::<usize>())
+        .sum::<usize>();
+    let mut src = super::bound_line(elems as f64, 4.0 * (n * group.nodes.len()) as f64);
+    src += &format!(
         "// {name}: fused element-wise chain {} ({} nodes, {} leaves), one thread per output element ({n}).\n",
         kinds.join(" -> "),
         group.nodes.len(),
