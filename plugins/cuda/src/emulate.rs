@@ -168,6 +168,13 @@ impl Module {
     /// the output's `out_bytes` bytes. The output starts as NaN, so an element the kernel
     /// does not write shows.
     pub fn run(&self, k: &Kernel, inputs: &[&[u8]], out_bytes: usize) -> Result<Vec<u8>, String> {
+        self.run_on(k, inputs, vec![0xff; out_bytes])
+    }
+
+    /// [`Module::run`] with the output starting as `out` (for a kernel that updates its
+    /// output in place, the linear epilogue).
+    pub fn run_on(&self, k: &Kernel, inputs: &[&[u8]], out: Vec<u8>) -> Result<Vec<u8>, String> {
+        let out_bytes = out.len();
         let n = *self
             .inputs
             .get(&k.name)
@@ -183,7 +190,7 @@ impl Module {
         let mut bufs: Vec<Vec<u128>> = inputs
             .iter()
             .map(|b| guarded(b))
-            .chain(std::iter::once(guarded(&vec![0xff; out_bytes])))
+            .chain(std::iter::once(guarded(&out)))
             .collect();
         let mut ptrs: Vec<*mut u8> = bufs
             .iter_mut()

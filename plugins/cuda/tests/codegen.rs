@@ -929,6 +929,101 @@ fn linear_epilogue_follows_the_convention() {
     }
 }
 
+/// The linear epilogue (the step after every cuBLAS `linear`) on the emulator, in place on
+/// the product, against the reference `linear` (f32, bf16, f16; every flag combination).
+#[test]
+fn emulated_linear_epilogue_matches_the_reference() {
+    if !emulator_or_skip() {
+        return;
+    }
+    let (rows, k, cols) = (37, 9, 70);
+    let combos = [
+        (true, true, true),
+        (true, false, false),
+        (false, true, false),
+        (false, false, true),
+        (true, true, false),
+        (false, false, false),
+    ];
+    for dtype in ALL_DTYPES {
+        let ks: Vec<Kernel> = combos
+            .iter()
+            .enumerate()
+            .map(|(i, &(b, gl, r))| {
+                linear_epilogue(&format!("epi{i}"), rows, cols, b, gl, r, dtype)
+            })
+            .collect();
+        let m = emulate::Module::compile(&ks.iter().collect::<Vec<_>>(), dtype).unwrap();
+        for (i, &(bias, gelu, residual)) in combos.iter().enumerate() {
+            let mut g = Graph::new("lin");
+            let x = input(&mut g, "x0", fixed(&[rows, k]));
+            let w = input(&mut g, "x1", fixed(&[cols, k]));
+            let b = bias.then(|| input(&mut g, "x2", fixed(&[cols])));
+            let res = residual.then(|| input(&mut g, "x3", fixed(&[rows, cols])));
+            let act = if gelu {
+                Activation::Gelu
+            } else {
+                Activation::None
+            };
+            let y = g.linear(x, w, b, act, res).unwrap();
+            g.set_output("y", y);
+            let vals: Vec<(String, Vec<usize>, Vec<f32>)> = [
+                ("x0", vec![rows, k]),
+                ("x1", vec![cols, k]),
+                ("x2", vec![cols]),
+                ("x3", vec![rows, cols]),
+            ]
+            .into_iter()
+            .enumerate()
+            .filter(|(j, _)| *j < 2 || (*j == 2 && bias) || (*j == 3 && residual))
+            .map(|(j, (n, s))| {
+                let len = s.iter().product();
+                (n.to_string(), s, draw(100 + j as u64, len, false))
+            })
+            .collect();
+            // Everything as the storage type holds it; the product (cuBLAS's, rounded to
+            // the storage type) computed on the host.
+            let held: HashMap<String, Vec<f64>> = vals
+                .iter()
+                .map(|(n, _, v)| (n.clone(), store(v, dtype).1))
+                .collect();
+            let mut product = vec![0.0f32; rows * cols];
+            for r in 0..rows {
+                for c in 0..cols {
+                    let dot: f64 = (0..k)
+                        .map(|p| held["x0"][r * k + p] * held["x1"][c * k + p])
+                        .sum();
+                    product[r * cols + c] = dot as f32;
+                }
+            }
+            let (out0, _) = store(&product, dtype);
+            let mut inputs: Vec<Vec<u8>> = Vec::new();
+            for n in ["x2", "x3"] {
+                if let Some((_, _, v)) = vals.iter().find(|(m, _, _)| m == n) {
+                    inputs.push(store(v, dtype).0);
+                }
+            }
+            let refs: Vec<&[u8]> = inputs.iter().map(|v| v.as_slice()).collect();
+            let got = load_back(&m.run_on(&ks[i], &refs, out0).unwrap(), dtype);
+            // The reference `linear` on the held values (its exact product differs from the
+            // stored one by the storage type's rounding, within the bar).
+            let env: HashMap<String, eptc_ir::reference::Tensor64> = vals
+                .iter()
+                .map(|(n, shape, _)| {
+                    let t = eptc_ir::reference::Tensor64::new(shape.clone(), held[n].clone());
+                    (n.clone(), t)
+                })
+                .collect();
+            let want = eptc_ir::reference::eval(&g, &env).unwrap().remove(0).1.data;
+            let err = compare(&got, &want, dtype).unwrap();
+            assert!(
+                err <= tolerance(dtype),
+                "{dtype} bias {bias} gelu {gelu} residual {residual}: {err:e}"
+            );
+        }
+    }
+}
+
 // ---- snapshots ---------------------------------------------------------------------------
 
 /// The kernel of the first node of `kind` in ViT-B/16's optimized forward graph at batch 4.
