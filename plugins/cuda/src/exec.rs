@@ -2222,6 +2222,14 @@ mod tests {
                 p[r * n + j] = (row[j] - mx).exp() / den;
             }
         }
+        if let Some(pk) = emulated_softmax(&at.softmax, &sc, Some(&zv)) {
+            for (i, (a, b)) in pk.iter().zip(&p).enumerate() {
+                assert!(
+                    (a - b).abs() <= 1e-6 * (1e-3 + b.abs()),
+                    "p[{i}]: {a} vs {b}"
+                );
+            }
+        }
         let mut o = vec![f64::NAN; b * h * n * dh];
         emulate(&at.pv, &xv, &p, &mut o);
         close(&o, &want);
@@ -2441,6 +2449,32 @@ mod tests {
         }
     }
 
+    /// The attention GEMM path's softmax kernel on the CPU emulator (f32): the scores and
+    /// the sink logits in, the probabilities out; `None` without a host C++ compiler
+    /// (unless `EPTC_REQUIRE_EMULATOR` is set).
+    fn emulated_softmax(k: &Kernel, s: &[f64], z: Option<&[f64]>) -> Option<Vec<f64>> {
+        if let Err(e) = crate::emulate::available() {
+            assert!(
+                std::env::var_os("EPTC_REQUIRE_EMULATOR").is_none(),
+                "EPTC_REQUIRE_EMULATOR is set, but: {e}"
+            );
+            return None;
+        }
+        let m = crate::emulate::Module::compile(&[k], DType::F32).unwrap();
+        let bytes =
+            |v: &[f64]| -> Vec<u8> { v.iter().flat_map(|&x| (x as f32).to_le_bytes()).collect() };
+        let mut ins = vec![bytes(s)];
+        ins.extend(z.map(bytes));
+        let refs: Vec<&[u8]> = ins.iter().map(|v| v.as_slice()).collect();
+        let out = m.run(k, &refs, 4 * s.len()).unwrap();
+        Some(
+            from_storage(&out, DType::F32)
+                .into_iter()
+                .map(f64::from)
+                .collect(),
+        )
+    }
+
     fn values(n: usize, seed: u64) -> Vec<f64> {
         // A small deterministic generator (no rand dependency in the library).
         let mut x = seed
@@ -2578,6 +2612,15 @@ mod tests {
                 let den: f64 = row.iter().map(|x| (x - mx).exp()).sum::<f64>() + (z - mx).exp();
                 for j in 0..m {
                     p[r * m + j] = (row[j] - mx).exp() / den;
+                }
+            }
+            // The runtime's own softmax kernel, run by the CPU emulator, gives the same.
+            if let Some(pk) = emulated_softmax(&at.softmax, &sc, sink.then_some(zv)) {
+                for (i, (a, b)) in pk.iter().zip(&p).enumerate() {
+                    assert!(
+                        (a - b).abs() <= 1e-6 * (1e-3 + b.abs()),
+                        "p[{i}]: {a} vs {b}"
+                    );
                 }
             }
             let mut o = vec![f64::NAN; b * h * n * e];
