@@ -3,6 +3,16 @@
 //! ([`exec`]), matrix products through cuBLAS. Every CUDA library is loaded dynamically:
 //! the crate builds and the binary starts on machines without CUDA, and says plainly
 //! what is missing.
+//!
+//! Without a GPU the generated kernels still run: [`emulate`] compiles the same CUDA C
+//! with the host's C++ compiler and runs it on the CPU (one fiber per thread), which is
+//! how CI checks every kernel against the reference.
+//!
+//! Switches still being checked on a GPU (off by default): `EPTC_CUDA_FUSE=1`
+//! (element-wise chains in one kernel, [`codegen::fuse`]), `EPTC_CUDA_VIEWS=1` (GEMMs read
+//! operands in place through strided views), `EPTC_CUDA_PINNED=1` (pinned staging) and,
+//! at compile, `EPTC_CUDA_ATTENTION=fused` (the fused attention kernels, forward and the
+//! flash-style backward); see [`exec`].
 
 mod cache;
 pub mod codegen;
