@@ -2137,6 +2137,31 @@ mod tests {
         out
     }
 
+    /// `x = tanh(input "x" [b, n, 3 h dh])` split as ViT splits its fused qkv projection:
+    /// reshape `[b, n, 3, h, dh]`, permute `[3, b, h, n, dh]`, slice, reshape `[b, h, n,
+    /// dh]`; the first `count` of q, k, v.
+    fn split_qkv(
+        g: &mut Graph,
+        b: usize,
+        n: usize,
+        h: usize,
+        dh: usize,
+        count: usize,
+    ) -> (NodeId, Vec<NodeId>) {
+        use eptc_ir::TensorType;
+        let xin = g.input("x", TensorType::f32(Shape::fixed(&[b, n, 3 * h * dh])));
+        let x = g.unary(UnaryOp::Tanh, xin).unwrap();
+        let r = g.reshape(x, Shape::fixed(&[b, n, 3, h, dh])).unwrap();
+        let p = g.permute(r, &[2, 0, 3, 1, 4]).unwrap();
+        let parts = (0..count)
+            .map(|i| {
+                let sl = g.slice(p, 0, i, i + 1).unwrap();
+                g.reshape(sl, Shape::fixed(&[b, h, n, dh])).unwrap()
+            })
+            .collect();
+        (x, parts)
+    }
+
     /// ViT's attention on a fused qkv projection: `x [b, n, 3d]` → reshape `[b, n, 3, h,
     /// dh]` → permute `[3, b, h, n, dh]` → slice q, k, v → reshape → attention with a sink
     /// `z` that needs a buffer of x's size (`y = exp(w)`) while x must still live.
@@ -2144,15 +2169,7 @@ mod tests {
         use eptc_ir::TensorType;
         let dm = h * dh;
         let mut g = Graph::new("qkv");
-        let xin = g.input("x", TensorType::f32(Shape::fixed(&[b, n, 3 * dm])));
-        let x = g.unary(UnaryOp::Tanh, xin).unwrap();
-        let r = g.reshape(x, Shape::fixed(&[b, n, 3, h, dh])).unwrap();
-        let p = g.permute(r, &[2, 0, 3, 1, 4]).unwrap();
-        let mut qkv = Vec::new();
-        for i in 0..3 {
-            let sl = g.slice(p, 0, i, i + 1).unwrap();
-            qkv.push(g.reshape(sl, Shape::fixed(&[b, h, n, dh])).unwrap());
-        }
+        let (x, qkv) = split_qkv(&mut g, b, n, h, dh, 3);
         let w = g.input("w", TensorType::f32(Shape::fixed(&[b, n, 3 * dm])));
         let y = g.unary(UnaryOp::Exp, w).unwrap();
         let l = g
@@ -2244,15 +2261,7 @@ mod tests {
         let (b, n, h, dh) = (2, 5, 3, 4);
         let dm = h * dh;
         let mut g = Graph::new("mm");
-        let xin = g.input("x", TensorType::f32(Shape::fixed(&[b, n, 3 * dm])));
-        let x = g.unary(UnaryOp::Tanh, xin).unwrap();
-        let r = g.reshape(x, Shape::fixed(&[b, n, 3, h, dh])).unwrap();
-        let p = g.permute(r, &[2, 0, 3, 1, 4]).unwrap();
-        let mut qk = Vec::new();
-        for i in 0..2 {
-            let sl = g.slice(p, 0, i, i + 1).unwrap();
-            qk.push(g.reshape(sl, Shape::fixed(&[b, h, n, dh])).unwrap());
-        }
+        let (_, qk) = split_qkv(&mut g, b, n, h, dh, 2);
         let ds = g.input("ds", TensorType::f32(Shape::fixed(&[b, h, n, n])));
         let s = g.matmul(qk[0], qk[1], false, true).unwrap();
         let dq = g.matmul(ds, qk[1], false, false).unwrap();

@@ -1566,6 +1566,20 @@ fn run_cases<R: Runner>(
 
 const ALL_DTYPES: [DType; 3] = [DType::F32, DType::BF16, DType::F16];
 
+/// Every distinct kernel of the op configurations (at batch 3, and at batch 2 with special
+/// values where the spec defines them per element) and of the tiny graphs.
+fn kernel_cases() -> Vec<Case> {
+    let mut cases = Vec::new();
+    for (i, g) in op_graphs().iter().enumerate() {
+        cases.extend(cases_of(g, 3, &format!("o{i}"), false));
+        cases.extend(cases_of(g, 2, &format!("s{i}"), true));
+    }
+    for (i, f) in TINY.iter().enumerate() {
+        cases.extend(cases_of(&example(f), 3, &format!("t{i}"), false));
+    }
+    cases
+}
+
 /// The host C++ compiler the emulator needs; `EPTC_REQUIRE_EMULATOR` (set by `.ci/run`)
 /// makes its absence a failure.
 fn emulator_or_skip() -> bool {
@@ -1582,14 +1596,7 @@ fn emulated_kernels_match_the_reference() {
     if !emulator_or_skip() {
         return;
     }
-    let mut cases = Vec::new();
-    for (i, g) in op_graphs().iter().enumerate() {
-        cases.extend(cases_of(g, 3, &format!("o{i}"), false));
-        cases.extend(cases_of(g, 2, &format!("s{i}"), true));
-    }
-    for (i, f) in TINY.iter().enumerate() {
-        cases.extend(cases_of(&example(f), 3, &format!("t{i}"), false));
-    }
+    let cases = kernel_cases();
     eprintln!("{} distinct kernels", cases.len());
     let failures = run_cases(&Emulator, &cases, &ALL_DTYPES, &tolerance);
     assert!(failures.is_empty(), "{}", failures.join("\n"));
@@ -1838,14 +1845,7 @@ fn tolerance(dtype: DType) -> f64 {
 #[test]
 fn gpu_kernels_match_the_reference() {
     let Some(gpu) = gpu_or_skip() else { return };
-    let mut cases = Vec::new();
-    for (i, g) in op_graphs().iter().enumerate() {
-        cases.extend(cases_of(g, 3, &format!("o{i}"), false));
-        cases.extend(cases_of(g, 2, &format!("s{i}"), true));
-    }
-    for (i, f) in TINY.iter().enumerate() {
-        cases.extend(cases_of(&example(f), 3, &format!("t{i}"), false));
-    }
+    let cases = kernel_cases();
     eprintln!("{} distinct kernels", cases.len());
     let failures = run_cases(&gpu, &cases, &ALL_DTYPES, &tolerance);
     assert!(failures.is_empty(), "{}", failures.join("\n"));
