@@ -1814,6 +1814,190 @@ fn gpu_fused_chains_match_the_reference() {
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
+// ---- whole graphs on the emulator -------------------------------------------------------
+
+/// Run every node's kernel of `g` at `batch` in order on the emulator (no cuBLAS: the
+/// generated matmul, linear and attention kernels), each reading its operands' outputs,
+/// `reshape` aliasing its operand; with `fused`, element-wise chains run as their fused
+/// kernels. Returns the graph's outputs and the f64 reference on the same (rounded)
+/// inputs and params.
+fn emulate_graph(
+    g: &Graph,
+    batch: usize,
+    dtype: DType,
+    fused: bool,
+) -> Vec<(String, Vec<f32>, Vec<f64>)> {
+    let order = g.topo_order().unwrap();
+    let live = live_of(g);
+    let groups = if fused {
+        fuse::elementwise_groups(g, &order, &live)
+    } else {
+        Vec::new()
+    };
+    let mut interior = BTreeSet::new();
+    let mut root_of: HashMap<NodeId, usize> = HashMap::new();
+    for (k, gr) in groups.iter().enumerate() {
+        interior.extend(gr.nodes[..gr.nodes.len() - 1].iter().copied());
+        root_of.insert(gr.root(), k);
+    }
+    // The kernels, in launch order.
+    let mut steps: Vec<(NodeId, Vec<Kernel>)> = Vec::new();
+    for &id in &order {
+        if !live.contains(&id) || interior.contains(&id) {
+            continue;
+        }
+        let mut ks = match root_of.get(&id) {
+            Some(&k) => {
+                vec![
+                    fuse::fused_kernel(g, &groups[k], batch, &format!("n{}_fused", id.index()))
+                        .unwrap(),
+                ]
+            }
+            None => node_kernels(g, id, batch, dtype).unwrap(),
+        };
+        for k in &mut ks {
+            let name = format!("e_{}", k.name);
+            k.source = k.source.replace(&k.name, &name);
+            k.name = name;
+        }
+        steps.push((id, ks));
+    }
+    let all: Vec<&Kernel> = steps.iter().flat_map(|(_, ks)| ks.iter()).collect();
+    let module = emulate::Module::compile(&all, dtype).unwrap();
+    // Leaves: random values (params scaled down, labels one-hot), as the storage holds them.
+    let mut bytes: HashMap<NodeId, Vec<u8>> = HashMap::new();
+    let mut env: HashMap<String, eptc_ir::reference::Tensor64> = HashMap::new();
+    for &id in &order {
+        if !live.contains(&id) {
+            continue;
+        }
+        let shape = g.ty(id).shape.resolve(batch);
+        let n: usize = shape.iter().product();
+        let (name, vals) = match &g.node(id).op {
+            Op::Input { name } if name == "labels" => {
+                let c = shape[1];
+                let v = (0..n)
+                    .map(|i| if i % c == (i / c) % c { 1.0 } else { 0.0 })
+                    .collect();
+                (name.clone(), v)
+            }
+            Op::Input { name } => (name.clone(), draw(id.index() as u64 + 500, n, false)),
+            Op::Param { name, .. } => {
+                let v = draw(id.index() as u64 + 900, n, false)
+                    .iter()
+                    .map(|x| x * 0.25)
+                    .collect();
+                (name.clone(), v)
+            }
+            Op::Const { values } => {
+                let (b, _) = store(values, dtype);
+                bytes.insert(id, b);
+                continue;
+            }
+            _ => continue,
+        };
+        let (b, held) = store(&vals, dtype);
+        bytes.insert(id, b);
+        env.insert(name, eptc_ir::reference::Tensor64::new(shape, held));
+    }
+    for (id, ks) in &steps {
+        let node = g.node(*id);
+        if node.op.is_leaf() {
+            continue;
+        }
+        if matches!(node.op, Op::Reshape { .. }) {
+            let b = bytes[&g.operands(*id)[0]].clone();
+            bytes.insert(*id, b);
+            continue;
+        }
+        let operands: Vec<NodeId> = match root_of.get(id) {
+            Some(&k) => groups[k].leaves.clone(),
+            None => g.operands(*id),
+        };
+        let n = g.ty(*id).shape.numel(batch);
+        let ins: Vec<&[u8]> = operands.iter().map(|o| bytes[o].as_slice()).collect();
+        let out = if n == 0 {
+            Vec::new()
+        } else {
+            assert_eq!(ks.len(), 1, "%{}", id.index());
+            module
+                .run(&ks[0], &ins, n * dtype.size_bytes())
+                .unwrap_or_else(|e| panic!("%{} ({}): {e}", id.index(), node.op.kind()))
+        };
+        bytes.insert(*id, out);
+    }
+    let want = eptc_ir::reference::eval(g, &env).unwrap();
+    g.outputs()
+        .iter()
+        .zip(want)
+        .map(|((name, id), (_, w))| (name.clone(), load_back(&bytes[id], dtype), w.data))
+        .collect()
+}
+
+/// The tiny ViT's forward and training graphs (EPT deep with the sink; loss and every
+/// gradient) run kernel after kernel on the emulator, each reading what the previous
+/// ones wrote, with and without fused element-wise chains, against the f64 reference of
+/// the whole graph: the kernels composed, not only one by one.
+#[test]
+fn emulated_graphs_match_the_reference() {
+    if !emulator_or_skip() {
+        return;
+    }
+    // The forward's training graph with the flash-style attention backward
+    // (`attention_lse` / `attention_grad` kernels), as `EPTC_CUDA_ATTENTION=fused` makes it.
+    let flash = {
+        use eptc_autodiff::loss::{add_loss, Loss, LOSS};
+        let mut g = example(TINY[3]);
+        add_loss(&mut g, "logits", Loss::CrossEntropy).unwrap();
+        g.remove_output("features");
+        let opts = eptc_autodiff::Options {
+            fused_attention: true,
+        };
+        let t = eptc_autodiff::differentiate_with(&g, LOSS, &opts).unwrap();
+        let grads = t
+            .node_ids()
+            .into_iter()
+            .filter(|&id| matches!(t.node(id).op, Op::AttentionGrad { .. }))
+            .count();
+        assert!(grads > 0);
+        t
+    };
+    // f32 for every graph; 16-bit storage for the forward (through a whole backward
+    // bf16's rounding compounds past any useful bar: 8e-2 on a prompt gradient here).
+    for (f, dtypes) in [
+        (
+            TINY[3],
+            &[(DType::F32, 1e-4), (DType::BF16, 3e-2), (DType::F16, 1e-2)][..],
+        ),
+        (TINY[4], &[(DType::F32, 1e-4)][..]),
+        ("flash backward", &[(DType::F32, 1e-4)][..]),
+    ] {
+        let g = if f == "flash backward" {
+            flash.clone()
+        } else {
+            example(f)
+        };
+        if f == TINY[4] {
+            assert!(
+                groups_of(&g).len() >= 5,
+                "the training graph has chains to fuse"
+            );
+        }
+        for &(dtype, bar) in dtypes {
+            for fused in [false, true] {
+                for (name, got, want) in emulate_graph(&g, 2, dtype, fused) {
+                    let err = compare(&got, &want, DType::F32).unwrap();
+                    eprintln!("{f} {dtype} fused={fused} {name}: {err:.2e}");
+                    assert!(
+                        err <= bar,
+                        "{f} {dtype} fused={fused} {name}: {err:e} > {bar:e}"
+                    );
+                }
+            }
+        }
+    }
+}
+
 fn gpu_or_skip() -> Option<gpu::Gpu> {
     if nvrtc::available().is_err() {
         eprintln!("skipped: no NVRTC");
