@@ -287,6 +287,22 @@ fn attention_cases() -> Vec<(Shape, Shape, Shape, Option<Shape>)> {
     ]
 }
 
+/// The attention configurations as inputs `q<i>`, `k<i>`, `v<i>` and `z<i>` of `g`.
+fn attention_inputs(g: &mut Graph) -> Vec<(NodeId, NodeId, NodeId, Option<NodeId>)> {
+    attention_cases()
+        .into_iter()
+        .enumerate()
+        .map(|(i, (q, k, v, z))| {
+            (
+                input(g, &format!("q{i}"), q),
+                input(g, &format!("k{i}"), k),
+                input(g, &format!("v{i}"), v),
+                z.map(|z| input(g, &format!("z{i}"), z)),
+            )
+        })
+        .collect()
+}
+
 /// Small graphs exercising every op kind over several configurations (the wgpu
 /// backend's, plus the CUDA templates' own edge cases).
 fn op_graphs() -> Vec<Graph> {
@@ -493,22 +509,14 @@ fn op_graphs() -> Vec<Graph> {
         }
     });
     new("attention", &|g| {
-        for (i, (q, k, v, z)) in attention_cases().iter().enumerate() {
-            let q = input(g, &format!("q{i}"), q.clone());
-            let k = input(g, &format!("k{i}"), k.clone());
-            let v = input(g, &format!("v{i}"), v.clone());
-            let z = z.as_ref().map(|z| input(g, &format!("z{i}"), z.clone()));
+        for (q, k, v, z) in attention_inputs(g) {
             g.attention(q, k, v, z, 0.25).unwrap();
         }
     });
     // The fused backward on the same shapes: lse (with the sink where the case has
     // one), and the gradient wrt q, k and v from inputs lse, delta and dO.
     new("attention_backward", &|g| {
-        for (i, (q, k, v, z)) in attention_cases().iter().enumerate() {
-            let q = input(g, &format!("q{i}"), q.clone());
-            let k = input(g, &format!("k{i}"), k.clone());
-            let v = input(g, &format!("v{i}"), v.clone());
-            let z = z.as_ref().map(|z| input(g, &format!("z{i}"), z.clone()));
+        for (i, (q, k, v, z)) in attention_inputs(g).into_iter().enumerate() {
             let mut ops = vec![q, k];
             ops.extend(z);
             let sink = z.is_some();
