@@ -13,7 +13,8 @@
 #    PyTorch float64 logits) and gradient suite, run on --target cuda (f32; bf16 too
 #    with GPU_SUITE_DTYPES="f32 bf16"), then again with EPTC_CUDA_FUSE=1 (element-wise
 #    chains fused), with EPTC_CUDA_ATTENTION=fused (attention as the generated fused
-#    kernels, forward and the flash-style backward) and with EPTC_CUDA_VIEWS=1 (the
+#    kernels, forward -- on the tensor cores in bf16/f16 -- and the flash-style
+#    backward) and with EPTC_CUDA_VIEWS=1 (the
 #    attention GEMMs read q, k, v in place, no permute / slice copies) and
 #    EPTC_CUDA_PINNED=1 (pinned staging for the host copies); all off by default until
 #    they pass here;
@@ -97,6 +98,12 @@ grep -E "worst|test result|panicked|relative error|^exit" "$out/suite-grad-fused
 stamp "== 3c. the gradient suite with the fused attention kernels, backward included (EPTC_CUDA_ATTENTION=fused), f32"
 EPTC_CUDA_ATTENTION=fused timeout 90 "$bin/test-training" grad_matches_pytorch --nocapture \
   > "$out/suite-grad-fused-attention.log" 2>&1; echo "exit $?" >> "$out/suite-grad-fused-attention.log"
+# The tensor-core attention forward (bf16 storage) in whole optimized graphs: the parity
+# suite (every EPT mode and layout, the fixtures' heads of 16) against PyTorch float64.
+EPTC_CUDA_ATTENTION=fused EPTC_TEST_DTYPE=bf16 timeout 100 "$bin/test-parity" --test-threads 8 --nocapture \
+  > "$out/suite-parity-fused-attention-bf16.log" 2>&1; echo "exit $?" >> "$out/suite-parity-fused-attention-bf16.log"
+grep -E "test result|FAILED|panicked|^exit" "$out/suite-parity-fused-attention-bf16.log" | head -20
+grep -Eo "rel err [0-9.e+-]+" "$out/suite-parity-fused-attention-bf16.log" | sort -k3 -g | tail -1
 grep -E "worst|test result|panicked|relative error|^exit" "$out/suite-grad-fused-attention.log" | head -10
 stamp "== 3d. the parity and gradient suites with operands read in place and pinned staging (EPTC_CUDA_VIEWS=1 EPTC_CUDA_PINNED=1), f32"
 EPTC_CUDA_VIEWS=1 EPTC_CUDA_PINNED=1 timeout 100 "$bin/test-parity" --test-threads 8 --nocapture \
@@ -117,7 +124,7 @@ tail -5 "$out/gpu_compare.log"
 
 stamp "== 4b. attention as cuBLAS GEMMs (default) or the fused kernel, element-wise chains fused or not; where the time goes"
 if [ -d /tmp/eptc-gpu/art_cuda_bf16 ]; then
-  for mode in gemm fused gemm+fuse gemm+views gemm+pinned gemm+fuse+views+pinned; do
+  for mode in gemm fused gemm+fuse gemm+views gemm+pinned gemm+fuse+views+pinned fused+fuse+pinned; do
     for tr in "" --train; do
       att=${mode%%+*}; fuse=0; views=0; pinned=0
       case $mode in *fuse*) fuse=1;; esac
@@ -129,6 +136,17 @@ import json, sys; r = json.loads(sys.stdin.read()); d = r.get('device_median_s')
 print(f'  mode={sys.argv[1]:23} {r[\"what\"]:13} b64 bf16: device {d*1e3:.2f} ms, wall {r[\"median_s\"]*1e3:.2f} ms')" $mode
     done
   done 2>&1 | tee "$out/attention-modes.txt"
+  # Inference at the goal's batch (256): the default and the tensor-core fused forward.
+  for mode in gemm fused+fuse+pinned gemm+fuse+views+pinned; do
+    att=${mode%%+*}; fuse=0; views=0; pinned=0
+    case $mode in *fuse*) fuse=1;; esac
+    case $mode in *views*) views=1;; esac
+    case $mode in *pinned*) pinned=1;; esac
+    EPTC_CUDA_ATTENTION=$att EPTC_CUDA_FUSE=$fuse EPTC_CUDA_VIEWS=$views EPTC_CUDA_PINNED=$pinned timeout 40 "$bin/eptc" bench /tmp/eptc-gpu/art_cuda_bf16 \
+      --batch 256 --iters 10 --warmup 2 --json 2>>"$out/attention-modes.err" | python3 -c "
+import json, sys; r = json.loads(sys.stdin.read()); d = r.get('device_median_s') or float('nan')
+print(f'  mode={sys.argv[1]:23} {r[\"what\"]:13} b256 bf16: device {d*1e3:.2f} ms ({256/d:.0f} img/s), wall {r[\"median_s\"]*1e3:.2f} ms')" $mode
+  done 2>&1 | tee -a "$out/attention-modes.txt"
   # The training step with the fused attention backward needs an artifact compiled with
   # it (the training graph then holds attention_lse / attention_grad).
   EPTC_CUDA_ATTENTION=fused timeout 60 "$bin/eptc" compile /tmp/eptc-gpu/vit_b16_timm.safetensors \

@@ -10,8 +10,10 @@
 //! sink, LayerNorm and its gradient; non-contiguous reductions 8 threads per output),
 //! `matmul` (16x16 threads, tiles up to 64x64 staged in shared memory, up to 4x4 outputs
 //! per thread; `linear` with its epilogue) and `attention` (one warp per query row, keys
-//! and values staged in shared memory, online softmax with the optional sink logit);
-//! `cuda` holds the shared pieces (index arithmetic, the prelude).
+//! and values staged in shared memory, online softmax with the optional sink logit;
+//! `attention_mma` the same on the tensor cores for 16-bit storage); `attention_grad`
+//! the flash-style backward; `cuda` holds the shared pieces (index arithmetic, the
+//! prelude).
 //!
 //! # Conventions (what the runtime relies on)
 //!
@@ -26,12 +28,16 @@
 //!   and f16); every kernel reads and writes through the prelude's `ld`/`st` and
 //!   computes and accumulates in f32. The prelude comes from [`module_source`], once per
 //!   translation unit. The graph's own element types are not consulted: `dtype` decides.
+//!   A kernel's source is the same for every storage type except `attention`'s, which
+//!   for bf16 and f16 (the same source for both) is the tensor-core kernel where its
+//!   shapes allow (`mma_t` and `pack_t` from the 16-bit prelude; sm_80 and newer).
 //! - Every output element is written (no kernel relies on a zeroed output), and no
 //!   kernel reads its output, except [`linear_epilogue`], which updates in place.
 //! - No `#include`s: NVRTC needs no headers.
 
 mod attention;
 mod attention_grad;
+mod attention_mma;
 pub(crate) mod cuda;
 mod elementwise;
 pub mod fuse;
@@ -135,9 +141,42 @@ pub fn node_kernels(
         return Ok(Vec::new());
     }
     let name = format!("n{}_{}", id.index(), node.op.kind());
+    // Attention in 16-bit storage runs on the tensor cores where its shapes allow.
+    if let Op::Attention { scale, sink } = &node.op {
+        let spec = attention_spec(&shapes, *scale, *sink, &out).map_err(&err)?;
+        if attention_mma::eligible(&spec, dtype) {
+            let mut k = attention_mma::attention(&name, &spec, dtype).map_err(err)?;
+            k.source = format!(
+                "{}{}",
+                bound_comment_tensor(&node.op, &shapes, &out),
+                k.source
+            );
+            return Ok(vec![k]);
+        }
+    }
     let mut k = generate(&name, &node.op, &shapes, &out).map_err(err)?;
     k.source = format!("{}{}", bound_comment(&node.op, &shapes, &out), k.source);
     Ok(vec![k])
+}
+
+/// [`bound_comment`] for a kernel on the tensor cores (bf16/f16 operands, f32
+/// accumulation): the compute floor at the H100's dense rate.
+fn bound_comment_tensor(op: &Op, x: &[Vec<usize>], out: &[usize]) -> String {
+    let (elems, flops) = work(op, x, out);
+    let m16 = elems * 2.0 / H100_BYTES_PER_S * 1e6;
+    let compute_us = flops / H100_TENSOR_FLOPS * 1e6;
+    let bound = if compute_us > m16 {
+        "compute"
+    } else {
+        "memory"
+    };
+    format!(
+        "// bound: {bound}. Moves {elems:.0} elements ({:.3} MB in bf16/f16): >= {m16:.2} us at \
+         3.0 TB/s (H100 copy rate); {:.4} GFLOP: >= {compute_us:.2} us at 989 TFLOP/s dense \
+         bf16/f16 tensor cores (H100 SXM).\n",
+        elems * 2e-6,
+        flops * 1e-9
+    )
 }
 
 /// H100 SXM figures the kernels' comments are stated against: the device-to-device copy
@@ -145,11 +184,20 @@ pub fn node_kernels(
 /// datasheet (67 TFLOP/s; these kernels use no tensor cores).
 const H100_BYTES_PER_S: f64 = 3.0e12;
 const H100_FP32_FLOPS: f64 = 67e12;
+/// The H100 SXM's dense bf16/f16 tensor-core rate (datasheet).
+const H100_TENSOR_FLOPS: f64 = 989e12;
 
 /// The kernel's bound, stated as a comment: the fewest bytes it must move (every operand
 /// read once, the output written once) and the floating-point operations it must do,
 /// each over the H100's rate; the larger time is the floor no version beats by much.
 fn bound_comment(op: &Op, x: &[Vec<usize>], out: &[usize]) -> String {
+    let (elems, flops) = work(op, x, out);
+    bound_line(elems, flops)
+}
+
+/// The elements a node's kernel must move (operands read once, the output written once)
+/// and the floating-point operations it must do.
+fn work(op: &Op, x: &[Vec<usize>], out: &[usize]) -> (f64, f64) {
     let numel = |s: &[usize]| s.iter().product::<usize>() as f64;
     let elems = x.iter().map(|s| numel(s)).sum::<f64>() + numel(out);
     let flops = match op {
@@ -196,7 +244,7 @@ fn bound_comment(op: &Op, x: &[Vec<usize>], out: &[usize]) -> String {
         // A handful of operations per element: far below the ridge point.
         _ => 4.0 * elems,
     };
-    bound_line(elems, flops)
+    (elems, flops)
 }
 
 /// The bound comment for a kernel that moves `elems` elements (read once or written
@@ -539,23 +587,32 @@ fn generate(name: &str, op: &Op, x: &[Vec<usize>], out: &[usize]) -> Result<Kern
             matmul::matmul(name, &what, &[], rows, o, k, &opx, &opw, epi)
         }
         Op::Attention { scale, sink } => {
-            let at = dims::attention(x, *sink, out)?;
-            let spec = attention::Spec {
-                q_lead: at.q_lead,
-                k_lead: at.k_lead,
-                v_lead: at.v_lead,
-                lead: at.lead,
-                n: at.n,
-                m: at.m,
-                d: at.d,
-                e: at.e,
-                scale: *scale,
-                z: at.z,
-                max_numel: x.iter().map(|s| numel(s)).max().unwrap_or(0),
-            };
-            attention::attention(name, &spec)
+            attention::attention(name, &attention_spec(x, *scale, *sink, out)?)
         }
     }
+}
+
+/// The shapes and strides of an `attention` node.
+fn attention_spec(
+    x: &[Vec<usize>],
+    scale: f32,
+    sink: bool,
+    out: &[usize],
+) -> Result<attention::Spec, String> {
+    let at = dims::attention(x, sink, out)?;
+    Ok(attention::Spec {
+        q_lead: at.q_lead,
+        k_lead: at.k_lead,
+        v_lead: at.v_lead,
+        lead: at.lead,
+        n: at.n,
+        m: at.m,
+        d: at.d,
+        e: at.e,
+        scale,
+        z: at.z,
+        max_numel: x.iter().map(|s| s.iter().product()).max().unwrap_or(0),
+    })
 }
 
 /// The epilogue of a linear layer whose product `x w^T` is already in `out` (from

@@ -71,9 +71,10 @@ pub struct Module {
     lock: Mutex<()>,
 }
 
-/// Storage functions for the host where the device ones use PTX.
+/// Storage functions and the tensor-core product for the host where the device ones use
+/// PTX.
 fn host_source(src: &str, dtype: DType) -> String {
-    match dtype {
+    let mut src = match dtype {
         DType::F16 => {
             let device = crate::codegen::cuda::storage(DType::F16);
             assert!(src.contains(device), "the f16 prelude is in the module");
@@ -81,11 +82,21 @@ fn host_source(src: &str, dtype: DType) -> String {
                 device,
                 "typedef unsigned short T;\n\
                  inline float ld(const T* p, long long i) { return eptc_emu_half_to_float(p[i]); }\n\
-                 inline void st(T* p, long long i, float v) { p[i] = eptc_emu_float_to_half(v); }\n",
+                 inline unsigned short to_t(float v) { return eptc_emu_float_to_half(v); }\n\
+                 inline void st(T* p, long long i, float v) { p[i] = to_t(v); }\n",
             )
         }
         DType::F32 | DType::BF16 => src.to_string(),
+    };
+    if let Some(device) = crate::codegen::cuda::mma(dtype) {
+        assert!(src.contains(device), "the mma helper is in the module");
+        let host = format!(
+            "inline void mma_t(float* d, const unsigned* a, const unsigned* b) {{ eptc_emu_mma(d, a, b, {}); }}\n",
+            u8::from(dtype == DType::BF16)
+        );
+        src = src.replace(device, &host);
     }
+    src
 }
 
 impl Module {
@@ -174,6 +185,21 @@ impl Module {
     /// [`Module::run`] with the output starting as `out` (for a kernel that updates its
     /// output in place, the linear epilogue).
     pub fn run_on(&self, k: &Kernel, inputs: &[&[u8]], out: Vec<u8>) -> Result<Vec<u8>, String> {
+        self.run_shifted(k, inputs, out, 0)
+    }
+
+    /// [`Module::run_on`] with every operand `shift` bytes past 16-byte alignment (a
+    /// multiple of the element size): for the kernels' unaligned paths.
+    pub fn run_shifted(
+        &self,
+        k: &Kernel,
+        inputs: &[&[u8]],
+        out: Vec<u8>,
+        shift: usize,
+    ) -> Result<Vec<u8>, String> {
+        if shift >= 16 || !shift.is_multiple_of(self.dtype.size_bytes()) {
+            return Err(format!("a shift of {shift} bytes"));
+        }
         let out_bytes = out.len();
         let n = *self
             .inputs
@@ -189,14 +215,17 @@ impl Module {
         // Each buffer 16-byte aligned (float4 loads), with guards on both sides.
         let mut bufs: Vec<Vec<u128>> = inputs
             .iter()
-            .map(|b| guarded(b))
-            .chain(std::iter::once(guarded(&out)))
+            .map(|b| guarded(b, shift))
+            .chain(std::iter::once(guarded(&out, 0)))
             .collect();
+        let n_in = inputs.len();
         let mut ptrs: Vec<*mut u8> = bufs
             .iter_mut()
-            .map(|b| {
-                // SAFETY: GUARD bytes into a buffer at least that long.
-                unsafe { (b.as_mut_ptr() as *mut u8).add(GUARD) }
+            .enumerate()
+            .map(|(i, b)| {
+                let at = GUARD + if i < n_in { shift } else { 0 };
+                // SAFETY: `at` bytes into a buffer longer than that.
+                unsafe { (b.as_mut_ptr() as *mut u8).add(at) }
             })
             .collect();
         let name = std::ffi::CString::new(k.name.as_str()).map_err(|e| e.to_string())?;
@@ -241,7 +270,8 @@ impl Module {
             .chain(std::iter::once(out_bytes))
             .collect();
         for (i, (b, &len)) in bufs.iter().zip(&lens).enumerate() {
-            let bytes = as_bytes(b);
+            let at = if i < n_in { shift } else { 0 };
+            let bytes = &as_bytes(b)[at..];
             let what = if i < inputs.len() {
                 format!("operand {i}")
             } else {
@@ -269,13 +299,14 @@ impl Module {
     }
 }
 
-/// `bytes` between two guards of all-ones, in 16-byte aligned memory.
-fn guarded(bytes: &[u8]) -> Vec<u128> {
-    let total = GUARD + bytes.len() + GUARD;
+/// `bytes` between two guards of all-ones, in 16-byte aligned memory, `shift` bytes past
+/// the alignment.
+fn guarded(bytes: &[u8], shift: usize) -> Vec<u128> {
+    let total = shift + GUARD + bytes.len() + GUARD;
     let mut v = vec![u128::MAX; total.div_ceil(16)];
     // SAFETY: the vector holds at least `total` bytes.
     let raw = unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr() as *mut u8, v.len() * 16) };
-    raw[GUARD..GUARD + bytes.len()].copy_from_slice(bytes);
+    raw[shift + GUARD..shift + GUARD + bytes.len()].copy_from_slice(bytes);
     v
 }
 

@@ -32,6 +32,9 @@ struct __attribute__((aligned(8))) float2 {
 struct __attribute__((aligned(16))) float4 {
     float x, y, z, w;
 };
+struct __attribute__((aligned(16))) uint4 {
+    unsigned x, y, z, w;
+};
 
 extern "C" __attribute__((weak)) char __start_eptc_shared[];
 extern "C" __attribute__((weak)) char __stop_eptc_shared[];
@@ -137,6 +140,55 @@ static inline unsigned short eptc_emu_float_to_half(float f) {
     unsigned short h;
     memcpy(&h, &v, 2);
     return h;
+}
+
+// One warp's `mma.m16n8k16` with f32 accumulation (`bf16`: operands in bf16, else f16):
+// every lane offers its fragments, then computes its four accumulators from the whole
+// A (16 x 16) and B (16 x 8) in the PTX ISA's fragment layouts (g = lane / 4, t = lane %
+// 4): A register r of lane (g, t) holds row g + 8 (r & 1), columns 2t + 8 (r >> 1) and
+// the next one (high half); B register r holds rows 2t + 8 r and the next one, column g;
+// accumulator i is row g + 8 (i >> 1), column 2t + (i & 1). All 32 lanes must take part.
+namespace eptc_emu {
+static unsigned mma_a[MAX_THREADS / 32][32][4];
+static unsigned mma_b[MAX_THREADS / 32][32][2];
+}  // namespace eptc_emu
+
+static inline void eptc_emu_mma(float* d, const unsigned* a, const unsigned* b, int bf16) {
+    using namespace eptc_emu;
+    const unsigned lane = cur->lin & 31u, warp = cur->lin >> 5;
+    const unsigned long long gen = ++cur->shuffles;
+    memcpy(mma_a[warp][lane], a, sizeof mma_a[warp][lane]);
+    memcpy(mma_b[warp][lane], b, sizeof mma_b[warp][lane]);
+    slot_gen[warp][lane] = gen;
+    wait(WAIT_WARP);
+    for (unsigned l = 0; l < 32; ++l) {
+        if (slot_gen[warp][l] != gen) {
+            fail("mma with a lane of the warp missing");
+        }
+    }
+    auto half = [&](unsigned reg, unsigned hi) -> float {
+        const unsigned short h = (unsigned short)(hi ? reg >> 16 : reg & 0xffffu);
+        return bf16 ? __uint_as_float((unsigned)h << 16) : eptc_emu_half_to_float(h);
+    };
+    auto A = [&](unsigned r, unsigned c) {
+        const unsigned l = (r % 8) * 4 + (c % 8) / 2;
+        return half(mma_a[warp][l][(r / 8) + 2 * (c / 8)], c & 1);
+    };
+    auto B = [&](unsigned r, unsigned c) {
+        const unsigned l = c * 4 + (r % 8) / 2;
+        return half(mma_b[warp][l][r / 8], r & 1);
+    };
+    const unsigned g = lane >> 2, t = lane & 3u;
+    float out[4];
+    for (unsigned i = 0; i < 4; ++i) {
+        const unsigned row = g + 8 * (i >> 1), col = 2 * t + (i & 1);
+        float acc = d[i];
+        for (unsigned k = 0; k < 16; ++k) acc += A(row, k) * B(k, col);
+        out[i] = acc;
+    }
+    // Nobody overwrites the fragments before every lane has read them.
+    wait(WAIT_WARP);
+    memcpy(d, out, sizeof out);
 }
 
 // Run `k(args)` over the grid; 0 on success, else 1 with the reason in `err`.

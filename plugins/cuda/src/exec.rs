@@ -62,8 +62,9 @@ impl CudaBackend {
 /// Ops the executor handles itself, without kernels.
 const RUNTIME_KINDS: [&str; 4] = ["input", "param", "const", "reshape"];
 
-/// `EPTC_CUDA_ATTENTION=fused`: attention as the generated fused kernels, forward and
-/// (for graphs compiled with it set) backward, instead of cuBLAS GEMMs around a softmax.
+/// `EPTC_CUDA_ATTENTION=fused`: attention as the generated fused kernels, forward (on the
+/// tensor cores for 16-bit storage) and (for graphs compiled with it set) backward,
+/// instead of cuBLAS GEMMs around a softmax.
 fn fused_attention() -> bool {
     std::env::var("EPTC_CUDA_ATTENTION").is_ok_and(|v| v == "fused")
 }

@@ -11,8 +11,9 @@
 //! Switches still being checked on a GPU (off by default): `EPTC_CUDA_FUSE=1`
 //! (element-wise chains in one kernel, [`codegen::fuse`]), `EPTC_CUDA_VIEWS=1` (GEMMs read
 //! operands in place through strided views), `EPTC_CUDA_PINNED=1` (pinned staging) and,
-//! at compile, `EPTC_CUDA_ATTENTION=fused` (the fused attention kernels, forward and the
-//! flash-style backward); see [`exec`].
+//! `EPTC_CUDA_ATTENTION=fused` (the fused attention kernels: the forward, on the tensor
+//! cores for bf16 / f16 storage, and, set at compile, the flash-style backward); see
+//! [`exec`].
 
 mod cache;
 pub mod codegen;

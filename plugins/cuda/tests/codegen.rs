@@ -157,9 +157,14 @@ fn check_launch(g: &Graph, id: NodeId, batch: usize, k: &Kernel) {
         Op::SoftmaxSink
         | Op::LayerNorm { .. }
         | Op::LayerNormGrad { .. }
-        | Op::Attention { .. }
         | Op::AttentionLse { .. }
         | Op::AttentionGrad { .. } => blocks * threads_per_block / 32 * last(&out),
+        // A warp per row, or (on the tensor cores: blocks of 4 warps) 16 rows per warp.
+        Op::Attention { .. } if k.source.contains("mma_t(") => {
+            assert_eq!(k.block, [128, 1, 1]);
+            blocks * 4 * 16 * last(&out)
+        }
+        Op::Attention { .. } => blocks * threads_per_block / 32 * last(&out),
         // 16 x 16 threads, at most 4 x 4 outputs each.
         Op::MatMul { .. } | Op::Linear { .. } => {
             assert_eq!(k.block, [16, 16, 1]);
@@ -200,9 +205,28 @@ fn check(g: &Graph, id: NodeId, batches: &[usize]) -> Vec<Kernel> {
                 format!("n{}_{}", id.index(), g.node(id).op.kind()),
                 "kernel name"
             );
-            // The source does not depend on the storage type (the prelude does).
-            for dt in [DType::BF16, DType::F16] {
-                assert_eq!(node_kernels(g, id, b, dt).unwrap(), ks, "{} {dt}", k.name);
+            // The source does not depend on the storage type (the prelude does), except
+            // attention's in 16-bit storage where the tensor-core kernel takes it: the
+            // same for bf16 and f16.
+            let k16 = node_kernels(g, id, b, DType::BF16).unwrap();
+            assert_eq!(
+                node_kernels(g, id, b, DType::F16).unwrap(),
+                k16,
+                "{}",
+                k.name
+            );
+            if k16 != ks {
+                assert!(
+                    matches!(g.node(id).op, Op::Attention { .. }),
+                    "{}: only attention has a 16-bit kernel of its own",
+                    k.name
+                );
+                for k in &k16 {
+                    assert!(k.source.contains("mma_t("), "{}", k.name);
+                    check_entry(k);
+                    check_launch(g, id, b, k);
+                    assert_eq!(k.inputs, g.operands(id).len(), "{}", k.name);
+                }
             }
         }
         all.extend(ks);
@@ -283,6 +307,27 @@ fn attention_cases() -> Vec<(Shape, Shape, Shape, Option<Shape>)> {
             batched(&[1, 70, 96]),
             batched(&[1, 70, 33]),
             Some(batched(&[1, 40, 1])),
+        ),
+        // The tensor-core kernel's head dims (80, 128) and lengths (224 and 384 px: 197
+        // and 577 tokens; more keys than queries, a partial last tile of 1 key), the
+        // sink per entry or shared; without the batch, to keep the emulator quick.
+        (
+            fixed(&[2, 197, 80]),
+            fixed(&[2, 197, 80]),
+            fixed(&[2, 197, 80]),
+            Some(fixed(&[2, 197, 1])),
+        ),
+        (
+            fixed(&[577, 128]),
+            fixed(&[577, 128]),
+            fixed(&[577, 128]),
+            Some(fixed(&[577, 1])),
+        ),
+        (
+            batched(&[1, 70, 32]),
+            fixed(&[1, 129, 32]),
+            fixed(&[1, 129, 8]),
+            None,
         ),
     ]
 }
@@ -517,6 +562,11 @@ fn op_graphs() -> Vec<Graph> {
     // one), and the gradient wrt q, k and v from inputs lse, delta and dO.
     new("attention_backward", &|g| {
         for (i, (q, k, v, z)) in attention_inputs(g).into_iter().enumerate() {
+            // 577 tokens: the forward only (the backward's SIMT kernels over it would
+            // take minutes on the emulator).
+            if g.ty(q).shape.resolve(1).iter().rev().nth(1) > Some(&300) {
+                continue;
+            }
             let mut ops = vec![q, k];
             ops.extend(z);
             let sink = z.is_some();
@@ -1113,31 +1163,38 @@ fn op_graphs_compile_with_nvrtc() {
     if !nvrtc_or_skip() {
         return;
     }
-    let mut unique: BTreeMap<String, Kernel> = BTreeMap::new();
-    for g in op_graphs() {
-        for id in g.node_ids() {
-            for mut k in node_kernels(&g, id, 3, DType::F32).unwrap() {
-                // Names are unique per graph only: prefix the graph's.
-                let name = format!("{}_{}", g.name, k.name);
-                k.source = k.source.replace(&k.name, &name);
-                k.name = name;
-                unique.entry(k.masked_source()).or_insert(k);
+    let graphs = op_graphs();
+    for dt in ALL_DTYPES {
+        let mut unique: BTreeMap<String, Kernel> = BTreeMap::new();
+        for g in &graphs {
+            for id in g.node_ids() {
+                for mut k in node_kernels(g, id, 3, dt).unwrap() {
+                    // Names are unique per graph only: prefix the graph's.
+                    let name = format!("{}_{}", g.name, k.name);
+                    k.source = k.source.replace(&k.name, &name);
+                    k.name = name;
+                    unique.entry(k.masked_source()).or_insert(k);
+                }
             }
         }
-    }
-    for (i, (b, gl, r)) in [
-        (true, true, true),
-        (false, false, true),
-        (true, false, false),
-    ]
-    .into_iter()
-    .enumerate()
-    {
-        let k = linear_epilogue(&format!("epi{i}"), 5, 7, b, gl, r, DType::F32);
-        unique.insert(k.masked_source(), k);
-    }
-    let refs: Vec<&Kernel> = unique.values().collect();
-    for dt in [DType::F32, DType::BF16, DType::F16] {
+        for (i, (b, gl, r)) in [
+            (true, true, true),
+            (false, false, true),
+            (true, false, false),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let k = linear_epilogue(&format!("epi{i}"), 5, 7, b, gl, r, dt);
+            unique.insert(k.masked_source(), k);
+        }
+        let refs: Vec<&Kernel> = unique.values().collect();
+        let tensor = refs.iter().filter(|k| k.source.contains("mma_t(")).count();
+        assert_eq!(
+            tensor > 0,
+            dt != DType::F32,
+            "{dt}: {tensor} tensor-core kernels"
+        );
         let src = module_source(&refs, dt);
         if let Err(log) = nvrtc::compile(&src, "sm_80") {
             panic!("{dt}: {log}");
@@ -1281,14 +1338,26 @@ fn round_to(w: f64, dtype: DType) -> f32 {
 }
 
 /// The relative L2 error of `got` against `want` (rounded to the storage type first);
-/// NaN and infinities must agree exactly.
+/// NaN and infinities must agree exactly, except that a finite reference that rounds to
+/// an infinity may be met by the largest finite value of that sign.
 fn compare(got: &[f32], want: &[f64], dtype: DType) -> Result<f64, String> {
     if got.len() != want.len() {
         return Err(format!("{} values, want {}", got.len(), want.len()));
     }
     let (mut num, mut den) = (0.0f64, 0.0f64);
-    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
-        let w = round_to(w, dtype);
+    let max_finite = match dtype {
+        DType::F32 => f32::MAX,
+        DType::BF16 => half::bf16::MAX.to_f32(),
+        DType::F16 => half::f16::MAX.to_f32(),
+    };
+    for (i, (&g, &w64)) in got.iter().zip(want).enumerate() {
+        let w = round_to(w64, dtype);
+        // A finite reference just past the type's range rounds to infinity; a kernel
+        // whose f32 value fell just short of the rounding boundary stores the largest
+        // finite value instead: the same result within rounding.
+        if w.is_infinite() && w64.is_finite() && g == max_finite.copysign(w) {
+            continue;
+        }
         if w.is_nan() || g.is_nan() || w.is_infinite() || g.is_infinite() {
             if !(w.is_nan() && g.is_nan()) && g != w {
                 return Err(format!("element {i}: got {g}, want {w}"));
@@ -1350,8 +1419,19 @@ fn draw(seed: u64, n: usize, special: bool) -> Vec<f32> {
 struct Case {
     what: String,
     kernel: Kernel,
+    /// The kernel for 16-bit storage where it is another (attention on the tensor cores).
+    kernel16: Option<Kernel>,
     one: Graph,
     special: bool,
+}
+
+impl Case {
+    fn kernel_for(&self, dtype: DType) -> &Kernel {
+        match (&self.kernel16, dtype) {
+            (Some(k), DType::BF16 | DType::F16) => k,
+            _ => &self.kernel,
+        }
+    }
 }
 
 /// The distinct kernels of `g` at `batch` (names made unique with `tag`).
@@ -1359,13 +1439,25 @@ fn cases_of(g: &Graph, batch: usize, tag: &str, special: bool) -> Vec<Case> {
     let mut seen = BTreeSet::new();
     let mut out = Vec::new();
     for id in g.node_ids() {
-        for mut k in node_kernels(g, id, batch, DType::F32).unwrap() {
+        let k16 = node_kernels(g, id, batch, DType::BF16).unwrap();
+        for (j, mut k) in node_kernels(g, id, batch, DType::F32)
+            .unwrap()
+            .into_iter()
+            .enumerate()
+        {
             if !seen.insert(k.masked_source()) {
                 continue;
             }
-            let name = format!("{tag}_{}", k.name);
-            k.source = k.source.replace(&k.name, &name);
-            k.name = name;
+            let rename = |k: &mut Kernel| {
+                let name = format!("{tag}_{}", k.name);
+                k.source = k.source.replace(&k.name, &name);
+                k.name = name;
+            };
+            let mut kernel16 = (k16[j] != k).then(|| k16[j].clone());
+            rename(&mut k);
+            if let Some(k) = &mut kernel16 {
+                rename(k);
+            }
             // Special values where the spec defines them element by element.
             let op = &g.node(id).op;
             let sp = special
@@ -1384,6 +1476,7 @@ fn cases_of(g: &Graph, batch: usize, tag: &str, special: bool) -> Vec<Case> {
             out.push(Case {
                 what: format!("{} %{} ({})", g.name, id.index(), op.kind()),
                 kernel: k,
+                kernel16,
                 one: single_op_graph(g, id, batch),
                 special: sp,
             });
@@ -1520,9 +1613,9 @@ fn run_cases<R: Runner>(
     tol: &dyn Fn(DType) -> f64,
 ) -> Vec<String> {
     let mut failures = Vec::new();
-    let refs: Vec<&Kernel> = cases.iter().map(|c| &c.kernel).collect();
     let mut worst: BTreeMap<(String, String), f64> = BTreeMap::new();
     for &dtype in dtypes {
+        let refs: Vec<&Kernel> = cases.iter().map(|c| c.kernel_for(dtype)).collect();
         let module = match runner.module(&refs, dtype) {
             Ok(m) => m,
             Err(e) => {
@@ -1540,7 +1633,7 @@ fn run_cases<R: Runner>(
                 }
             };
             let out_bytes = want.len() * dtype.size_bytes();
-            let got = match runner.run(&module, &c.kernel, &inputs, out_bytes) {
+            let got = match runner.run(&module, c.kernel_for(dtype), &inputs, out_bytes) {
                 Ok(b) => load_back(&b, dtype),
                 Err(e) => {
                     failures.push(format!("{} {dtype}: {e}", c.what));
@@ -1550,10 +1643,11 @@ fn run_cases<R: Runner>(
             };
             match compare(&got, &want, dtype) {
                 Ok(e) if e <= tol(dtype) => {
-                    let key = (
-                        dtype.to_string(),
-                        c.one.node(c.one.outputs()[0].1).op.kind().to_string(),
-                    );
+                    let mut kind = c.one.node(c.one.outputs()[0].1).op.kind().to_string();
+                    if c.kernel_for(dtype).source.contains("mma_t(") {
+                        kind += " (mma)";
+                    }
+                    let key = (dtype.to_string(), kind);
                     let w = worst.entry(key).or_insert(0.0);
                     *w = w.max(e);
                 }
@@ -1784,6 +1878,7 @@ fn fused_cases() -> Vec<Case> {
             cases.push(Case {
                 what: format!("{} group of %{}", g.name, gr.root().index()),
                 kernel: k,
+                kernel16: None,
                 one: group_graph(g, gr, *batch),
                 special: *special,
             });
@@ -2062,8 +2157,8 @@ fn gpu_vit_b16_kernels_match_the_reference() {
             timed.push(c);
         }
     }
-    let refs: Vec<&Kernel> = timed.iter().map(|c| &c.kernel).collect();
     for dtype in [DType::F32, DType::BF16] {
+        let refs: Vec<&Kernel> = timed.iter().map(|c| c.kernel_for(dtype)).collect();
         let module = gpu.load(nvrtc::compile(&module_source(&refs, dtype), "sm_90").unwrap());
         let mut rows = Vec::new();
         let mut total = 0.0;
@@ -2079,16 +2174,17 @@ fn gpu_vit_b16_kernels_match_the_reference() {
                 })
                 .collect();
             let mut out = gpu.upload(&vec![0; c.one.ty(y).shape.numel(1) * dtype.size_bytes()]);
-            gpu.launch(&module, &c.kernel, &bufs, &mut out).unwrap();
+            let k = c.kernel_for(dtype);
+            gpu.launch(&module, k, &bufs, &mut out).unwrap();
             gpu.stream.synchronize().unwrap();
             let t = std::time::Instant::now();
             for _ in 0..5 {
-                gpu.launch(&module, &c.kernel, &bufs, &mut out).unwrap();
+                gpu.launch(&module, k, &bufs, &mut out).unwrap();
             }
             gpu.stream.synchronize().unwrap();
             let us = t.elapsed().as_secs_f64() * 1e6 / 5.0;
             total += us;
-            rows.push((us, c.what.clone(), c.kernel.grid, c.kernel.block));
+            rows.push((us, c.what.clone(), k.grid, k.block));
         }
         rows.sort_by(|a, b| b.0.total_cmp(&a.0));
         eprintln!(
@@ -2098,5 +2194,82 @@ fn gpu_vit_b16_kernels_match_the_reference() {
         for (us, what, grid, block) in rows.iter().take(12) {
             eprintln!("  {us:>9.1} us  {what}  grid {grid:?} block {block:?}");
         }
+    }
+}
+
+// ---- attention on the tensor cores --------------------------------------------------------
+
+/// ViT-B/16 (64 per head) and the other head dims (80, 128) at 224 and 384 px
+/// (197 and 577 tokens) take the tensor-core kernel in both 16-bit storage types, and
+/// the f32 kernel stays the SIMT one.
+#[test]
+fn attention_in_16_bit_storage_runs_on_the_tensor_cores() {
+    for (d, n) in [
+        (64, 197),
+        (80, 197),
+        (128, 197),
+        (64, 577),
+        (80, 577),
+        (128, 577),
+    ] {
+        let mut g = Graph::new("heads");
+        let q = input(&mut g, "q", batched(&[12, n, d]));
+        let k = input(&mut g, "k", batched(&[12, n, d]));
+        let v = input(&mut g, "v", batched(&[12, n, d]));
+        let z = input(&mut g, "z", fixed(&[12, n, 1]));
+        let y = g.attention(q, k, v, Some(z), 1.0).unwrap();
+        let f32k = node_kernels(&g, y, 64, DType::F32).unwrap();
+        assert!(!f32k[0].source.contains("mma_t("), "d {d}, n {n}");
+        for dt in [DType::BF16, DType::F16] {
+            let k = node_kernels(&g, y, 64, dt).unwrap();
+            assert!(k[0].source.contains("mma_t("), "d {d}, n {n}, {dt}");
+            // 64 rows per block of 128 threads over 64 x 12 heads.
+            assert_eq!(k[0].grid[0] as usize, 64 * 12 * n.div_ceil(64));
+        }
+    }
+}
+
+#[test]
+fn snapshot_attention_tensor_cores() {
+    let g = example(VIT_B16[0]);
+    let id = g
+        .node_ids()
+        .into_iter()
+        .find(|&id| g.node(id).op.kind() == "attention")
+        .expect("an attention node");
+    let k = node_kernels(&g, id, 4, DType::BF16).unwrap().remove(0);
+    insta::assert_snapshot!("attention_mma_vit_b16", described(&k));
+}
+
+/// The tensor-core kernel stages keys and values with 16-byte copies where they are
+/// aligned and element by element where not: operands 2 bytes off the alignment give
+/// the same result as aligned ones, and both the reference.
+#[test]
+fn emulated_tensor_core_attention_reads_unaligned_operands() {
+    if !emulator_or_skip() {
+        return;
+    }
+    let mut g = Graph::new("unaligned");
+    let q = input(&mut g, "q", fixed(&[2, 70, 32]));
+    let k = input(&mut g, "k", fixed(&[2, 130, 32]));
+    let v = input(&mut g, "v", fixed(&[2, 130, 16]));
+    let z = input(&mut g, "z", fixed(&[2, 70, 1]));
+    g.attention(q, k, v, Some(z), 0.3).unwrap();
+    for dtype in [DType::BF16, DType::F16] {
+        let cases = cases_of(&g, 1, "u", false);
+        assert_eq!(cases.len(), 1);
+        let c = &cases[0];
+        let kern = c.kernel_for(dtype);
+        assert!(kern.source.contains("mma_t("));
+        let m = emulate::Module::compile(&[kern], dtype).unwrap();
+        let (inputs, want) = prepare(&cases, dtype).remove(0);
+        let want = want.unwrap();
+        let refs: Vec<&[u8]> = inputs.iter().map(|b| b.as_slice()).collect();
+        let out = vec![0xff; want.len() * dtype.size_bytes()];
+        let aligned = m.run_shifted(kern, &refs, out.clone(), 0).unwrap();
+        let shifted = m.run_shifted(kern, &refs, out, 2).unwrap();
+        assert_eq!(aligned, shifted, "{dtype}");
+        let e = compare(&load_back(&shifted, dtype), &want, dtype).unwrap();
+        assert!(e <= tolerance(dtype), "{dtype}: {e:.3e}");
     }
 }

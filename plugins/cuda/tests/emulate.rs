@@ -211,3 +211,95 @@ fn storage_types_round_as_the_gpu_does() {
         }
     }
 }
+
+/// `mma_t` (one `mma.m16n8k16`) with the fragments loaded as the PTX ISA states them, per
+/// element `a_i` / `b_i` / `c_i` (not per register, as the shim and the attention kernel
+/// index them): D = A B for a 16 x 16 A and a 16 x 8 B, in bf16 and f16. A warp with a
+/// lane missing from the product is an error.
+#[test]
+fn mma_follows_the_ptx_fragment_layouts() {
+    if !emulator() {
+        return;
+    }
+    let body = |early: bool| {
+        format!(
+            "    const unsigned lane = threadIdx.x, g = lane >> 2, t = lane & 3u;
+    unsigned a[4], b[2];
+    for (int r = 0; r < 4; ++r) {{
+        unsigned short e[2];
+        for (int h = 0; h < 2; ++h) {{
+            const int i = 2 * r + h;
+            const unsigned row = (i < 2 || (i >= 4 && i < 6)) ? g : g + 8u;
+            const unsigned col = t * 2u + (unsigned)(i & 1) + (i >= 4 ? 8u : 0u);
+            e[h] = x0[row * 16u + col];
+        }}
+        a[r] = (unsigned)e[0] | ((unsigned)e[1] << 16);
+    }}
+    for (int r = 0; r < 2; ++r) {{
+        unsigned short e[2];
+        for (int h = 0; h < 2; ++h) {{
+            const int i = 2 * r + h;
+            const unsigned row = t * 2u + (unsigned)(i & 1) + (i >= 2 ? 8u : 0u);
+            e[h] = x1[row * 8u + g];
+        }}
+        b[r] = (unsigned)e[0] | ((unsigned)e[1] << 16);
+    }}
+    float d[4] = {{0.0f, 0.0f, 0.0f, 0.0f}};
+    {}
+    mma_t(d, a, b);
+    for (int i = 0; i < 4; ++i) {{
+        const unsigned row = i < 2 ? g : g + 8u, col = t * 2u + (unsigned)(i & 1);
+        st(out, row * 8u + col, d[i]);
+    }}",
+            if early {
+                "if (lane == 31u) return;"
+            } else {
+                ""
+            }
+        )
+    };
+    let ks = [
+        kernel("mma", 2, &body(false), 1, 32),
+        kernel("mma_lane_missing", 2, &body(true), 1, 32),
+    ];
+    let a: Vec<f32> = (0..256)
+        .map(|i| ((i * 7 % 23) as f32 - 11.0) * 0.125)
+        .collect();
+    let b: Vec<f32> = (0..128)
+        .map(|i| ((i * 5 % 19) as f32 - 9.0) * 0.25)
+        .collect();
+    for dtype in [DType::BF16, DType::F16] {
+        let m = Module::compile(&ks.iter().collect::<Vec<_>>(), dtype).unwrap();
+        // Small multiples of 1/8: exact in both types, and so is every product and sum.
+        let store = |v: &[f32]| -> Vec<u8> {
+            v.iter()
+                .flat_map(|&x| match dtype {
+                    DType::BF16 => half::bf16::from_f32(x).to_le_bytes(),
+                    _ => half::f16::from_f32(x).to_le_bytes(),
+                })
+                .collect()
+        };
+        let out = m
+            .run(&ks[0], &[&store(&a), &store(&b)], 16 * 8 * 2)
+            .unwrap();
+        for r in 0..16 {
+            for c in 0..8 {
+                let want: f32 = (0..16).map(|k| a[r * 16 + k] * b[k * 8 + c]).sum();
+                let bytes = [out[2 * (r * 8 + c)], out[2 * (r * 8 + c) + 1]];
+                let got = match dtype {
+                    DType::BF16 => half::bf16::from_le_bytes(bytes).to_f32(),
+                    _ => half::f16::from_le_bytes(bytes).to_f32(),
+                };
+                let want = match dtype {
+                    DType::BF16 => half::bf16::from_f32(want).to_f32(),
+                    _ => half::f16::from_f32(want).to_f32(),
+                };
+                assert_eq!(got, want, "{dtype} D[{r}][{c}]");
+            }
+        }
+        let e = m
+            .run(&ks[1], &[&store(&a), &store(&b)], 16 * 8 * 2)
+            .unwrap_err();
+        assert!(e.contains("mma with a lane of the warp missing"), "{e}");
+    }
+}

@@ -57,15 +57,15 @@ fn example(path: &str) -> Graph {
     eptc_ir::text::parse(&text).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
 }
 
-/// The kernels of every node of `g` at `batch`, one per distinct masked source.
-fn unique_kernels(g: &Graph, batch: usize) -> (usize, Vec<Kernel>) {
+/// The kernels of every node of `g` at `batch` for storage `dtype`, one per distinct
+/// masked source.
+fn unique_kernels(g: &Graph, batch: usize, dtype: DType) -> (usize, Vec<Kernel>) {
     eptc_ir::verify(g).unwrap_or_else(|e| panic!("graph {}: {e}", g.name));
     let mut seen: HashMap<String, ()> = HashMap::new();
     let mut unique = Vec::new();
     let mut all = 0;
     for id in g.node_ids() {
-        // The same kernel source is valid for every storage type.
-        let ks = node_kernels(g, id, batch, DType::F32).unwrap_or_else(|e| {
+        let ks = node_kernels(g, id, batch, dtype).unwrap_or_else(|e| {
             panic!("graph {} at batch {batch}: {e}", g.name);
         });
         for k in ks {
@@ -110,15 +110,16 @@ fn blame(source: &str, log: &str, kernels: &[Kernel]) -> Vec<String> {
     names
 }
 
-/// Compile the unique kernels of each graph for f32 and bf16, sm_80 and sm_90: one
-/// module per combination, the combinations spread over the available cores.
-fn compile_graphs(graphs: &[(String, Vec<Kernel>)]) {
+/// The storage types every graph's kernels compile for.
+const DTYPES: [DType; 2] = [DType::F32, DType::BF16];
+
+/// Compile the unique kernels of each graph (for its storage type) for sm_80 and sm_90:
+/// one module per combination, the combinations spread over the available cores.
+fn compile_graphs(graphs: &[(String, DType, Vec<Kernel>)]) {
     let mut jobs = Vec::new();
-    for (gname, ks) in graphs {
-        for dtype in [DType::F32, DType::BF16] {
-            for arch in ["sm_80", "sm_90"] {
-                jobs.push((gname.as_str(), ks, dtype, arch));
-            }
+    for (gname, dtype, ks) in graphs {
+        for arch in ["sm_80", "sm_90"] {
+            jobs.push((gname.as_str(), ks, *dtype, arch));
         }
     }
     let threads = std::thread::available_parallelism()
@@ -193,10 +194,12 @@ fn tiny_graphs_compile() {
     }
     let mut total = 0;
     for (name, g) in &sources {
-        let (all, unique) = unique_kernels(g, 3);
-        assert!(all > 0, "{name}: no kernels");
-        total += all;
-        graphs.push((name.clone(), unique));
+        for dtype in DTYPES {
+            let (all, unique) = unique_kernels(g, 3, dtype);
+            assert!(all > 0, "{name}: no kernels");
+            total += all;
+            graphs.push((name.clone(), dtype, unique));
+        }
     }
     compile_graphs(&graphs);
     eprintln!(
@@ -220,12 +223,26 @@ fn vit_b16_graphs_compile() {
         "../wgpu/tests/data/vit_b16_train.eptc",
     ] {
         let g = example(f);
-        let (all, unique) = unique_kernels(&g, 64);
-        total += all;
-        eprintln!("{f}: {all} kernels, {} distinct", unique.len());
-        graphs.push((f.rsplit('/').next().unwrap_or(f).to_string(), unique));
+        for dtype in DTYPES {
+            let (all, unique) = unique_kernels(&g, 64, dtype);
+            total += all;
+            let tensor = unique
+                .iter()
+                .filter(|k| k.source.contains("mma_t("))
+                .count();
+            eprintln!(
+                "{f}, {dtype}: {all} kernels, {} distinct, {tensor} on the tensor cores",
+                unique.len()
+            );
+            // The attention of the ViT-B/16 forward (12 heads of 64) runs on the tensor
+            // cores in bf16.
+            if f.ends_with("optimized.eptc") {
+                assert_eq!(tensor > 0, dtype == DType::BF16, "{f} {dtype}");
+            }
+            graphs.push((f.rsplit('/').next().unwrap_or(f).to_string(), dtype, unique));
+        }
     }
-    assert!(total > 700, "{total} kernels");
+    assert!(total > 1400, "{total} kernels");
     compile_graphs(&graphs);
     eprintln!(
         "ViT-B/16 graphs: {total} kernels compiled in {:.1} s",

@@ -180,13 +180,15 @@ pub(crate) fn storage(dtype: DType) -> &'static str {
         DType::BF16 => {
             "typedef unsigned short T;\n\
              __device__ __forceinline__ float ld(const T* p, long long i) {\n    return __uint_as_float(((unsigned)p[i]) << 16);\n}\n\
-             __device__ __forceinline__ void st(T* p, long long i, float v) {\n    const unsigned u = __float_as_uint(v);\n    unsigned short r;\n    if ((u & 0x7fffffffu) > 0x7f800000u) {\n        r = (unsigned short)((u >> 16) | 0x40u);\n    } else {\n        r = (unsigned short)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);\n    }\n    p[i] = r;\n}\n"
+             __device__ __forceinline__ unsigned short to_t(float v) {\n    const unsigned u = __float_as_uint(v);\n    if ((u & 0x7fffffffu) > 0x7f800000u) {\n        return (unsigned short)((u >> 16) | 0x40u);\n    }\n    return (unsigned short)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);\n}\n\
+             __device__ __forceinline__ void st(T* p, long long i, float v) { p[i] = to_t(v); }\n"
         }
         // f16 through PTX's conversions (round to nearest even), no headers needed.
         DType::F16 => {
             "typedef unsigned short T;\n\
              __device__ __forceinline__ float ld(const T* p, long long i) {\n    float f;\n    asm(\"cvt.f32.f16 %0, %1;\" : \"=f\"(f) : \"h\"(p[i]));\n    return f;\n}\n\
-             __device__ __forceinline__ void st(T* p, long long i, float v) {\n    unsigned short h;\n    asm(\"cvt.rn.f16.f32 %0, %1;\" : \"=h\"(h) : \"f\"(v));\n    p[i] = h;\n}\n"
+             __device__ __forceinline__ unsigned short to_t(float v) {\n    unsigned short h;\n    asm(\"cvt.rn.f16.f32 %0, %1;\" : \"=h\"(h) : \"f\"(v));\n    return h;\n}\n\
+             __device__ __forceinline__ void st(T* p, long long i, float v) { p[i] = to_t(v); }\n"
         }
     }
 }
@@ -269,11 +271,33 @@ __device__ __forceinline__ float warp_pick_min(float v) {
 }
 "#;
 
+/// `mma_t(d, a, b)`: `d += A B` for one `mma.m16n8k16` (A 16 x 16 and B 16 x 8 in the
+/// storage type, four and two registers of two elements; `d` the four f32 accumulators),
+/// for the 16-bit storage types (sm_80 and newer). The CPU emulator replaces exactly
+/// this text.
+pub(crate) fn mma(dtype: DType) -> Option<&'static str> {
+    match dtype {
+        DType::F32 => None,
+        DType::BF16 => Some(
+            "__device__ __forceinline__ void mma_t(float* d, const unsigned* a, const unsigned* b) {\n    asm volatile(\"mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\"\n                 : \"+f\"(d[0]), \"+f\"(d[1]), \"+f\"(d[2]), \"+f\"(d[3])\n                 : \"r\"(a[0]), \"r\"(a[1]), \"r\"(a[2]), \"r\"(a[3]), \"r\"(b[0]), \"r\"(b[1]));\n}\n",
+        ),
+        DType::F16 => Some(
+            "__device__ __forceinline__ void mma_t(float* d, const unsigned* a, const unsigned* b) {\n    asm volatile(\"mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\"\n                 : \"+f\"(d[0]), \"+f\"(d[1]), \"+f\"(d[2]), \"+f\"(d[3])\n                 : \"r\"(a[0]), \"r\"(a[1]), \"r\"(a[2]), \"r\"(a[3]), \"r\"(b[0]), \"r\"(b[1]));\n}\n",
+        ),
+    }
+}
+
+/// Two values rounded to the 16-bit storage type, packed as one register of an `mma`
+/// operand (`lo` in the low half).
+const PACK: &str = "__device__ __forceinline__ unsigned pack_t(float lo, float hi) {\n    return (unsigned)to_t(lo) | ((unsigned)to_t(hi) << 16);\n}\n";
+
 /// The prelude of a module: the storage type `T`, `ld`/`st` (every kernel reads and
-/// writes through them, computing in f32) and the scalar library.
+/// writes through them, computing in f32), the scalar library and, for the 16-bit types,
+/// the tensor-core helpers (`pack_t`, `mma_t`).
 pub fn prelude(dtype: DType) -> String {
+    let tensor = mma(dtype).map_or(String::new(), |m| format!("{PACK}{m}"));
     format!(
-        "// eptc CUDA kernels: storage type {dtype}, arithmetic in f32.\n{}{LIBRARY}\n",
+        "// eptc CUDA kernels: storage type {dtype}, arithmetic in f32.\n{}{LIBRARY}{tensor}\n",
         storage(dtype)
     )
 }

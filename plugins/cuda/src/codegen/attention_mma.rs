@@ -1,0 +1,296 @@
+//! Fused attention `softmax_sink(scale * q k^T, z) v` on the tensor cores, for 16-bit
+//! storage (bf16 or f16): flash-attention style, the scores never leave registers.
+//!
+//! A block of [`WARPS`] warps takes [`BM`] query rows of one batch entry, 16 rows per
+//! warp; it stages [`BN`] keys and values at a time in shared memory (16-bit, rows padded
+//! by 8 elements so the fragment loads of a warp hit distinct banks) and each warp
+//!
+//! 1. computes its 16 x [`BN`] scores with `mma.sync.m16n8k16` (f32 accumulation), the
+//!    query fragments held in registers for the whole kernel;
+//! 2. takes the row maxima by two shuffles within each group of 4 lanes (the lanes that
+//!    share a row), rescales its running state (online softmax) and exponentiates;
+//! 3. feeds the probabilities, rounded to the storage type, straight back as the A
+//!    operand of `P V` (the accumulator layout of the scores is the A layout of the
+//!    next product), accumulating the 16 x e output in f32 registers.
+//!
+//! With a sink the row starts from `max = z` and `sum = exp(z - z)`, as the SIMT kernel
+//! does ([`super::attention`]); the probabilities' sum is kept in f32 before rounding.
+//! Keys past the end of the last tile score `-inf`; their 8-key column blocks and 16-key
+//! steps are skipped. Needs `d` a multiple of 16, `e` a multiple of 8, both at most
+//! [`MAX_DIM`], at least one key, and sm_80 or newer.
+//!
+//! Fragment layouts of `mma.m16n8k16` (PTX ISA, "Matrix Fragments for mma.m16n8k16"),
+//! with `g = lane / 4` and `t = lane % 4`: A (16 x 16) registers hold the pairs `(g, 2t)`,
+//! `(g + 8, 2t)`, `(g, 2t + 8)`, `(g + 8, 2t + 8)` (each with the next column in the high
+//! half); B (16 x 8) registers the pairs of rows `(2t, g)` and `(2t + 8, g)` (with the
+//! next row in the high half); the f32 accumulator `(g, 2t)`, `(g, 2t + 1)`, `(g + 8,
+//! 2t)`, `(g + 8, 2t + 1)`.
+
+use eptc_ir::DType;
+
+use super::attention::Spec;
+use super::cuda::{entry, grid_1d, lit, offsets, Ix};
+use super::Kernel;
+
+/// Warps per block.
+pub const WARPS: usize = 4;
+/// Query rows per block (16 per warp).
+pub const BM: usize = 16 * WARPS;
+/// Keys per staged tile.
+pub const BN: usize = 64;
+/// The largest head dim (q, k and v) the registers hold.
+pub const MAX_DIM: usize = 128;
+/// Elements of padding per staged row.
+const PAD: usize = 8;
+
+/// Whether the tensor-core kernel takes attention `s` stored as `dtype`.
+pub fn eligible(s: &Spec, dtype: DType) -> bool {
+    matches!(dtype, DType::BF16 | DType::F16)
+        && s.d > 0
+        && s.d.is_multiple_of(16)
+        && s.d <= MAX_DIM
+        && s.e > 0
+        && s.e.is_multiple_of(8)
+        && s.e <= MAX_DIM
+        && s.m > 0
+}
+
+/// The loop that stages `rows` (at most [`BN`]) rows of `width` 16-bit elements of `src`
+/// from element `base` into the shared array `dst`; rows past `rows` are zero. 16-byte
+/// copies where `src + base` is 16-byte aligned (every row then is: `width` is a multiple
+/// of 8), else element by element.
+fn stage(ix: Ix, src: &str, base: &str, dst: &str, width: usize) -> String {
+    let t = ix.ty();
+    let v = width / 8;
+    format!(
+        "        if ((reinterpret_cast<unsigned long long>({src} + {base}) & 15ull) == 0ull) {{
+            for (unsigned f = threadIdx.x; f < {BN}u * {v}u; f += {bt}u) {{
+                const unsigned r = f / {v}u, c = (f % {v}u) * 8u;
+                uint4 x;
+                x.x = 0u; x.y = 0u; x.z = 0u; x.w = 0u;
+                if (r < kc) x = *reinterpret_cast<const uint4*>({src} + {base} + ({t})r * {wl} + c);
+                *reinterpret_cast<uint4*>(&{dst}[r][c]) = x;
+            }}
+        }} else {{
+            for (unsigned f = threadIdx.x; f < {BN}u * {width}u; f += {bt}u) {{
+                const unsigned r = f / {width}u, c = f % {width}u;
+                {dst}[r][c] = r < kc ? {src}[{base} + ({t})r * {wl} + c] : (unsigned short)0u;
+            }}
+        }}
+",
+        bt = 32 * WARPS,
+        wl = ix.lit(width),
+    )
+}
+
+pub fn attention(name: &str, s: &Spec, dtype: DType) -> Result<Kernel, String> {
+    if !eligible(s, dtype) {
+        return Err(format!(
+            "the tensor-core attention takes 16-bit storage, head dims that are multiples of 16 (q, k) and 8 (v) up to {MAX_DIM}, and keys; not {dtype} with d {}, e {}, {} keys",
+            s.d, s.e, s.m
+        ));
+    }
+    let (n, m, d, e) = (s.n, s.m, s.d, s.e);
+    let nb: usize = s.lead.iter().product();
+    let nt = n.div_ceil(BM);
+    let grid = grid_1d(nb * nt)?;
+    let ix = Ix::for_numel(s.max_numel.max(nb * n * e));
+    let t = ix.ty();
+    let mut inputs = vec!["q", "k", "v"];
+    if s.z.is_some() {
+        inputs.push("z");
+    }
+    let (kd, nj, ne) = (d / 16, BN / 8, e / 8);
+    let mut src = format!(
+        "// {name}: attention on the tensor cores (mma.m16n8k16, 16-bit operands, f32 accumulation), {BM} query rows per block of {WARPS} warps, keys in tiles of {BN} ({nb} entries of {n} rows of {d} against {m} keys, {e} outputs){}.\n",
+        if s.z.is_some() { ", with a sink logit" } else { "" },
+    );
+    src += &entry(name, &inputs, "out");
+    src += &format!(
+        "    __shared__ __align__(16) unsigned short ks[{BN}][{dp}];\n    __shared__ __align__(16) unsigned short vs[{BN}][{ep}];\n",
+        dp = d + PAD,
+        ep = e + PAD
+    );
+    src += &format!(
+        "    const unsigned lane = threadIdx.x & 31u, w = threadIdx.x >> 5;
+    const unsigned g = lane >> 2, tg = lane & 3u;
+    const {t} blk = blockIdx.x;
+    const {t} e = blk / {nt_l};
+    const {t} r0 = (blk % {nt_l}) * {bm} + w * 16u;
+    // The warp's rows g and g + 8 of its 16; a warp past the end only stages tiles.
+    const {t} ra = r0 + g, rb = r0 + g + 8u;
+    const bool va = ra < {n_l}, vb = rb < {n_l}, live = r0 < {n_l};
+",
+        nt_l = ix.lit(nt),
+        bm = ix.lit(BM),
+        n_l = ix.lit(n),
+    );
+    let mut sets = vec![s.q_lead.clone(), s.k_lead.clone(), s.v_lead.clone()];
+    let mut names = vec!["oq", "ok", "ov"];
+    if let Some(z) = &s.z {
+        sets.push(z[..s.lead.len()].to_vec());
+        names.push("oz");
+    }
+    src += &offsets(ix, "l", "e", &s.lead, &sets, &names, "    ");
+    // The query fragments (A operand of the scores), zero past the last row.
+    src += &format!(
+        "    unsigned qf[{kd}][4];
+#pragma unroll
+    for (int kk = 0; kk < {kd}; ++kk) {{
+        const {t} c = ({t})(kk * 16) + 2u * tg;
+        const {t} qa = oq + ra * {dl} + c, qb = oq + rb * {dl} + c;
+        qf[kk][0] = va ? ((unsigned)q[qa] | ((unsigned)q[qa + 1u] << 16)) : 0u;
+        qf[kk][1] = vb ? ((unsigned)q[qb] | ((unsigned)q[qb + 1u] << 16)) : 0u;
+        qf[kk][2] = va ? ((unsigned)q[qa + 8u] | ((unsigned)q[qa + 9u] << 16)) : 0u;
+        qf[kk][3] = vb ? ((unsigned)q[qb + 8u] | ((unsigned)q[qb + 9u] << 16)) : 0u;
+    }}
+",
+        dl = ix.lit(d)
+    );
+    // The running state of rows a (g) and b (g + 8): maximum, this lane's partial sum.
+    match &s.z {
+        Some(z) => {
+            let zr = z[s.lead.len()];
+            src += &format!(
+                "    const float za = va ? ld(z, oz + {}) : 0.0f;
+    const float zb = vb ? ld(z, oz + {}) : 0.0f;
+    float ma = za, mb = zb;
+    // exp(z - z) once per row (on lane t = 0): 1 for a finite z, NaN for +inf or NaN, 0
+    // for -inf (no sink).
+    float la = tg != 0u ? 0.0f : (za == NEG_INF ? 0.0f : (is_finite_f(za) ? 1.0f : QNAN));
+    float lb = tg != 0u ? 0.0f : (zb == NEG_INF ? 0.0f : (is_finite_f(zb) ? 1.0f : QNAN));
+",
+                ix.scaled("ra", zr),
+                ix.scaled("rb", zr)
+            );
+        }
+        None => {
+            src += "    float ma = NEG_INF, mb = NEG_INF;\n    float la = 0.0f, lb = 0.0f;\n";
+        }
+    }
+    src += &format!(
+        "    float acc[{ne}][4];
+#pragma unroll
+    for (int j = 0; j < {ne}; ++j) {{
+        acc[j][0] = 0.0f; acc[j][1] = 0.0f; acc[j][2] = 0.0f; acc[j][3] = 0.0f;
+    }}
+    for ({t} j0 = 0; j0 < {m_l}; j0 += {BN}u) {{
+        const unsigned kc = ({m_l} - j0) < {BN}u ? (unsigned)({m_l} - j0) : {BN}u;
+        __syncthreads();
+{stage_k}{stage_v}        __syncthreads();
+        if (live) {{
+            // Scores: 8 key columns per accumulator block, blocks past kc skipped.
+            float sc[{nj}][4];
+#pragma unroll
+            for (int j = 0; j < {nj}; ++j) {{
+                sc[j][0] = 0.0f; sc[j][1] = 0.0f; sc[j][2] = 0.0f; sc[j][3] = 0.0f;
+                if ((unsigned)(j * 8) < kc) {{
+#pragma unroll
+                    for (int kk = 0; kk < {kd}; ++kk) {{
+                        unsigned b[2];
+                        b[0] = *reinterpret_cast<const unsigned*>(&ks[j * 8 + g][kk * 16 + 2u * tg]);
+                        b[1] = *reinterpret_cast<const unsigned*>(&ks[j * 8 + g][kk * 16 + 2u * tg + 8u]);
+                        mma_t(sc[j], qf[kk], b);
+                    }}
+                }}
+            }}
+            float xa = NEG_INF, xb = NEG_INF;
+#pragma unroll
+            for (int j = 0; j < {nj}; ++j) {{
+#pragma unroll
+                for (int i = 0; i < 4; ++i) {{
+                    const unsigned col = (unsigned)(j * 8) + 2u * tg + (unsigned)(i & 1);
+                    const float s = col < kc ? sc[j][i] * {scale} : NEG_INF;
+                    sc[j][i] = s;
+                    // The maximum ignores NaN (a NaN score poisons the sum through p).
+                    if (i < 2) xa = fmaxf(xa, s > NEG_INF ? s : NEG_INF);
+                    else xb = fmaxf(xb, s > NEG_INF ? s : NEG_INF);
+                }}
+            }}
+            xa = fmaxf(xa, __shfl_xor_sync(0xffffffffu, xa, 1));
+            xa = fmaxf(xa, __shfl_xor_sync(0xffffffffu, xa, 2));
+            xb = fmaxf(xb, __shfl_xor_sync(0xffffffffu, xb, 1));
+            xb = fmaxf(xb, __shfl_xor_sync(0xffffffffu, xb, 2));
+            const float na = xa > ma ? xa : ma, nbm = xb > mb ? xb : mb;
+            const float ca = ma == na ? 1.0f : expf(ma - na);
+            const float cb = mb == nbm ? 1.0f : expf(mb - nbm);
+            la *= ca;
+            lb *= cb;
+#pragma unroll
+            for (int j = 0; j < {nj}; ++j) {{
+                // -inf scores (masks, keys past the tile) contribute 0.
+                sc[j][0] = sc[j][0] != NEG_INF ? expf(sc[j][0] - na) : 0.0f;
+                sc[j][1] = sc[j][1] != NEG_INF ? expf(sc[j][1] - na) : 0.0f;
+                sc[j][2] = sc[j][2] != NEG_INF ? expf(sc[j][2] - nbm) : 0.0f;
+                sc[j][3] = sc[j][3] != NEG_INF ? expf(sc[j][3] - nbm) : 0.0f;
+                la += sc[j][0] + sc[j][1];
+                lb += sc[j][2] + sc[j][3];
+            }}
+#pragma unroll
+            for (int j = 0; j < {ne}; ++j) {{
+                acc[j][0] *= ca; acc[j][1] *= ca; acc[j][2] *= cb; acc[j][3] *= cb;
+            }}
+            // P V: 16 keys per step, P's accumulator blocks 2kk and 2kk + 1 as the A
+            // fragment, V's rows 2t, 2t + 1 (and + 8) at column g as the B fragment.
+#pragma unroll
+            for (int kk = 0; kk < {nk}; ++kk) {{
+                if ((unsigned)(kk * 16) < kc) {{
+                    unsigned pf[4];
+                    pf[0] = pack_t(sc[2 * kk][0], sc[2 * kk][1]);
+                    pf[1] = pack_t(sc[2 * kk][2], sc[2 * kk][3]);
+                    pf[2] = pack_t(sc[2 * kk + 1][0], sc[2 * kk + 1][1]);
+                    pf[3] = pack_t(sc[2 * kk + 1][2], sc[2 * kk + 1][3]);
+                    const unsigned kr = (unsigned)(kk * 16) + 2u * tg;
+#pragma unroll
+                    for (int j = 0; j < {ne}; ++j) {{
+                        const unsigned c = (unsigned)(j * 8) + g;
+                        unsigned b[2];
+                        b[0] = (unsigned)vs[kr][c] | ((unsigned)vs[kr + 1u][c] << 16);
+                        b[1] = (unsigned)vs[kr + 8u][c] | ((unsigned)vs[kr + 9u][c] << 16);
+                        mma_t(acc[j], pf, b);
+                    }}
+                }}
+            }}
+            ma = na;
+            mb = nbm;
+        }}
+    }}
+    if (live) {{
+        la += __shfl_xor_sync(0xffffffffu, la, 1);
+        la += __shfl_xor_sync(0xffffffffu, la, 2);
+        lb += __shfl_xor_sync(0xffffffffu, lb, 1);
+        lb += __shfl_xor_sync(0xffffffffu, lb, 2);
+        const float ia = 1.0f / la, ib = 1.0f / lb;
+        const {t} oa = (e * {n_l} + ra) * {el}, ob = (e * {n_l} + rb) * {el};
+#pragma unroll
+        for (int j = 0; j < {ne}; ++j) {{
+            const unsigned c = (unsigned)(j * 8) + 2u * tg;
+            if (va) {{
+                st(out, oa + c, acc[j][0] * ia);
+                st(out, oa + c + 1u, acc[j][1] * ia);
+            }}
+            if (vb) {{
+                st(out, ob + c, acc[j][2] * ib);
+                st(out, ob + c + 1u, acc[j][3] * ib);
+            }}
+        }}
+    }}
+}}
+",
+        m_l = ix.lit(m),
+        stage_k = stage(ix, "k", &format!("ok + j0 * {}", ix.lit(d)), "ks", d),
+        stage_v = stage(ix, "v", &format!("ov + j0 * {}", ix.lit(e)), "vs", e),
+        scale = lit(s.scale),
+        nk = BN / 16,
+        n_l = ix.lit(n),
+        el = ix.lit(e),
+    );
+    Ok(Kernel {
+        name: name.to_string(),
+        source: src,
+        inputs: inputs.len(),
+        grid,
+        block: [(32 * WARPS) as u32, 1, 1],
+        shared_bytes: 0,
+    })
+}
