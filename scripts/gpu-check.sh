@@ -98,13 +98,14 @@ grep -E "worst|test result|panicked|relative error|^exit" "$out/suite-grad-fused
 stamp "== 3c. the gradient suite with the fused attention kernels, backward included (EPTC_CUDA_ATTENTION=fused), f32"
 EPTC_CUDA_ATTENTION=fused timeout 90 "$bin/test-training" grad_matches_pytorch --nocapture \
   > "$out/suite-grad-fused-attention.log" 2>&1; echo "exit $?" >> "$out/suite-grad-fused-attention.log"
-# The tensor-core attention forward (bf16 storage) in whole optimized graphs: the parity
-# suite (every EPT mode and layout, the fixtures' heads of 16) against PyTorch float64.
-EPTC_CUDA_ATTENTION=fused EPTC_TEST_DTYPE=bf16 timeout 100 "$bin/test-parity" --test-threads 8 --nocapture \
+grep -E "worst|test result|panicked|relative error|^exit" "$out/suite-grad-fused-attention.log" | head -10
+# The tensor-core attention forward (bf16 storage) in whole optimized graphs, reading q,
+# k, v in place: the parity suite (every EPT mode and layout, the fixtures' heads of 16)
+# against PyTorch float64.
+EPTC_CUDA_ATTENTION=fused EPTC_CUDA_VIEWS=1 EPTC_TEST_DTYPE=bf16 timeout 100 "$bin/test-parity" --test-threads 8 --nocapture \
   > "$out/suite-parity-fused-attention-bf16.log" 2>&1; echo "exit $?" >> "$out/suite-parity-fused-attention-bf16.log"
 grep -E "test result|FAILED|panicked|^exit" "$out/suite-parity-fused-attention-bf16.log" | head -20
 grep -Eo "rel err [0-9.e+-]+" "$out/suite-parity-fused-attention-bf16.log" | sort -k3 -g | tail -1
-grep -E "worst|test result|panicked|relative error|^exit" "$out/suite-grad-fused-attention.log" | head -10
 stamp "== 3d. the parity and gradient suites with operands read in place and pinned staging (EPTC_CUDA_VIEWS=1 EPTC_CUDA_PINNED=1), f32"
 EPTC_CUDA_VIEWS=1 EPTC_CUDA_PINNED=1 timeout 100 "$bin/test-parity" --test-threads 8 --nocapture \
   > "$out/suite-parity-views.log" 2>&1; echo "exit $?" >> "$out/suite-parity-views.log"
@@ -124,7 +125,7 @@ tail -5 "$out/gpu_compare.log"
 
 stamp "== 4b. attention as cuBLAS GEMMs (default) or the fused kernel, element-wise chains fused or not; where the time goes"
 if [ -d /tmp/eptc-gpu/art_cuda_bf16 ]; then
-  for mode in gemm fused gemm+fuse gemm+views gemm+pinned gemm+fuse+views+pinned fused+fuse+pinned; do
+  for mode in gemm fused fused+views gemm+fuse gemm+views gemm+pinned gemm+fuse+views+pinned fused+fuse+views+pinned; do
     for tr in "" --train; do
       att=${mode%%+*}; fuse=0; views=0; pinned=0
       case $mode in *fuse*) fuse=1;; esac
@@ -137,7 +138,7 @@ print(f'  mode={sys.argv[1]:23} {r[\"what\"]:13} b64 bf16: device {d*1e3:.2f} ms
     done
   done 2>&1 | tee "$out/attention-modes.txt"
   # Inference at the goal's batch (256): the default and the tensor-core fused forward.
-  for mode in gemm fused+fuse+pinned gemm+fuse+views+pinned; do
+  for mode in gemm fused+fuse+views+pinned gemm+fuse+views+pinned; do
     att=${mode%%+*}; fuse=0; views=0; pinned=0
     case $mode in *fuse*) fuse=1;; esac
     case $mode in *views*) views=1;; esac

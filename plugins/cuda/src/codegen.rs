@@ -159,6 +159,73 @@ pub fn node_kernels(
     Ok(vec![k])
 }
 
+/// Where the tensor-core attention reads one of q, k, v: the element offset of its first
+/// row in the buffer, the strides between matrices along the output's leading axes, and
+/// between rows.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OperandView {
+    pub offset: usize,
+    pub lead_strides: Vec<usize>,
+    pub row: usize,
+}
+
+/// The tensor-core attention kernel of node `id` (16-bit `dtype`) reading q, k and v
+/// through `views` (their buffers hold `buffer_numel` elements at most); `Ok(None)` where
+/// the node's shapes or `dtype` do not take that kernel.
+pub fn attention_mma_views(
+    g: &Graph,
+    id: NodeId,
+    batch: usize,
+    dtype: DType,
+    views: &[OperandView; 3],
+    buffer_numel: usize,
+) -> Result<Option<Kernel>, CodegenError> {
+    let node = g.node(id);
+    let err = |msg: String| CodegenError::Unsupported {
+        node: id.index(),
+        op: node.op.kind().to_string(),
+        msg,
+    };
+    let Op::Attention { scale, sink } = &node.op else {
+        return Err(err("not an attention".into()));
+    };
+    let shapes: Vec<Vec<usize>> = g
+        .operands(id)
+        .iter()
+        .map(|&o| g.ty(o).shape.resolve(batch))
+        .collect();
+    let out = node.ty.shape.resolve(batch);
+    let mut spec = attention_spec(&shapes, *scale, *sink, &out).map_err(&err)?;
+    if !attention_mma::eligible(&spec, dtype) || out.iter().product::<usize>() == 0 {
+        return Ok(None);
+    }
+    for v in views {
+        if v.lead_strides.len() != spec.lead.len() {
+            return Err(err(format!(
+                "a view with {} lead strides for {} leading axes",
+                v.lead_strides.len(),
+                spec.lead.len()
+            )));
+        }
+    }
+    spec.q_lead = views[0].lead_strides.clone();
+    spec.k_lead = views[1].lead_strides.clone();
+    spec.v_lead = views[2].lead_strides.clone();
+    spec.max_numel = spec.max_numel.max(buffer_numel);
+    let rows = attention_mma::Rows {
+        offset: [views[0].offset, views[1].offset, views[2].offset],
+        row: [views[0].row, views[1].row, views[2].row],
+    };
+    let name = format!("n{}_{}", id.index(), node.op.kind());
+    let mut k = attention_mma::attention_rows(&name, &spec, dtype, &rows).map_err(err)?;
+    k.source = format!(
+        "{}{}",
+        bound_comment_tensor(&node.op, &shapes, &out),
+        k.source
+    );
+    Ok(Some(k))
+}
+
 /// [`bound_comment`] for a kernel on the tensor cores (bf16/f16 operands, f32
 /// accumulation): the compute floor at the H100's dense rate.
 fn bound_comment_tensor(op: &Op, x: &[Vec<usize>], out: &[usize]) -> String {

@@ -456,10 +456,13 @@ impl Drop for Pinned {
     }
 }
 
-/// The GEMMs of a node that reads its operands through strided views.
+/// The GEMMs (or, for the fused attention, the kernel) of a node that reads its operands
+/// through strided views.
 enum ViewGemms {
     Attention(Box<AttentionGemms>),
     MatMul(Gemm),
+    /// The tensor-core attention kernel reading q, k, v in place.
+    Fused(Box<Kernel>),
 }
 
 /// The attentions and matmuls that read their operands through strided views (by slot,
@@ -471,6 +474,7 @@ fn attention_views(
     g: &Graph,
     slots: &[Slot],
     batch: usize,
+    fused: Option<DType>,
 ) -> (HashMap<usize, ViewGemms>, HashSet<usize>) {
     let slot_of: HashMap<NodeId, usize> =
         slots.iter().enumerate().map(|(i, s)| (s.id, i)).collect();
@@ -483,8 +487,12 @@ fn attention_views(
         cands = slots
             .iter()
             .filter_map(|s| match g.node(s.id).op {
-                Op::Attention { .. } => attention_view_gemms(g, s.id, batch, &stop)
-                    .map(|(at, t)| (s.id, (ViewGemms::Attention(Box::new(at)), t))),
+                Op::Attention { .. } => match fused {
+                    Some(dt) => attention_view_fused(g, s.id, batch, &stop, dt)
+                        .map(|(k, t)| (s.id, (ViewGemms::Fused(Box::new(k)), t))),
+                    None => attention_view_gemms(g, s.id, batch, &stop)
+                        .map(|(at, t)| (s.id, (ViewGemms::Attention(Box::new(at)), t))),
+                },
                 Op::MatMul { .. } => matmul_view_gemm(g, s.id, batch, &stop)
                     .map(|(mm, t)| (s.id, (ViewGemms::MatMul(mm), t))),
                 _ => None,
@@ -501,7 +509,7 @@ fn attention_views(
                             || cands.get(&u).is_some_and(|(v, _)| {
                                 // Attention reads q, k, v (not z) in place; a matmul both.
                                 let max = match v {
-                                    ViewGemms::Attention(_) => 3,
+                                    ViewGemms::Attention(_) | ViewGemms::Fused(_) => 3,
                                     ViewGemms::MatMul(_) => 2,
                                 };
                                 g.operands(u)
@@ -771,12 +779,18 @@ impl CudaExecutable {
         let blas =
             self.gpu.blas.is_some() && std::env::var("EPTC_CUDA_CUBLAS").map_or(true, |v| v != "0");
         let attention_gemm = !fused_attention();
-        let (mut view_att, virtual_slots) =
-            if blas && attention_gemm && std::env::var("EPTC_CUDA_VIEWS").is_ok_and(|v| v == "1") {
-                attention_views(&self.graph, &self.slots, batch)
-            } else {
-                (HashMap::new(), HashSet::new())
-            };
+        // With the fused attention, q, k, v are read in place by the tensor-core kernel
+        // (16-bit storage; the f32 kernel reads contiguous operands only).
+        let fused_views = (!attention_gemm && matches!(self.dtype, DType::BF16 | DType::F16))
+            .then_some(self.dtype);
+        let (mut view_att, virtual_slots) = if blas
+            && (attention_gemm || fused_views.is_some())
+            && std::env::var("EPTC_CUDA_VIEWS").is_ok_and(|v| v == "1")
+        {
+            attention_views(&self.graph, &self.slots, batch, fused_views)
+        } else {
+            (HashMap::new(), HashSet::new())
+        };
         let Layout {
             roles,
             interior,
@@ -856,6 +870,20 @@ impl CudaExecutable {
             }
             let args: Vec<u64> = ops.iter().map(|&o| ptr_of(o)).chain([out]).collect();
             let node = self.graph.node(s.id);
+            if matches!(view_att.get(&i), Some(ViewGemms::Fused(_))) {
+                if let Some(ViewGemms::Fused(k)) = view_att.remove(&i) {
+                    // q, k, v: the pointers of the buffers the views read (a view slot
+                    // shares its root's location); the offsets are in the kernel.
+                    pending.push((
+                        i,
+                        s.op,
+                        k.name.clone(),
+                        PendingAction::Kernel(kernels.len(), args),
+                    ));
+                    kernels.push(*k);
+                }
+                continue;
+            }
             if blas && attention_gemm {
                 let at = if let Some(ViewGemms::Attention(_)) = view_att.get(&i) {
                     match view_att.remove(&i) {
@@ -1636,20 +1664,21 @@ fn view_gemm(
 /// `slice`s and `permute` that split a fused qkv projection then need no copy), with the
 /// view nodes walked; `None` unless every operand's view has contiguous rows, the
 /// output's leading dims, and at least one of them goes through a `permute` or `slice`.
-fn attention_view_gemms(
+/// The strided views of attention `id`'s q, k and v (each with the output's leading axes
+/// and contiguous rows) and the nodes they pass through, where at least one of those is
+/// a copy (`permute` or `slice`) a view saves.
+fn qkv_views(
     g: &Graph,
     id: NodeId,
     batch: usize,
     stop: &HashSet<NodeId>,
-) -> Option<(AttentionGemms, Vec<NodeId>)> {
-    let base = attention_for(g, id, batch)?;
+) -> Option<(Vec<StridedView>, Vec<NodeId>)> {
     let ops = g.operands(id);
     let out = g.ty(id).shape.resolve(batch);
-    if out.iter().product::<usize>() == 0 {
+    if out.iter().product::<usize>() == 0 || ops.len() < 3 {
         return None;
     }
     let lead = &out[..out.len() - 2];
-    let (n, e) = (out[out.len() - 2], out[out.len() - 1]);
     let mut views = Vec::new();
     let mut through = Vec::new();
     for &o in &ops[..3] {
@@ -1664,12 +1693,64 @@ fn attention_view_gemms(
     let copies = through
         .iter()
         .any(|&t| matches!(g.node(t).op, Op::Permute { .. } | Op::Slice { .. }));
-    if !copies {
-        return None;
-    }
+    copies.then_some((views, through))
+}
+
+/// The stride between the rows of a view's matrices (its feature count where it has a
+/// single row).
+fn view_row(v: &StridedView) -> usize {
+    v.strides[v.strides.len() - 2].max(v.shape[v.shape.len() - 1])
+}
+
+/// The tensor-core attention kernel of `id` reading q, k, v in place (16-bit `dtype`),
+/// and the nodes its views pass through; `None` where the views or the kernel do not
+/// apply.
+fn attention_view_fused(
+    g: &Graph,
+    id: NodeId,
+    batch: usize,
+    stop: &HashSet<NodeId>,
+    dtype: DType,
+) -> Option<(Kernel, Vec<NodeId>)> {
+    let (views, mut through) = qkv_views(g, id, batch, stop)?;
+    let ov = |v: &StridedView| codegen::OperandView {
+        offset: v.offset,
+        lead_strides: v.strides[..v.strides.len() - 2].to_vec(),
+        row: view_row(v),
+    };
+    let buffer_numel = views
+        .iter()
+        .map(|v| g.ty(v.root).shape.numel(batch))
+        .max()
+        .unwrap_or(0);
+    let k = codegen::attention_mma_views(
+        g,
+        id,
+        batch,
+        dtype,
+        &[ov(&views[0]), ov(&views[1]), ov(&views[2])],
+        buffer_numel,
+    )
+    .ok()??;
+    through.sort();
+    through.dedup();
+    Some((k, through))
+}
+
+fn attention_view_gemms(
+    g: &Graph,
+    id: NodeId,
+    batch: usize,
+    stop: &HashSet<NodeId>,
+) -> Option<(AttentionGemms, Vec<NodeId>)> {
+    let base = attention_for(g, id, batch)?;
+    let out = g.ty(id).shape.resolve(batch);
+    let lead = &out[..out.len() - 2];
+    let (n, e) = (out[out.len() - 2], out[out.len() - 1]);
+    let (views, mut through) = qkv_views(g, id, batch, stop)?;
     let (q, k, v) = (&views[0], &views[1], &views[2]);
     let (m, d) = (k.shape[k.shape.len() - 2], k.shape[k.shape.len() - 1]);
-    let row = |v: &StridedView| v.strides[v.strides.len() - 2].max(v.shape[v.shape.len() - 1]);
+    let row = view_row;
     let lead_st = |v: &StridedView| v.strides[..v.strides.len() - 2].to_vec();
     let scale = match g.node(id).op {
         Op::Attention { scale, .. } => scale,
@@ -2187,7 +2268,7 @@ mod tests {
         let (b, n, h, dh) = (2, 5, 3, 4);
         let (g, x, y, a) = qkv_graph(b, n, h, dh);
         let (slots, outs, _, _) = slots_of(&g);
-        let (gemms, virt) = attention_views(&g, &slots, 1);
+        let (gemms, virt) = attention_views(&g, &slots, 1, None);
         let slot = |id: NodeId| slots.iter().position(|s| s.id == id).unwrap();
         assert_eq!(gemms.len(), 1);
         let ViewGemms::Attention(at) = &gemms[&slot(a)] else {
@@ -2274,7 +2355,7 @@ mod tests {
             g.set_output(name, y);
         }
         let (slots, ..) = slots_of(&g);
-        let (gemms, virt) = attention_views(&g, &slots, 1);
+        let (gemms, virt) = attention_views(&g, &slots, 1, None);
         assert_eq!(gemms.len(), 4);
         assert_eq!(virt.len(), 3, "the permute and two slices");
         let xin_v = values(b * n * 3 * dm, 21);
@@ -2328,7 +2409,7 @@ mod tests {
                 std::fs::read_to_string(format!("{dir}/../wgpu/tests/data/{f}.eptc")).unwrap();
             let g = eptc_ir::text::parse(&text).unwrap();
             let (slots, ..) = slots_of(&g);
-            let (gemms, virt) = attention_views(&g, &slots, 2);
+            let (gemms, virt) = attention_views(&g, &slots, 2, None);
             let attentions = slots.iter().filter(|s| s.op == "attention").count();
             let count = |k: &str| virt.iter().filter(|&&i| slots[i].op == k).count();
             eprintln!(
@@ -2368,11 +2449,19 @@ mod tests {
                 std::fs::read_to_string(format!("{dir}/../wgpu/tests/data/{f}.eptc")).unwrap();
             let g = eptc_ir::text::parse(&text).unwrap();
             let (slots, ..) = slots_of(&g);
-            let (gemms, virt) = attention_views(&g, &slots, 2);
+            let (gemms, virt) = attention_views(&g, &slots, 2, None);
             let attentions = slots.iter().filter(|s| s.op == "attention").count();
             assert!(attentions > 0 && (want == 0 || attentions == want), "{f}");
             assert_eq!(gemms.len(), attentions, "{f}");
             assert_eq!(virt.len(), 4 * attentions, "{f}");
+            // The fused tensor-core attention (16-bit storage) reads them in place too.
+            let (fused, fvirt) = attention_views(&g, &slots, 2, Some(DType::BF16));
+            let n = fused
+                .values()
+                .filter(|v| matches!(v, ViewGemms::Fused(_)))
+                .count();
+            assert_eq!(n, attentions, "{f}");
+            assert_eq!(fvirt, virt, "{f}");
         }
     }
 
@@ -2585,6 +2674,92 @@ mod tests {
         let mut c = vec![f64::NAN; 24];
         emulate(&gm, &vw, &vx, &mut c);
         close(&c, &want);
+    }
+
+    /// With the fused attention in 16-bit storage and views on, ViT's q, k, v (a permute
+    /// and three slices of the qkv projection) are read in place by the tensor-core
+    /// kernel, which gives the reference on the CPU emulator.
+    #[test]
+    fn fused_attention_reads_q_k_v_in_place() {
+        use eptc_ir::TensorType;
+        let (b, n, h, dh) = (2, 70, 2, 32);
+        let dm = h * dh;
+        let mut g = Graph::new("qkv-fused");
+        let x = g.input("x", TensorType::f32(Shape::fixed(&[b, n, 3 * dm])));
+        let r = g.reshape(x, Shape::fixed(&[b, n, 3, h, dh])).unwrap();
+        let p = g.permute(r, &[2, 0, 3, 1, 4]).unwrap();
+        let qkv: Vec<NodeId> = (0..3)
+            .map(|i| {
+                let sl = g.slice(p, 0, i, i + 1).unwrap();
+                g.reshape(sl, Shape::fixed(&[b, h, n, dh])).unwrap()
+            })
+            .collect();
+        let z = g.input("z", TensorType::f32(Shape::fixed(&[b, 1, n, 1])));
+        let a = g.attention(qkv[0], qkv[1], qkv[2], Some(z), 0.3).unwrap();
+        g.set_output("y", a);
+        let (slots, _, _, _) = slots_of(&g);
+        let slot = |id: NodeId| slots.iter().position(|s| s.id == id).unwrap();
+        // In f32 the attention keeps its GEMM views.
+        let (gemms, _) = attention_views(&g, &slots, 1, None);
+        assert!(matches!(gemms[&slot(a)], ViewGemms::Attention(_)));
+        let emulate = match crate::emulate::available() {
+            Ok(_) => true,
+            Err(e) => {
+                assert!(
+                    std::env::var_os("EPTC_REQUIRE_EMULATOR").is_none(),
+                    "EPTC_REQUIRE_EMULATOR is set, but: {e}"
+                );
+                false
+            }
+        };
+        for dt in [DType::BF16, DType::F16] {
+            let (gemms, virt) = attention_views(&g, &slots, 1, Some(dt));
+            assert_eq!(gemms.len(), 1);
+            let ViewGemms::Fused(k) = &gemms[&slot(a)] else {
+                panic!("the fused kernel")
+            };
+            assert!(k.source.contains("mma_t(") && k.source.contains("in place"));
+            assert_eq!(virt.len(), 4, "the permute and the three slices are views");
+            if !emulate {
+                continue;
+            }
+            // The stored values, and the reference on exactly those.
+            let held = |v: Vec<f64>| -> Vec<f64> {
+                let v32: Vec<f32> = v.iter().map(|&x| x as f32).collect();
+                from_storage(&to_storage(&v32, dt), dt)
+                    .into_iter()
+                    .map(f64::from)
+                    .collect()
+            };
+            let xv = held(values(b * n * 3 * dm, 5));
+            let zv = held(values(b * n, 6));
+            let want = reference(
+                &g,
+                &[
+                    ("x", vec![b, n, 3 * dm], xv.clone()),
+                    ("z", vec![b, 1, n, 1], zv.clone()),
+                ],
+            );
+            let bytes = |v: &[f64]| {
+                let v32: Vec<f32> = v.iter().map(|&x| x as f32).collect();
+                to_storage(&v32, dt)
+            };
+            let (xb, zb) = (bytes(&xv), bytes(&zv));
+            let m = crate::emulate::Module::compile(&[k], dt).unwrap();
+            let out = m
+                .run(k, &[&xb, &xb, &xb, &zb], want.len() * dt.size_bytes())
+                .unwrap();
+            let got = from_storage(&out, dt);
+            let num: f64 = got
+                .iter()
+                .zip(&want)
+                .map(|(&a, &b)| (f64::from(a) - b).powi(2))
+                .sum();
+            let den: f64 = want.iter().map(|b| b * b).sum();
+            let e = (num / den).sqrt();
+            let bar = if dt == DType::BF16 { 1e-2 } else { 2e-3 };
+            assert!(e <= bar, "{dt}: relative error {e:.3e}");
+        }
     }
 
     #[test]

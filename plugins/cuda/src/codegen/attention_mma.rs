@@ -55,35 +55,75 @@ pub fn eligible(s: &Spec, dtype: DType) -> bool {
         && s.m > 0
 }
 
-/// The loop that stages `rows` (at most [`BN`]) rows of `width` 16-bit elements of `src`
-/// from element `base` into the shared array `dst`; rows past `rows` are zero. 16-byte
-/// copies where `src + base` is 16-byte aligned (every row then is: `width` is a multiple
-/// of 8), else element by element.
-fn stage(ix: Ix, src: &str, base: &str, dst: &str, width: usize) -> String {
+/// Where the kernel reads q, k and v: per operand the element offset of its first row
+/// and the stride between rows (the feature dim when contiguous). Rows themselves are
+/// contiguous; [`Spec`]'s lead strides step between matrices.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rows {
+    pub offset: [usize; 3],
+    pub row: [usize; 3],
+}
+
+impl Rows {
+    /// Contiguous rows from the start of each operand.
+    pub fn contiguous(s: &Spec) -> Rows {
+        Rows {
+            offset: [0; 3],
+            row: [s.d, s.d, s.e],
+        }
+    }
+}
+
+/// The loop that stages `rows` (at most [`BN`]) rows of `width` 16-bit elements of `src`,
+/// `stride` apart from element `base`, into the shared array `dst`; rows past `rows` are
+/// zero. 16-byte copies where `src + base` is 16-byte aligned and `stride` a multiple of
+/// 8 (every row then is: `width` is a multiple of 8), else element by element.
+fn stage(ix: Ix, src: &str, base: &str, dst: &str, width: usize, stride: usize) -> String {
     let t = ix.ty();
     let v = width / 8;
+    let sl = ix.lit(stride);
+    let scalar = format!(
+        "            for (unsigned f = threadIdx.x; f < {BN}u * {width}u; f += {bt}u) {{
+                const unsigned r = f / {width}u, c = f % {width}u;
+                {dst}[r][c] = r < kc ? {src}[{base} + ({t})r * {sl} + c] : (unsigned short)0u;
+            }}
+",
+        bt = 32 * WARPS,
+    );
+    if !stride.is_multiple_of(8) {
+        return format!(
+            "        {{
+{scalar}        }}
+"
+        );
+    }
     format!(
         "        if ((reinterpret_cast<unsigned long long>({src} + {base}) & 15ull) == 0ull) {{
             for (unsigned f = threadIdx.x; f < {BN}u * {v}u; f += {bt}u) {{
                 const unsigned r = f / {v}u, c = (f % {v}u) * 8u;
                 uint4 x;
                 x.x = 0u; x.y = 0u; x.z = 0u; x.w = 0u;
-                if (r < kc) x = *reinterpret_cast<const uint4*>({src} + {base} + ({t})r * {wl} + c);
+                if (r < kc) x = *reinterpret_cast<const uint4*>({src} + {base} + ({t})r * {sl} + c);
                 *reinterpret_cast<uint4*>(&{dst}[r][c]) = x;
             }}
         }} else {{
-            for (unsigned f = threadIdx.x; f < {BN}u * {width}u; f += {bt}u) {{
-                const unsigned r = f / {width}u, c = f % {width}u;
-                {dst}[r][c] = r < kc ? {src}[{base} + ({t})r * {wl} + c] : (unsigned short)0u;
-            }}
-        }}
+{scalar}        }}
 ",
         bt = 32 * WARPS,
-        wl = ix.lit(width),
     )
 }
 
+/// The kernel for attention `s` with contiguous operands.
 pub fn attention(name: &str, s: &Spec, dtype: DType) -> Result<Kernel, String> {
+    attention_rows(name, s, dtype, &Rows::contiguous(s))
+}
+
+/// The kernel for attention `s` reading q, k and v where `rows` says (`s.max_numel` must
+/// cover every element read).
+pub fn attention_rows(name: &str, s: &Spec, dtype: DType, rows: &Rows) -> Result<Kernel, String> {
+    if rows.row[0] < s.d || rows.row[1] < s.d || rows.row[2] < s.e {
+        return Err(format!("rows {:?} shorter than the head dims", rows.row));
+    }
     if !eligible(s, dtype) {
         return Err(format!(
             "the tensor-core attention takes 16-bit storage, head dims that are multiples of 16 (q, k) and 8 (v) up to {MAX_DIM}, and keys; not {dtype} with d {}, e {}, {} keys",
@@ -101,9 +141,26 @@ pub fn attention(name: &str, s: &Spec, dtype: DType) -> Result<Kernel, String> {
         inputs.push("z");
     }
     let (kd, nj, ne) = (d / 16, BN / 8, e / 8);
+    // The first element of tile j0 of k or v.
+    let base = |i: usize, o: &str| {
+        let first = if rows.offset[i] == 0 {
+            String::new()
+        } else {
+            format!("{} + ", ix.lit(rows.offset[i]))
+        };
+        format!("{first}{o} + j0 * {}", ix.lit(rows.row[i]))
+    };
     let mut src = format!(
-        "// {name}: attention on the tensor cores (mma.m16n8k16, 16-bit operands, f32 accumulation), {BM} query rows per block of {WARPS} warps, keys in tiles of {BN} ({nb} entries of {n} rows of {d} against {m} keys, {e} outputs){}.\n",
+        "// {name}: attention on the tensor cores (mma.m16n8k16, 16-bit operands, f32 accumulation), {BM} query rows per block of {WARPS} warps, keys in tiles of {BN} ({nb} entries of {n} rows of {d} against {m} keys, {e} outputs){}{}.\n",
         if s.z.is_some() { ", with a sink logit" } else { "" },
+        if *rows == Rows::contiguous(s) {
+            String::new()
+        } else {
+            format!(
+                "; q, k, v read in place at offsets {:?}, rows {:?} apart",
+                rows.offset, rows.row
+            )
+        },
     );
     src += &entry(name, &inputs, "out");
     src += &format!(
@@ -138,14 +195,19 @@ pub fn attention(name: &str, s: &Spec, dtype: DType) -> Result<Kernel, String> {
 #pragma unroll
     for (int kk = 0; kk < {kd}; ++kk) {{
         const {t} c = ({t})(kk * 16) + 2u * tg;
-        const {t} qa = oq + ra * {dl} + c, qb = oq + rb * {dl} + c;
+        const {t} qa = {q0}oq + ra * {qr} + c, qb = {q0}oq + rb * {qr} + c;
         qf[kk][0] = va ? ((unsigned)q[qa] | ((unsigned)q[qa + 1u] << 16)) : 0u;
         qf[kk][1] = vb ? ((unsigned)q[qb] | ((unsigned)q[qb + 1u] << 16)) : 0u;
         qf[kk][2] = va ? ((unsigned)q[qa + 8u] | ((unsigned)q[qa + 9u] << 16)) : 0u;
         qf[kk][3] = vb ? ((unsigned)q[qb + 8u] | ((unsigned)q[qb + 9u] << 16)) : 0u;
     }}
 ",
-        dl = ix.lit(d)
+        q0 = if rows.offset[0] == 0 {
+            String::new()
+        } else {
+            format!("{} + ", ix.lit(rows.offset[0]))
+        },
+        qr = ix.lit(rows.row[0]),
     );
     // The running state of rows a (g) and b (g + 8): maximum, this lane's partial sum.
     match &s.z {
@@ -278,8 +340,8 @@ pub fn attention(name: &str, s: &Spec, dtype: DType) -> Result<Kernel, String> {
 }}
 ",
         m_l = ix.lit(m),
-        stage_k = stage(ix, "k", &format!("ok + j0 * {}", ix.lit(d)), "ks", d),
-        stage_v = stage(ix, "v", &format!("ov + j0 * {}", ix.lit(e)), "vs", e),
+        stage_k = stage(ix, "k", &base(1, "ok"), "ks", d, rows.row[1]),
+        stage_v = stage(ix, "v", &base(2, "ov"), "vs", e, rows.row[2]),
         scale = lit(s.scale),
         nk = BN / 16,
         n_l = ix.lit(n),
