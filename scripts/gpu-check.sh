@@ -162,6 +162,14 @@ print(f'  mode=fused backward, fuse={sys.argv[1]} {r[\"what\"]:13} b64 bf16: dev
   EPTC_CUDA_PROFILE=1 timeout 30 "$bin/eptc" bench /tmp/eptc-gpu/art_cuda_bf16 --batch 64 \
     --iters 1 --warmup 1 > "$out/profile.log" 2>&1; echo "exit $?" >> "$out/profile.log"
   grep -A14 "eptc cuda profile" "$out/profile.log" | tail -15
+  # Where the training step's time goes (default, and with every switch on).
+  EPTC_CUDA_PROFILE=1 timeout 30 "$bin/eptc" bench /tmp/eptc-gpu/art_cuda_bf16 --batch 64 --train \
+    --iters 1 --warmup 1 > "$out/profile-train.log" 2>&1; echo "exit $?" >> "$out/profile-train.log"
+  grep -A14 "eptc cuda profile" "$out/profile-train.log" | tail -15
+  EPTC_CUDA_PROFILE=1 EPTC_CUDA_ATTENTION=fused EPTC_CUDA_FUSE=1 EPTC_CUDA_VIEWS=1 timeout 30 "$bin/eptc" bench \
+    /tmp/eptc-gpu/art_cuda_bf16 --batch 64 --iters 1 --warmup 1 > "$out/profile-fused.log" 2>&1
+  echo "exit $?" >> "$out/profile-fused.log"
+  grep -A14 "eptc cuda profile" "$out/profile-fused.log" | tail -15
 fi
 
 stamp "== 5. wgpu on this GPU through Vulkan (ViT-B/16 forward)"
