@@ -95,10 +95,14 @@ grep -Eo "rel err [0-9.e+-]+" "$out/suite-parity-fused.log" | sort -k3 -g | tail
 EPTC_CUDA_FUSE=1 timeout 60 "$bin/test-training" grad_matches_pytorch --nocapture \
   > "$out/suite-grad-fused.log" 2>&1; echo "exit $?" >> "$out/suite-grad-fused.log"
 grep -E "worst|test result|panicked|relative error|^exit" "$out/suite-grad-fused.log" | head -10
-stamp "== 3c. the gradient suite with the fused attention kernels, backward included (EPTC_CUDA_ATTENTION=fused), f32"
+stamp "== 3c. the gradient suite with the fused attention kernels, backward included (EPTC_CUDA_ATTENTION=fused), f32 and bf16"
 EPTC_CUDA_ATTENTION=fused timeout 90 "$bin/test-training" grad_matches_pytorch --nocapture \
   > "$out/suite-grad-fused-attention.log" 2>&1; echo "exit $?" >> "$out/suite-grad-fused-attention.log"
 grep -E "worst|test result|panicked|relative error|^exit" "$out/suite-grad-fused-attention.log" | head -10
+# The same in bf16: the backward's attention_grad on the tensor cores.
+EPTC_CUDA_ATTENTION=fused EPTC_TEST_DTYPE=bf16 timeout 90 "$bin/test-training" grad_matches_pytorch --nocapture \
+  > "$out/suite-grad-fused-attention-bf16.log" 2>&1; echo "exit $?" >> "$out/suite-grad-fused-attention-bf16.log"
+grep -E "worst|test result|panicked|relative error|^exit" "$out/suite-grad-fused-attention-bf16.log" | head -10
 # The tensor-core attention forward (bf16 storage) in whole optimized graphs, reading q,
 # k, v in place: the parity suite (every EPT mode and layout, the fixtures' heads of 16)
 # against PyTorch float64.

@@ -12,7 +12,7 @@
 //! per thread; `linear` with its epilogue) and `attention` (one warp per query row, keys
 //! and values staged in shared memory, online softmax with the optional sink logit;
 //! `attention_mma` the same on the tensor cores for 16-bit storage); `attention_grad`
-//! the flash-style backward; `cuda` holds the shared pieces (index arithmetic, the
+//! the flash-style backward (`attention_grad_mma` on the tensor cores); `cuda` holds the shared pieces (index arithmetic, the
 //! prelude).
 //!
 //! # Conventions (what the runtime relies on)
@@ -28,15 +28,17 @@
 //!   and f16); every kernel reads and writes through the prelude's `ld`/`st` and
 //!   computes and accumulates in f32. The prelude comes from [`module_source`], once per
 //!   translation unit. The graph's own element types are not consulted: `dtype` decides.
-//!   A kernel's source is the same for every storage type except `attention`'s, which
-//!   for bf16 and f16 (the same source for both) is the tensor-core kernel where its
-//!   shapes allow (`mma_t` and `pack_t` from the 16-bit prelude; sm_80 and newer).
+//!   A kernel's source is the same for every storage type except `attention`'s and
+//!   `attention_grad`'s, which for bf16 and f16 (the same source for both) are the
+//!   tensor-core kernels where their shapes allow (`mma_t` and `pack_t` from the 16-bit
+//!   prelude; sm_80 and newer).
 //! - Every output element is written (no kernel relies on a zeroed output), and no
 //!   kernel reads its output, except [`linear_epilogue`], which updates in place.
 //! - No `#include`s: NVRTC needs no headers.
 
 mod attention;
 mod attention_grad;
+mod attention_grad_mma;
 mod attention_mma;
 pub(crate) mod cuda;
 mod elementwise;
@@ -141,18 +143,29 @@ pub fn node_kernels(
         return Ok(Vec::new());
     }
     let name = format!("n{}_{}", id.index(), node.op.kind());
-    // Attention in 16-bit storage runs on the tensor cores where its shapes allow.
-    if let Op::Attention { scale, sink } = &node.op {
-        let spec = attention_spec(&shapes, *scale, *sink, &out).map_err(&err)?;
-        if attention_mma::eligible(&spec, dtype) {
-            let mut k = attention_mma::attention(&name, &spec, dtype).map_err(err)?;
-            k.source = format!(
-                "{}{}",
-                bound_comment_tensor(&node.op, &shapes, &out),
-                k.source
-            );
-            return Ok(vec![k]);
+    // Attention and its gradient in 16-bit storage run on the tensor cores where their
+    // shapes allow.
+    let tensor = match &node.op {
+        Op::Attention { scale, sink } => {
+            let spec = attention_spec(&shapes, *scale, *sink, &out).map_err(&err)?;
+            attention_mma::eligible(&spec, dtype)
+                .then(|| attention_mma::attention(&name, &spec, dtype))
         }
+        Op::AttentionGrad { scale, wrt } => {
+            let spec = attention_grad_spec(&shapes, *scale, *wrt, &out).map_err(&err)?;
+            attention_grad_mma::eligible(&spec, dtype)
+                .then(|| attention_grad_mma::grad(&name, &spec, *wrt, dtype))
+        }
+        _ => None,
+    };
+    if let Some(k) = tensor {
+        let mut k = k.map_err(err)?;
+        k.source = format!(
+            "{}{}",
+            bound_comment_tensor(&node.op, &shapes, &out),
+            k.source
+        );
+        return Ok(vec![k]);
     }
     let mut k = generate(&name, &node.op, &shapes, &out).map_err(err)?;
     k.source = format!("{}{}", bound_comment(&node.op, &shapes, &out), k.source);
@@ -482,48 +495,7 @@ fn generate(name: &str, op: &Op, x: &[Vec<usize>], out: &[usize]) -> Result<Kern
             attention_grad::lse(name, &spec)
         }
         Op::AttentionGrad { scale, wrt } => {
-            if x.iter().any(|s| s.len() < 2) || out.len() < 2 {
-                return Err(format!("operands {x:?} need rank >= 2"));
-            }
-            let last2 = |s: &[usize]| (s[s.len() - 2], s[s.len() - 1]);
-            let ((n, d), (m, dk), (mv, e)) = (last2(&x[0]), last2(&x[1]), last2(&x[2]));
-            let fits = d == dk
-                && m == mv
-                && last2(&x[3]) == (n, 1)
-                && last2(&x[4]) == (n, 1)
-                && last2(&x[5]) == (n, e);
-            let want = match wrt {
-                eptc_ir::AttnWrt::Q => (n, d),
-                eptc_ir::AttnWrt::K => (m, d),
-                eptc_ir::AttnWrt::V => (m, e),
-            };
-            if !fits || last2(out) != want {
-                return Err(format!("operands {x:?} do not give {out:?}"));
-            }
-            let lead = out[..out.len() - 2].to_vec();
-            let mats = [n * d, m * d, m * e, n, n, n * e];
-            let leads = x
-                .iter()
-                .zip(mats)
-                .map(|(s, mat)| {
-                    Ok(bstrides(&s[..s.len() - 2], &lead)?
-                        .iter()
-                        .map(|v| v * mat)
-                        .collect())
-                })
-                .collect::<Result<Vec<Vec<usize>>, String>>()?;
-            let spec = attention_grad::Spec {
-                lead,
-                n,
-                m,
-                d,
-                e,
-                scale: *scale,
-                leads,
-                z_row: 0,
-                max_numel: x.iter().map(|s| numel(s)).max().unwrap_or(0),
-            };
-            attention_grad::grad(name, &spec, *wrt)
+            attention_grad::grad(name, &attention_grad_spec(x, *scale, *wrt, out)?, *wrt)
         }
         Op::Reduce { op, axes, .. } => {
             if axes.iter().any(|&a| a >= x[0].len()) {
@@ -657,6 +629,59 @@ fn generate(name: &str, op: &Op, x: &[Vec<usize>], out: &[usize]) -> Result<Kern
             attention::attention(name, &attention_spec(x, *scale, *sink, out)?)
         }
     }
+}
+
+/// The shapes and strides of an `attention_grad` node.
+fn attention_grad_spec(
+    x: &[Vec<usize>],
+    scale: f32,
+    wrt: eptc_ir::AttnWrt,
+    out: &[usize],
+) -> Result<attention_grad::Spec, String> {
+    let bstrides = dims::broadcast;
+    let numel = |s: &[usize]| s.iter().product::<usize>();
+    if x.iter().any(|s| s.len() < 2) || out.len() < 2 {
+        return Err(format!("operands {x:?} need rank >= 2"));
+    }
+    let last2 = |s: &[usize]| (s[s.len() - 2], s[s.len() - 1]);
+    let ((n, d), (m, dk), (mv, e)) = (last2(&x[0]), last2(&x[1]), last2(&x[2]));
+    let fits = d == dk
+        && m == mv
+        && last2(&x[3]) == (n, 1)
+        && last2(&x[4]) == (n, 1)
+        && last2(&x[5]) == (n, e);
+    let want = match wrt {
+        eptc_ir::AttnWrt::Q => (n, d),
+        eptc_ir::AttnWrt::K => (m, d),
+        eptc_ir::AttnWrt::V => (m, e),
+    };
+    if !fits || last2(out) != want {
+        return Err(format!("operands {x:?} do not give {out:?}"));
+    }
+    let lead = out[..out.len() - 2].to_vec();
+    let mats = [n * d, m * d, m * e, n, n, n * e];
+    let leads = x
+        .iter()
+        .zip(mats)
+        .map(|(s, mat)| {
+            Ok(bstrides(&s[..s.len() - 2], &lead)?
+                .iter()
+                .map(|v| v * mat)
+                .collect())
+        })
+        .collect::<Result<Vec<Vec<usize>>, String>>()?;
+    let spec = attention_grad::Spec {
+        lead,
+        n,
+        m,
+        d,
+        e,
+        scale,
+        leads,
+        z_row: 0,
+        max_numel: x.iter().map(|s| numel(s)).max().unwrap_or(0),
+    };
+    Ok(spec)
 }
 
 /// The shapes and strides of an `attention` node.

@@ -157,14 +157,15 @@ fn check_launch(g: &Graph, id: NodeId, batch: usize, k: &Kernel) {
         Op::SoftmaxSink
         | Op::LayerNorm { .. }
         | Op::LayerNormGrad { .. }
-        | Op::AttentionLse { .. }
-        | Op::AttentionGrad { .. } => blocks * threads_per_block / 32 * last(&out),
+        | Op::AttentionLse { .. } => blocks * threads_per_block / 32 * last(&out),
         // A warp per row, or (on the tensor cores: blocks of 4 warps) 16 rows per warp.
-        Op::Attention { .. } if k.source.contains("mma_t(") => {
+        Op::Attention { .. } | Op::AttentionGrad { .. } if k.source.contains("mma_t(") => {
             assert_eq!(k.block, [128, 1, 1]);
             blocks * 4 * 16 * last(&out)
         }
-        Op::Attention { .. } => blocks * threads_per_block / 32 * last(&out),
+        Op::Attention { .. } | Op::AttentionGrad { .. } => {
+            blocks * threads_per_block / 32 * last(&out)
+        }
         // 16 x 16 threads, at most 4 x 4 outputs each.
         Op::MatMul { .. } | Op::Linear { .. } => {
             assert_eq!(k.block, [16, 16, 1]);
@@ -217,8 +218,11 @@ fn check(g: &Graph, id: NodeId, batches: &[usize]) -> Vec<Kernel> {
             );
             if k16 != ks {
                 assert!(
-                    matches!(g.node(id).op, Op::Attention { .. }),
-                    "{}: only attention has a 16-bit kernel of its own",
+                    matches!(
+                        g.node(id).op,
+                        Op::Attention { .. } | Op::AttentionGrad { .. }
+                    ),
+                    "{}: only attention and its gradient have 16-bit kernels of their own",
                     k.name
                 );
                 for k in &k16 {
@@ -1519,6 +1523,30 @@ fn prepare(cases: &[Case], dtype: DType) -> Vec<(Vec<Vec<u8>>, Result<Vec<f64>, 
                     bytes.push(b);
                     vals.insert(
                         format!("x{j}"),
+                        eptc_ir::reference::Tensor64::new(shape, held),
+                    );
+                }
+                // attention_grad's lse: the true log-normaliser of q and k (the softmax
+                // weights then stay at most 1, as in a real backward; a random lse would
+                // make them up to e^60, past f16's range once rounded for the tensor
+                // cores).
+                let y = c.one.outputs()[0].1;
+                if let Op::AttentionGrad { scale, .. } = c.one.node(y).op {
+                    let mut h = Graph::new("lse");
+                    let q = h.input("x0", c.one.ty(ins[0].1).clone());
+                    let k = h.input("x1", c.one.ty(ins[1].1).clone());
+                    let l = h
+                        .add(Op::AttentionLse { scale, sink: false }, &[q, k])
+                        .unwrap();
+                    h.set_output("lse", l);
+                    let lse = eptc_ir::reference::eval(&h, &vals).unwrap().remove(0).1;
+                    let v: Vec<f32> = lse.data.iter().map(|&x| x as f32).collect();
+                    let (b, held) = store(&v, dtype);
+                    let shape = c.one.ty(ins[3].1).shape.resolve(1);
+                    assert_eq!(shape.iter().product::<usize>(), held.len());
+                    bytes[3] = b;
+                    vals.insert(
+                        "x3".to_string(),
                         eptc_ir::reference::Tensor64::new(shape, held),
                     );
                 }

@@ -1,5 +1,6 @@
 //! Every kernel of whole graphs compiles with NVRTC: the CPU tests' tiny ViT, the tiny
-//! EPT ViT forward (optimized) and training graphs, the IR spec's examples, and the
+//! EPT ViT forward (optimized) and training graphs (the default backward and the
+//! flash-style one), the IR spec's examples, and the
 //! ViT-B/16 + EPT forward and training graphs as `eptc compile` writes them, each for
 //! f32 and bf16 storage and for sm_80 and sm_90.
 //!
@@ -192,6 +193,29 @@ fn tiny_graphs_compile() {
         let name = f.rsplit('/').next().unwrap_or(f).to_string();
         sources.push((name, example(f)));
     }
+    // The training graph with the flash-style attention backward (`attention_lse`,
+    // `attention_grad`: on the tensor cores in bf16), as `EPTC_CUDA_ATTENTION=fused`
+    // makes it at compile.
+    let flash = {
+        use eptc_autodiff::loss::{add_loss, Loss, LOSS};
+        let mut g = example("../wgpu/tests/data/tiny_optimized.eptc");
+        add_loss(&mut g, "logits", Loss::CrossEntropy).unwrap();
+        g.remove_output("features");
+        let opts = eptc_autodiff::Options {
+            fused_attention: true,
+        };
+        eptc_autodiff::differentiate_with(&g, LOSS, &opts).unwrap()
+    };
+    let (_, k16) = unique_kernels(&flash, 3, DType::BF16);
+    let grads = k16
+        .iter()
+        .filter(|k| k.name.ends_with("attention_grad") && k.source.contains("mma_t("))
+        .count();
+    assert!(
+        grads >= 3,
+        "{grads} attention gradients on the tensor cores"
+    );
+    sources.push(("tiny_flash_train".to_string(), flash));
     let mut total = 0;
     for (name, g) in &sources {
         for dtype in DTYPES {

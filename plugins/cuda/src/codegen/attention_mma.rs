@@ -78,7 +78,14 @@ impl Rows {
 /// `stride` apart from element `base`, into the shared array `dst`; rows past `rows` are
 /// zero. 16-byte copies where `src + base` is 16-byte aligned and `stride` a multiple of
 /// 8 (every row then is: `width` is a multiple of 8), else element by element.
-fn stage(ix: Ix, src: &str, base: &str, dst: &str, width: usize, stride: usize) -> String {
+pub(super) fn stage(
+    ix: Ix,
+    src: &str,
+    base: &str,
+    dst: &str,
+    width: usize,
+    stride: usize,
+) -> String {
     let t = ix.ty();
     let v = width / 8;
     let sl = ix.lit(stride);
