@@ -28,9 +28,9 @@
 //!   and f16); every kernel reads and writes through the prelude's `ld`/`st` and
 //!   computes and accumulates in f32. The prelude comes from [`module_source`], once per
 //!   translation unit. The graph's own element types are not consulted: `dtype` decides.
-//!   A kernel's source is the same for every storage type except `attention`'s and
-//!   `attention_grad`'s, which for bf16 and f16 (the same source for both) are the
-//!   tensor-core kernels where their shapes allow (`mma_t` and `pack_t` from the 16-bit
+//!   A kernel's source is the same for every storage type except those of `attention`,
+//!   `attention_lse` and `attention_grad`, which for bf16 and f16 (the same source for
+//!   both) are the tensor-core kernels where their shapes allow (`mma_t` and `pack_t` from the 16-bit
 //!   prelude; sm_80 and newer).
 //! - Every output element is written (no kernel relies on a zeroed output), and no
 //!   kernel reads its output, except [`linear_epilogue`], which updates in place.
@@ -155,6 +155,28 @@ pub fn node_kernels(
             let spec = attention_grad_spec(&shapes, *scale, *wrt, &out).map_err(&err)?;
             attention_grad_mma::eligible(&spec, dtype)
                 .then(|| attention_grad_mma::grad(&name, &spec, *wrt, dtype))
+        }
+        Op::AttentionLse { scale, sink } => {
+            let l = attention_lse_spec(&shapes, *scale, *sink, &out).map_err(&err)?;
+            let spec = attention::Spec {
+                q_lead: l.leads[0].clone(),
+                k_lead: l.leads[1].clone(),
+                v_lead: vec![0; l.lead.len()],
+                z: l.leads.get(2).map(|z| {
+                    let mut z = z.clone();
+                    z.push(l.z_row);
+                    z
+                }),
+                lead: l.lead,
+                n: l.n,
+                m: l.m,
+                d: l.d,
+                e: 0,
+                scale: l.scale,
+                max_numel: l.max_numel,
+            };
+            attention_mma::eligible_lse(&spec, dtype)
+                .then(|| attention_mma::lse(&name, &spec, dtype))
         }
         _ => None,
     };
@@ -459,40 +481,7 @@ fn generate(name: &str, op: &Op, x: &[Vec<usize>], out: &[usize]) -> Result<Kern
             elementwise::concat(name, numel(&out[..a]), &sizes, numel(&out[a + 1..]))
         }
         Op::AttentionLse { scale, sink } => {
-            let (q, k) = (&x[0], &x[1]);
-            if q.len() < 2 || k.len() < 2 || out.len() < 2 {
-                return Err(format!("q {q:?}, k {k:?} and {out:?} need rank >= 2"));
-            }
-            let (n, d, m) = (q[q.len() - 2], q[q.len() - 1], k[k.len() - 2]);
-            let lead = out[..out.len() - 2].to_vec();
-            if k[k.len() - 1] != d || out[out.len() - 2..] != [n, 1] {
-                return Err(format!("q {q:?}, k {k:?} do not give {out:?}"));
-            }
-            let ls = |s: &[usize], mat: usize| -> Result<Vec<usize>, String> {
-                Ok(bstrides(&s[..s.len() - 2], &lead)?
-                    .iter()
-                    .map(|v| v * mat)
-                    .collect())
-            };
-            let mut leads = vec![ls(q, n * d)?, ls(k, m * d)?];
-            let mut z_row = 0;
-            if *sink {
-                let st = bstrides(&x[2], out)?;
-                z_row = st[lead.len()];
-                leads.push(st[..lead.len()].to_vec());
-            }
-            let spec = attention_grad::Spec {
-                lead,
-                n,
-                m,
-                d,
-                e: 0,
-                scale: *scale,
-                leads,
-                z_row,
-                max_numel: x.iter().map(|s| numel(s)).max().unwrap_or(0),
-            };
-            attention_grad::lse(name, &spec)
+            attention_grad::lse(name, &attention_lse_spec(x, *scale, *sink, out)?)
         }
         Op::AttentionGrad { scale, wrt } => {
             attention_grad::grad(name, &attention_grad_spec(x, *scale, *wrt, out)?, *wrt)
@@ -629,6 +618,51 @@ fn generate(name: &str, op: &Op, x: &[Vec<usize>], out: &[usize]) -> Result<Kern
             attention::attention(name, &attention_spec(x, *scale, *sink, out)?)
         }
     }
+}
+
+/// The shapes and strides of an `attention_lse` node.
+fn attention_lse_spec(
+    x: &[Vec<usize>],
+    scale: f32,
+    sink: bool,
+    out: &[usize],
+) -> Result<attention_grad::Spec, String> {
+    let bstrides = dims::broadcast;
+    let numel = |s: &[usize]| s.iter().product::<usize>();
+    let (q, k) = (&x[0], &x[1]);
+    if q.len() < 2 || k.len() < 2 || out.len() < 2 {
+        return Err(format!("q {q:?}, k {k:?} and {out:?} need rank >= 2"));
+    }
+    let (n, d, m) = (q[q.len() - 2], q[q.len() - 1], k[k.len() - 2]);
+    let lead = out[..out.len() - 2].to_vec();
+    if k[k.len() - 1] != d || out[out.len() - 2..] != [n, 1] {
+        return Err(format!("q {q:?}, k {k:?} do not give {out:?}"));
+    }
+    let ls = |s: &[usize], mat: usize| -> Result<Vec<usize>, String> {
+        Ok(bstrides(&s[..s.len() - 2], &lead)?
+            .iter()
+            .map(|v| v * mat)
+            .collect())
+    };
+    let mut leads = vec![ls(q, n * d)?, ls(k, m * d)?];
+    let mut z_row = 0;
+    if sink {
+        let st = bstrides(&x[2], out)?;
+        z_row = st[lead.len()];
+        leads.push(st[..lead.len()].to_vec());
+    }
+    let spec = attention_grad::Spec {
+        lead,
+        n,
+        m,
+        d,
+        e: 0,
+        scale,
+        leads,
+        z_row,
+        max_numel: x.iter().map(|s| numel(s)).max().unwrap_or(0),
+    };
+    Ok(spec)
 }
 
 /// The shapes and strides of an `attention_grad` node.

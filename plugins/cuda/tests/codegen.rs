@@ -154,16 +154,17 @@ fn check_launch(g: &Graph, id: NodeId, batch: usize, k: &Kernel) {
             let s = g.ty(g.operands(id)[0]).shape.resolve(batch);
             blocks * threads_per_block / 32 * s[*axis]
         }
-        Op::SoftmaxSink
-        | Op::LayerNorm { .. }
-        | Op::LayerNormGrad { .. }
-        | Op::AttentionLse { .. } => blocks * threads_per_block / 32 * last(&out),
+        Op::SoftmaxSink | Op::LayerNorm { .. } | Op::LayerNormGrad { .. } => {
+            blocks * threads_per_block / 32 * last(&out)
+        }
         // A warp per row, or (on the tensor cores: blocks of 4 warps) 16 rows per warp.
-        Op::Attention { .. } | Op::AttentionGrad { .. } if k.source.contains("mma_t(") => {
+        Op::Attention { .. } | Op::AttentionLse { .. } | Op::AttentionGrad { .. }
+            if k.source.contains("mma_t(") =>
+        {
             assert_eq!(k.block, [128, 1, 1]);
             blocks * 4 * 16 * last(&out)
         }
-        Op::Attention { .. } | Op::AttentionGrad { .. } => {
+        Op::Attention { .. } | Op::AttentionLse { .. } | Op::AttentionGrad { .. } => {
             blocks * threads_per_block / 32 * last(&out)
         }
         // 16 x 16 threads, at most 4 x 4 outputs each.
@@ -220,9 +221,9 @@ fn check(g: &Graph, id: NodeId, batches: &[usize]) -> Vec<Kernel> {
                 assert!(
                     matches!(
                         g.node(id).op,
-                        Op::Attention { .. } | Op::AttentionGrad { .. }
+                        Op::Attention { .. } | Op::AttentionLse { .. } | Op::AttentionGrad { .. }
                     ),
-                    "{}: only attention and its gradient have 16-bit kernels of their own",
+                    "{}: only attention and its backward have 16-bit kernels of their own",
                     k.name
                 );
                 for k in &k16 {

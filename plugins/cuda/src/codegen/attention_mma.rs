@@ -137,13 +137,50 @@ pub fn attention_rows(name: &str, s: &Spec, dtype: DType, rows: &Rows) -> Result
             s.d, s.e, s.m
         ));
     }
+    generate(name, s, rows, false)
+}
+
+/// Whether the tensor-core kernel takes `attention_lse` of `s` (its `e` and `v_lead`
+/// unused) stored as `dtype`.
+pub fn eligible_lse(s: &Spec, dtype: DType) -> bool {
+    matches!(dtype, DType::BF16 | DType::F16)
+        && s.d > 0
+        && s.d.is_multiple_of(16)
+        && s.d <= MAX_DIM
+        && s.m > 0
+}
+
+/// `attention_lse`: the forward's scores and online softmax without the values, writing
+/// each row's `max + log(sum)` (the sink included), as the SIMT kernel does
+/// ([`super::attention_grad::lse`]). `s.e` and `s.v_lead` are not used.
+pub fn lse(name: &str, s: &Spec, dtype: DType) -> Result<Kernel, String> {
+    if !eligible_lse(s, dtype) {
+        return Err(format!(
+            "the tensor-core attention_lse takes 16-bit storage, a head dim that is a multiple of 16 up to {MAX_DIM}, and keys; not {dtype} with d {}, {} keys",
+            s.d, s.m
+        ));
+    }
+    let s = Spec {
+        e: 0,
+        v_lead: vec![0; s.lead.len()],
+        ..s.clone()
+    };
+    generate(name, &s, &Rows::contiguous(&s), true)
+}
+
+/// The attention kernel, or with `lse` the log-normaliser kernel.
+fn generate(name: &str, s: &Spec, rows: &Rows, lse: bool) -> Result<Kernel, String> {
     let (n, m, d, e) = (s.n, s.m, s.d, s.e);
     let nb: usize = s.lead.iter().product();
     let nt = n.div_ceil(BM);
     let grid = grid_1d(nb * nt)?;
-    let ix = Ix::for_numel(s.max_numel.max(nb * n * e));
+    let ix = Ix::for_numel(s.max_numel.max(nb * n * e.max(1)));
     let t = ix.ty();
-    let mut inputs = vec!["q", "k", "v"];
+    let mut inputs = if lse {
+        vec!["q", "k"]
+    } else {
+        vec!["q", "k", "v"]
+    };
     if s.z.is_some() {
         inputs.push("z");
     }
@@ -157,8 +194,18 @@ pub fn attention_rows(name: &str, s: &Spec, dtype: DType, rows: &Rows) -> Result
         };
         format!("{first}{o} + j0 * {}", ix.lit(rows.row[i]))
     };
+    let what = if lse {
+        "attention log-normaliser".to_string()
+    } else {
+        "attention".to_string()
+    };
+    let outs = if lse {
+        String::new()
+    } else {
+        format!(", {e} outputs")
+    };
     let mut src = format!(
-        "// {name}: attention on the tensor cores (mma.m16n8k16, 16-bit operands, f32 accumulation), {BM} query rows per block of {WARPS} warps, keys in tiles of {BN} ({nb} entries of {n} rows of {d} against {m} keys, {e} outputs){}{}.\n",
+        "// {name}: {what} on the tensor cores (mma.m16n8k16, 16-bit operands, f32 accumulation), {BM} query rows per block of {WARPS} warps, keys in tiles of {BN} ({nb} entries of {n} rows of {d} against {m} keys{outs}){}{}.\n",
         if s.z.is_some() { ", with a sink logit" } else { "" },
         if *rows == Rows::contiguous(s) {
             String::new()
@@ -171,10 +218,15 @@ pub fn attention_rows(name: &str, s: &Spec, dtype: DType, rows: &Rows) -> Result
     );
     src += &entry(name, &inputs, "out");
     src += &format!(
-        "    __shared__ __align__(16) unsigned short ks[{BN}][{dp}];\n    __shared__ __align__(16) unsigned short vs[{BN}][{ep}];\n",
-        dp = d + PAD,
-        ep = e + PAD
+        "    __shared__ __align__(16) unsigned short ks[{BN}][{}];\n",
+        d + PAD
     );
+    if !lse {
+        src += &format!(
+            "    __shared__ __align__(16) unsigned short vs[{BN}][{}];\n",
+            e + PAD
+        );
+    }
     src += &format!(
         "    const unsigned lane = threadIdx.x & 31u, w = threadIdx.x >> 5;
     const unsigned g = lane >> 2, tg = lane & 3u;
@@ -189,8 +241,12 @@ pub fn attention_rows(name: &str, s: &Spec, dtype: DType, rows: &Rows) -> Result
         bm = ix.lit(BM),
         n_l = ix.lit(n),
     );
-    let mut sets = vec![s.q_lead.clone(), s.k_lead.clone(), s.v_lead.clone()];
-    let mut names = vec!["oq", "ok", "ov"];
+    let mut sets = vec![s.q_lead.clone(), s.k_lead.clone()];
+    let mut names = vec!["oq", "ok"];
+    if !lse {
+        sets.push(s.v_lead.clone());
+        names.push("ov");
+    }
     if let Some(z) = &s.z {
         sets.push(z[..s.lead.len()].to_vec());
         names.push("oz");
@@ -237,13 +293,88 @@ pub fn attention_rows(name: &str, s: &Spec, dtype: DType, rows: &Rows) -> Result
             src += "    float ma = NEG_INF, mb = NEG_INF;\n    float la = 0.0f, lb = 0.0f;\n";
         }
     }
-    src += &format!(
-        "    float acc[{ne}][4];
+    if !lse {
+        src += &format!(
+            "    float acc[{ne}][4];
 #pragma unroll
     for (int j = 0; j < {ne}; ++j) {{
         acc[j][0] = 0.0f; acc[j][1] = 0.0f; acc[j][2] = 0.0f; acc[j][3] = 0.0f;
     }}
-    for ({t} j0 = 0; j0 < {m_l}; j0 += {BN}u) {{
+"
+        );
+    }
+    let stage_v = if lse {
+        String::new()
+    } else {
+        stage(ix, "v", &base(2, "ov"), "vs", e, rows.row[2])
+    };
+    // Rescale the output and add this tile's P V (the attention; not the normaliser).
+    let pv = if lse {
+        String::new()
+    } else {
+        format!(
+            "#pragma unroll
+            for (int j = 0; j < {ne}; ++j) {{
+                acc[j][0] *= ca; acc[j][1] *= ca; acc[j][2] *= cb; acc[j][3] *= cb;
+            }}
+            // P V: 16 keys per step, P's accumulator blocks 2kk and 2kk + 1 as the A
+            // fragment, V's rows 2t, 2t + 1 (and + 8) at column g as the B fragment.
+#pragma unroll
+            for (int kk = 0; kk < {nk}; ++kk) {{
+                if ((unsigned)(kk * 16) < kc) {{
+                    unsigned pf[4];
+                    pf[0] = pack_t(sc[2 * kk][0], sc[2 * kk][1]);
+                    pf[1] = pack_t(sc[2 * kk][2], sc[2 * kk][3]);
+                    pf[2] = pack_t(sc[2 * kk + 1][0], sc[2 * kk + 1][1]);
+                    pf[3] = pack_t(sc[2 * kk + 1][2], sc[2 * kk + 1][3]);
+                    const unsigned kr = (unsigned)(kk * 16) + 2u * tg;
+#pragma unroll
+                    for (int j = 0; j < {ne}; ++j) {{
+                        const unsigned c = (unsigned)(j * 8) + g;
+                        unsigned b[2];
+                        b[0] = (unsigned)vs[kr][c] | ((unsigned)vs[kr + 1u][c] << 16);
+                        b[1] = (unsigned)vs[kr + 8u][c] | ((unsigned)vs[kr + 9u][c] << 16);
+                        mma_t(acc[j], pf, b);
+                    }}
+                }}
+            }}
+",
+            nk = BN / 16
+        )
+    };
+    let finish = if lse {
+        format!(
+            "        // The row's log-normaliser, once per row.
+        if (tg == 0u) {{
+            if (va) st(out, e * {n_l} + ra, ma + logf(la));
+            if (vb) st(out, e * {n_l} + rb, mb + logf(lb));
+        }}
+",
+            n_l = ix.lit(n)
+        )
+    } else {
+        format!(
+            "        const float ia = 1.0f / la, ib = 1.0f / lb;
+        const {t} oa = (e * {n_l} + ra) * {el}, ob = (e * {n_l} + rb) * {el};
+#pragma unroll
+        for (int j = 0; j < {ne}; ++j) {{
+            const unsigned c = (unsigned)(j * 8) + 2u * tg;
+            if (va) {{
+                st(out, oa + c, acc[j][0] * ia);
+                st(out, oa + c + 1u, acc[j][1] * ia);
+            }}
+            if (vb) {{
+                st(out, ob + c, acc[j][2] * ib);
+                st(out, ob + c + 1u, acc[j][3] * ib);
+            }}
+        }}
+",
+            n_l = ix.lit(n),
+            el = ix.lit(e)
+        )
+    };
+    src += &format!(
+        "    for ({t} j0 = 0; j0 < {m_l}; j0 += {BN}u) {{
         const unsigned kc = ({m_l} - j0) < {BN}u ? (unsigned)({m_l} - j0) : {BN}u;
         __syncthreads();
 {stage_k}{stage_v}        __syncthreads();
@@ -295,32 +426,7 @@ pub fn attention_rows(name: &str, s: &Spec, dtype: DType, rows: &Rows) -> Result
                 la += sc[j][0] + sc[j][1];
                 lb += sc[j][2] + sc[j][3];
             }}
-#pragma unroll
-            for (int j = 0; j < {ne}; ++j) {{
-                acc[j][0] *= ca; acc[j][1] *= ca; acc[j][2] *= cb; acc[j][3] *= cb;
-            }}
-            // P V: 16 keys per step, P's accumulator blocks 2kk and 2kk + 1 as the A
-            // fragment, V's rows 2t, 2t + 1 (and + 8) at column g as the B fragment.
-#pragma unroll
-            for (int kk = 0; kk < {nk}; ++kk) {{
-                if ((unsigned)(kk * 16) < kc) {{
-                    unsigned pf[4];
-                    pf[0] = pack_t(sc[2 * kk][0], sc[2 * kk][1]);
-                    pf[1] = pack_t(sc[2 * kk][2], sc[2 * kk][3]);
-                    pf[2] = pack_t(sc[2 * kk + 1][0], sc[2 * kk + 1][1]);
-                    pf[3] = pack_t(sc[2 * kk + 1][2], sc[2 * kk + 1][3]);
-                    const unsigned kr = (unsigned)(kk * 16) + 2u * tg;
-#pragma unroll
-                    for (int j = 0; j < {ne}; ++j) {{
-                        const unsigned c = (unsigned)(j * 8) + g;
-                        unsigned b[2];
-                        b[0] = (unsigned)vs[kr][c] | ((unsigned)vs[kr + 1u][c] << 16);
-                        b[1] = (unsigned)vs[kr + 8u][c] | ((unsigned)vs[kr + 9u][c] << 16);
-                        mma_t(acc[j], pf, b);
-                    }}
-                }}
-            }}
-            ma = na;
+{pv}            ma = na;
             mb = nbm;
         }}
     }}
@@ -329,30 +435,12 @@ pub fn attention_rows(name: &str, s: &Spec, dtype: DType, rows: &Rows) -> Result
         la += __shfl_xor_sync(0xffffffffu, la, 2);
         lb += __shfl_xor_sync(0xffffffffu, lb, 1);
         lb += __shfl_xor_sync(0xffffffffu, lb, 2);
-        const float ia = 1.0f / la, ib = 1.0f / lb;
-        const {t} oa = (e * {n_l} + ra) * {el}, ob = (e * {n_l} + rb) * {el};
-#pragma unroll
-        for (int j = 0; j < {ne}; ++j) {{
-            const unsigned c = (unsigned)(j * 8) + 2u * tg;
-            if (va) {{
-                st(out, oa + c, acc[j][0] * ia);
-                st(out, oa + c + 1u, acc[j][1] * ia);
-            }}
-            if (vb) {{
-                st(out, ob + c, acc[j][2] * ib);
-                st(out, ob + c + 1u, acc[j][3] * ib);
-            }}
-        }}
-    }}
+{finish}    }}
 }}
 ",
         m_l = ix.lit(m),
         stage_k = stage(ix, "k", &base(1, "ok"), "ks", d, rows.row[1]),
-        stage_v = stage(ix, "v", &base(2, "ov"), "vs", e, rows.row[2]),
         scale = lit(s.scale),
-        nk = BN / 16,
-        n_l = ix.lit(n),
-        el = ix.lit(e),
     );
     Ok(Kernel {
         name: name.to_string(),
