@@ -157,11 +157,12 @@ print(f'  mode={sys.argv[1]:23} {r[\"what\"]:13} b256 bf16: device {d*1e3:.2f} m
   EPTC_CUDA_ATTENTION=fused timeout 60 "$bin/eptc" compile /tmp/eptc-gpu/vit_b16_timm.safetensors \
     --peft ept --prompt-len 100 --num-classes 10 --target cuda --dtype bf16 \
     -o /tmp/eptc-gpu/art_cuda_bf16_fused >/dev/null 2>>"$out/attention-modes.err" \
-  && for fuse in 0 1; do
-    EPTC_CUDA_ATTENTION=fused EPTC_CUDA_FUSE=$fuse timeout 40 "$bin/eptc" bench /tmp/eptc-gpu/art_cuda_bf16_fused \
+  && for fv in 0,0 1,0 1,1; do
+    fuse=${fv%,*}; views=${fv#*,}
+    EPTC_CUDA_ATTENTION=fused EPTC_CUDA_FUSE=$fuse EPTC_CUDA_VIEWS=$views timeout 40 "$bin/eptc" bench /tmp/eptc-gpu/art_cuda_bf16_fused \
       --batch 64 --iters 10 --warmup 2 --train --json 2>>"$out/attention-modes.err" | python3 -c "
 import json, sys; r = json.loads(sys.stdin.read()); d = r.get('device_median_s') or float('nan')
-print(f'  mode=fused backward, fuse={sys.argv[1]} {r[\"what\"]:13} b64 bf16: device {d*1e3:.2f} ms, wall {r[\"median_s\"]*1e3:.2f} ms')" $fuse
+print(f'  mode=fused backward, fuse={sys.argv[1]} views={sys.argv[2]} {r[\"what\"]:13} b64 bf16: device {d*1e3:.2f} ms, wall {r[\"median_s\"]*1e3:.2f} ms')" $fuse $views
   done 2>&1 | tee -a "$out/attention-modes.txt"
   EPTC_CUDA_PROFILE=1 timeout 30 "$bin/eptc" bench /tmp/eptc-gpu/art_cuda_bf16 --batch 64 \
     --iters 1 --warmup 1 > "$out/profile.log" 2>&1; echo "exit $?" >> "$out/profile.log"

@@ -158,23 +158,7 @@ pub fn node_kernels(
         }
         Op::AttentionLse { scale, sink } => {
             let l = attention_lse_spec(&shapes, *scale, *sink, &out).map_err(&err)?;
-            let spec = attention::Spec {
-                q_lead: l.leads[0].clone(),
-                k_lead: l.leads[1].clone(),
-                v_lead: vec![0; l.lead.len()],
-                z: l.leads.get(2).map(|z| {
-                    let mut z = z.clone();
-                    z.push(l.z_row);
-                    z
-                }),
-                lead: l.lead,
-                n: l.n,
-                m: l.m,
-                d: l.d,
-                e: 0,
-                scale: l.scale,
-                max_numel: l.max_numel,
-            };
+            let spec = lse_as_attention(l);
             attention_mma::eligible_lse(&spec, dtype)
                 .then(|| attention_mma::lse(&name, &spec, dtype))
         }
@@ -204,7 +188,8 @@ pub struct OperandView {
     pub row: usize,
 }
 
-/// The tensor-core attention kernel of node `id` (16-bit `dtype`) reading q, k and v
+/// The tensor-core kernel of node `id` (`attention`, `attention_lse` or
+/// `attention_grad`; 16-bit `dtype`) reading q, k (and v: not for `attention_lse`)
 /// through `views` (their buffers hold `buffer_numel` elements at most); `Ok(None)` where
 /// the node's shapes or `dtype` do not take that kernel.
 pub fn attention_mma_views(
@@ -212,7 +197,7 @@ pub fn attention_mma_views(
     id: NodeId,
     batch: usize,
     dtype: DType,
-    views: &[OperandView; 3],
+    views: &[OperandView],
     buffer_numel: usize,
 ) -> Result<Option<Kernel>, CodegenError> {
     let node = g.node(id);
@@ -221,44 +206,99 @@ pub fn attention_mma_views(
         op: node.op.kind().to_string(),
         msg,
     };
-    let Op::Attention { scale, sink } = &node.op else {
-        return Err(err("not an attention".into()));
-    };
     let shapes: Vec<Vec<usize>> = g
         .operands(id)
         .iter()
         .map(|&o| g.ty(o).shape.resolve(batch))
         .collect();
     let out = node.ty.shape.resolve(batch);
-    let mut spec = attention_spec(&shapes, *scale, *sink, &out).map_err(&err)?;
-    if !attention_mma::eligible(&spec, dtype) || out.iter().product::<usize>() == 0 {
+    if out.iter().product::<usize>() == 0 {
         return Ok(None);
     }
+    let want = if matches!(node.op, Op::AttentionLse { .. }) {
+        2
+    } else {
+        3
+    };
+    if views.len() != want {
+        return Err(err(format!("{} views, the op reads {want}", views.len())));
+    }
+    let rows = attention_mma::Rows {
+        offset: [0, 1, 2].map(|i| views.get(i).map_or(0, |v| v.offset)),
+        row: [0, 1, 2].map(|i| views.get(i).map_or(0, |v| v.row)),
+    };
+    let name = format!("n{}_{}", id.index(), node.op.kind());
+    let lead_len = out.len() - 2;
     for v in views {
-        if v.lead_strides.len() != spec.lead.len() {
+        if v.lead_strides.len() != lead_len {
             return Err(err(format!(
-                "a view with {} lead strides for {} leading axes",
-                v.lead_strides.len(),
-                spec.lead.len()
+                "a view with {} lead strides for {lead_len} leading axes",
+                v.lead_strides.len()
             )));
         }
     }
-    spec.q_lead = views[0].lead_strides.clone();
-    spec.k_lead = views[1].lead_strides.clone();
-    spec.v_lead = views[2].lead_strides.clone();
-    spec.max_numel = spec.max_numel.max(buffer_numel);
-    let rows = attention_mma::Rows {
-        offset: [views[0].offset, views[1].offset, views[2].offset],
-        row: [views[0].row, views[1].row, views[2].row],
+    let lead = |i: usize| views[i].lead_strides.clone();
+    let k = match &node.op {
+        Op::Attention { scale, sink } => {
+            let mut spec = attention_spec(&shapes, *scale, *sink, &out).map_err(&err)?;
+            if !attention_mma::eligible(&spec, dtype) {
+                return Ok(None);
+            }
+            (spec.q_lead, spec.k_lead, spec.v_lead) = (lead(0), lead(1), lead(2));
+            spec.max_numel = spec.max_numel.max(buffer_numel);
+            attention_mma::attention_rows(&name, &spec, dtype, &rows)
+        }
+        Op::AttentionLse { scale, sink } => {
+            let l = attention_lse_spec(&shapes, *scale, *sink, &out).map_err(&err)?;
+            let mut spec = lse_as_attention(l);
+            if !attention_mma::eligible_lse(&spec, dtype) {
+                return Ok(None);
+            }
+            (spec.q_lead, spec.k_lead) = (lead(0), lead(1));
+            spec.max_numel = spec.max_numel.max(buffer_numel);
+            attention_mma::lse_rows(&name, &spec, dtype, &rows)
+        }
+        Op::AttentionGrad { scale, wrt } => {
+            let mut spec = attention_grad_spec(&shapes, *scale, *wrt, &out).map_err(&err)?;
+            if !attention_grad_mma::eligible(&spec, dtype) {
+                return Ok(None);
+            }
+            for i in 0..3 {
+                spec.leads[i] = lead(i);
+            }
+            spec.max_numel = spec.max_numel.max(buffer_numel);
+            attention_grad_mma::grad_rows(&name, &spec, *wrt, dtype, &rows)
+        }
+        _ => return Err(err("not an attention op".into())),
     };
-    let name = format!("n{}_{}", id.index(), node.op.kind());
-    let mut k = attention_mma::attention_rows(&name, &spec, dtype, &rows).map_err(err)?;
+    let mut k = k.map_err(err)?;
     k.source = format!(
         "{}{}",
         bound_comment_tensor(&node.op, &shapes, &out),
         k.source
     );
     Ok(Some(k))
+}
+
+/// `attention_lse`'s shapes as the attention kernel's (no values).
+fn lse_as_attention(l: attention_grad::Spec) -> attention::Spec {
+    attention::Spec {
+        q_lead: l.leads[0].clone(),
+        k_lead: l.leads[1].clone(),
+        v_lead: vec![0; l.lead.len()],
+        z: l.leads.get(2).map(|z| {
+            let mut z = z.clone();
+            z.push(l.z_row);
+            z
+        }),
+        lead: l.lead,
+        n: l.n,
+        m: l.m,
+        d: l.d,
+        e: 0,
+        scale: l.scale,
+        max_numel: l.max_numel,
+    }
 }
 
 /// [`bound_comment`] for a kernel on the tensor cores (bf16/f16 operands, f32

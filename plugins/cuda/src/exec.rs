@@ -461,7 +461,8 @@ impl Drop for Pinned {
 enum ViewGemms {
     Attention(Box<AttentionGemms>),
     MatMul(Gemm),
-    /// The tensor-core attention kernel reading q, k, v in place.
+    /// A tensor-core attention kernel (`attention`, `attention_lse` or `attention_grad`)
+    /// reading q, k (and v) in place.
     Fused(Box<Kernel>),
 }
 
@@ -493,6 +494,11 @@ fn attention_views(
                     None => attention_view_gemms(g, s.id, batch, &stop)
                         .map(|(at, t)| (s.id, (ViewGemms::Attention(Box::new(at)), t))),
                 },
+                // The flash-style backward's kernels (fused training graphs).
+                Op::AttentionLse { .. } | Op::AttentionGrad { .. } => fused.and_then(|dt| {
+                    attention_view_fused(g, s.id, batch, &stop, dt)
+                        .map(|(k, t)| (s.id, (ViewGemms::Fused(Box::new(k)), t)))
+                }),
                 Op::MatMul { .. } => matmul_view_gemm(g, s.id, batch, &stop)
                     .map(|(mm, t)| (s.id, (ViewGemms::MatMul(mm), t))),
                 _ => None,
@@ -507,9 +513,11 @@ fn attention_views(
                     .all(|u| {
                         chain.contains(&u)
                             || cands.get(&u).is_some_and(|(v, _)| {
-                                // Attention reads q, k, v (not z) in place; a matmul both.
+                                // Attention reads q, k, v (not z) in place, lse q and k,
+                                // a matmul both operands.
                                 let max = match v {
-                                    ViewGemms::Attention(_) | ViewGemms::Fused(_) => 3,
+                                    ViewGemms::Attention(_) => 3,
+                                    ViewGemms::Fused(_) => view_count(g, u),
                                     ViewGemms::MatMul(_) => 2,
                                 };
                                 g.operands(u)
@@ -1675,13 +1683,14 @@ fn qkv_views(
 ) -> Option<(Vec<StridedView>, Vec<NodeId>)> {
     let ops = g.operands(id);
     let out = g.ty(id).shape.resolve(batch);
-    if out.iter().product::<usize>() == 0 || ops.len() < 3 {
+    let count = view_count(g, id);
+    if out.iter().product::<usize>() == 0 || ops.len() < count {
         return None;
     }
     let lead = &out[..out.len() - 2];
     let mut views = Vec::new();
     let mut through = Vec::new();
-    for &o in &ops[..3] {
+    for &o in &ops[..count] {
         let v = strided_view(g, o, batch, stop)?;
         let r = v.shape.len();
         if r < 2 || v.shape[..r - 2] != *lead || (v.shape[r - 1] > 1 && v.strides[r - 1] != 1) {
@@ -1694,6 +1703,14 @@ fn qkv_views(
         .iter()
         .any(|&t| matches!(g.node(t).op, Op::Permute { .. } | Op::Slice { .. }));
     copies.then_some((views, through))
+}
+
+/// How many leading operands of an attention op are q, k (and v): read through views.
+fn view_count(g: &Graph, id: NodeId) -> usize {
+    match g.node(id).op {
+        Op::AttentionLse { .. } => 2,
+        _ => 3,
+    }
 }
 
 /// The stride between the rows of a view's matrices (its feature count where it has a
@@ -1723,15 +1740,8 @@ fn attention_view_fused(
         .map(|v| g.ty(v.root).shape.numel(batch))
         .max()
         .unwrap_or(0);
-    let k = codegen::attention_mma_views(
-        g,
-        id,
-        batch,
-        dtype,
-        &[ov(&views[0]), ov(&views[1]), ov(&views[2])],
-        buffer_numel,
-    )
-    .ok()??;
+    let ovs: Vec<codegen::OperandView> = views.iter().map(ov).collect();
+    let k = codegen::attention_mma_views(g, id, batch, dtype, &ovs, buffer_numel).ok()??;
     through.sort();
     through.dedup();
     Some((k, through))
@@ -2463,6 +2473,34 @@ mod tests {
             assert_eq!(n, attentions, "{f}");
             assert_eq!(fvirt, virt, "{f}");
         }
+        // ViT-B/16's training graph with the flash-style backward: every attention,
+        // attention_lse and attention_grad reads q, k, v in place (16-bit storage).
+        let text =
+            std::fs::read_to_string(format!("{dir}/../wgpu/tests/data/vit_b16_optimized.eptc"))
+                .unwrap();
+        let mut g = eptc_ir::text::parse(&text).unwrap();
+        eptc_autodiff::loss::add_loss(&mut g, "logits", eptc_autodiff::loss::Loss::CrossEntropy)
+            .unwrap();
+        g.remove_output("features");
+        let opts = eptc_autodiff::Options {
+            fused_attention: true,
+        };
+        let t = eptc_autodiff::differentiate_with(&g, eptc_autodiff::loss::LOSS, &opts).unwrap();
+        let (slots, ..) = slots_of(&t);
+        let (fused, virt) = attention_views(&t, &slots, 2, Some(DType::BF16));
+        let count = |k: &str| slots.iter().filter(|s| s.op == k).count();
+        let ops = count("attention") + count("attention_lse") + count("attention_grad");
+        // (Per layer an attention, an lse and up to three gradients: 57 in all.)
+        assert!(ops > 12 * 4, "{ops}");
+        let n = fused
+            .values()
+            .filter(|v| matches!(v, ViewGemms::Fused(_)))
+            .count();
+        assert_eq!(n, ops);
+        let vcount = |k: &str| virt.iter().filter(|&&i| slots[i].op == k).count();
+        // Per layer the permute and three slices, and the class token's slice (read by
+        // the head's matmul).
+        assert_eq!((vcount("permute"), vcount("slice")), (12, 37));
     }
 
     #[test]
@@ -2759,6 +2797,139 @@ mod tests {
             let e = (num / den).sqrt();
             let bar = if dt == DType::BF16 { 1e-2 } else { 2e-3 };
             assert!(e <= bar, "{dt}: relative error {e:.3e}");
+        }
+    }
+
+    /// The flash-style backward's kernels (`attention_lse`, `attention_grad` wrt q, k, v)
+    /// read q, k, v in place too (16-bit storage, views on), and give the reference on
+    /// the CPU emulator.
+    #[test]
+    fn fused_backward_reads_q_k_v_in_place() {
+        use eptc_ir::{AttnWrt, TensorType};
+        let (b, n, h, dh) = (2, 70, 2, 32);
+        let dm = h * dh;
+        let fixed = |s: &[usize]| TensorType::f32(Shape::fixed(s));
+        let mut g = Graph::new("qkv-backward");
+        let x = g.input("x", fixed(&[b, n, 3 * dm]));
+        let r = g.reshape(x, Shape::fixed(&[b, n, 3, h, dh])).unwrap();
+        let p = g.permute(r, &[2, 0, 3, 1, 4]).unwrap();
+        let qkv: Vec<NodeId> = (0..3)
+            .map(|i| {
+                let sl = g.slice(p, 0, i, i + 1).unwrap();
+                g.reshape(sl, Shape::fixed(&[b, h, n, dh])).unwrap()
+            })
+            .collect();
+        let z = g.input("z", fixed(&[b, 1, n, 1]));
+        let lse = g
+            .add(
+                Op::AttentionLse {
+                    scale: 0.3,
+                    sink: true,
+                },
+                &[qkv[0], qkv[1], z],
+            )
+            .unwrap();
+        g.set_output("lse", lse);
+        let lse_in = g.input("lse_in", fixed(&[b, h, n, 1]));
+        let delta = g.input("delta", fixed(&[b, h, n, 1]));
+        let dout = g.input("dout", fixed(&[b, h, n, dh]));
+        let grads: Vec<NodeId> = AttnWrt::ALL
+            .iter()
+            .map(|&wrt| {
+                let y = g
+                    .add(
+                        Op::AttentionGrad { scale: 0.3, wrt },
+                        &[qkv[0], qkv[1], qkv[2], lse_in, delta, dout],
+                    )
+                    .unwrap();
+                g.set_output(&format!("grad_{}", wrt.name()), y);
+                y
+            })
+            .collect();
+        let (slots, _, _, _) = slots_of(&g);
+        let slot = |id: NodeId| slots.iter().position(|s| s.id == id).unwrap();
+        let emulate = crate::emulate::available().is_ok();
+        for dt in [DType::BF16, DType::F16] {
+            let (mut views, virt) = attention_views(&g, &slots, 1, Some(dt));
+            assert_eq!(views.len(), 4, "lse and three gradients");
+            assert_eq!(virt.len(), 4, "the permute and the three slices are views");
+            let mut kernel = |id: NodeId| match views.remove(&slot(id)) {
+                Some(ViewGemms::Fused(k)) => {
+                    assert!(k.source.contains("mma_t(") && k.source.contains("in place"));
+                    *k
+                }
+                _ => panic!("%{}: a fused kernel", id.index()),
+            };
+            let lk = kernel(lse);
+            let gks: Vec<Kernel> = grads.iter().map(|&y| kernel(y)).collect();
+            if !emulate {
+                continue;
+            }
+            let held = |v: Vec<f64>| -> Vec<f64> {
+                let v32: Vec<f32> = v.iter().map(|&x| x as f32).collect();
+                from_storage(&to_storage(&v32, dt), dt)
+                    .into_iter()
+                    .map(f64::from)
+                    .collect()
+            };
+            let bytes = |v: &[f64]| {
+                let v32: Vec<f32> = v.iter().map(|&x| x as f32).collect();
+                to_storage(&v32, dt)
+            };
+            let xv = held(values(b * n * 3 * dm, 11));
+            let zv = held(values(b * n, 12));
+            let dv = held(values(b * h * n, 13));
+            let ov = held(values(b * h * n * dh, 14));
+            let m = crate::emulate::Module::compile(&[&lk, &gks[0], &gks[1], &gks[2]], dt).unwrap();
+            let (xb, zb) = (bytes(&xv), bytes(&zv));
+            let lse_bytes = m
+                .run(&lk, &[&xb, &xb, &zb], b * h * n * dt.size_bytes())
+                .unwrap();
+            // The gradients' reference takes the kernel's lse, as the kernels do.
+            let lv: Vec<f64> = from_storage(&lse_bytes, dt)
+                .into_iter()
+                .map(f64::from)
+                .collect();
+            let t = |name: &str, shape: Vec<usize>, data: &[f64]| {
+                (
+                    name.to_string(),
+                    eptc_ir::reference::Tensor64::new(shape, data.to_vec()),
+                )
+            };
+            let vals = [
+                t("x", vec![b, n, 3 * dm], &xv),
+                t("z", vec![b, 1, n, 1], &zv),
+                t("lse_in", vec![b, h, n, 1], &lv),
+                t("delta", vec![b, h, n, 1], &dv),
+                t("dout", vec![b, h, n, dh], &ov),
+            ]
+            .into_iter()
+            .collect();
+            let want = eptc_ir::reference::eval(&g, &vals).unwrap();
+            let rel = |got: &[u8], want: &[f64]| {
+                let got = from_storage(got, dt);
+                let num: f64 = got
+                    .iter()
+                    .zip(want)
+                    .map(|(&a, &b)| (f64::from(a) - b).powi(2))
+                    .sum();
+                (num / want.iter().map(|b| b * b).sum::<f64>()).sqrt()
+            };
+            let bar = if dt == DType::BF16 { 1e-2 } else { 2e-3 };
+            let e = rel(&lse_bytes, &want[0].1.data);
+            assert!(e <= bar, "{dt} lse: {e:.3e}");
+            let (db, ob, lb) = (bytes(&dv), bytes(&ov), bytes(&lv));
+            for (k, (name, w)) in gks.iter().zip(&want[1..]) {
+                let out = m
+                    .run(
+                        k,
+                        &[&xb, &xb, &xb, &lb, &db, &ob],
+                        w.data.len() * dt.size_bytes(),
+                    )
+                    .unwrap();
+                let e = rel(&out, &w.data);
+                assert!(e <= bar, "{dt} {name}: {e:.3e}");
+            }
         }
     }
 

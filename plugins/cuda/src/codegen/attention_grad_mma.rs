@@ -28,7 +28,7 @@
 use eptc_ir::{AttnWrt, DType};
 
 use super::attention_grad::Spec;
-use super::attention_mma::stage;
+use super::attention_mma::{stage, Rows};
 use super::cuda::{entry, grid_1d, lit, offsets, Ix};
 use super::Kernel;
 
@@ -46,9 +46,9 @@ pub fn eligible(s: &Spec, dtype: DType) -> bool {
     matches!(dtype, DType::BF16 | DType::F16) && dim(s.d) && dim(s.e) && s.n > 0 && s.m > 0
 }
 
-/// A fragments of `dim / 16` k-steps for rows `ra`, `rb` of `src` (rows `dim` apart from
+/// A fragments of `dim / 16` k-steps for rows `ra`, `rb` of `src` (rows `row` apart from
 /// element `base`), zero for rows past the end.
-fn a_fragments(ix: Ix, var: &str, src: &str, base: &str, dim: usize) -> String {
+fn a_fragments(ix: Ix, var: &str, src: &str, base: &str, dim: usize, row: usize) -> String {
     let t = ix.ty();
     format!(
         "    unsigned {var}[{k}][4];
@@ -63,7 +63,7 @@ fn a_fragments(ix: Ix, var: &str, src: &str, base: &str, dim: usize) -> String {
     }}
 ",
         k = dim / 16,
-        dl = ix.lit(dim),
+        dl = ix.lit(row),
     )
 }
 
@@ -91,7 +91,27 @@ fn scores(acc: &str, a: &str, x: &str, dim: usize) -> String {
     )
 }
 
+/// The kernel for `s` with contiguous operands.
 pub fn grad(name: &str, s: &Spec, wrt: AttnWrt, dtype: DType) -> Result<Kernel, String> {
+    let rows = Rows {
+        offset: [0; 3],
+        row: [s.d, s.d, s.e],
+    };
+    grad_rows(name, s, wrt, dtype, &rows)
+}
+
+/// The kernel for `s` reading q, k and v where `rows` says (lse, delta and dO
+/// contiguous; `s.max_numel` must cover every element read).
+pub fn grad_rows(
+    name: &str,
+    s: &Spec,
+    wrt: AttnWrt,
+    dtype: DType,
+    rows_of: &Rows,
+) -> Result<Kernel, String> {
+    if rows_of.row[0] < s.d || rows_of.row[1] < s.d || rows_of.row[2] < s.e {
+        return Err(format!("rows {:?} shorter than the head dims", rows_of.row));
+    }
     if !eligible(s, dtype) {
         return Err(format!(
             "the tensor-core attention gradient takes 16-bit storage and head dims that are multiples of 16 up to {MAX_DIM}; not {dtype} with d {}, e {}",
@@ -112,8 +132,16 @@ pub fn grad(name: &str, s: &Spec, wrt: AttnWrt, dtype: DType) -> Result<Kernel, 
     let t = ix.ty();
     let inputs = ["q", "k", "v", "lse", "delta", "dout"];
     let mut src = format!(
-        "// {name}: attention gradient wrt {} on the tensor cores (mma.m16n8k16, 16-bit operands, f32 accumulation), {BM} rows per block of {WARPS} warps, the other side in tiles of {BN} ({nb} entries of {rows} rows of {width}; {n} queries, {m} keys, head dims {d} and {e}).\n",
-        wrt.name()
+        "// {name}: attention gradient wrt {} on the tensor cores (mma.m16n8k16, 16-bit operands, f32 accumulation), {BM} rows per block of {WARPS} warps, the other side in tiles of {BN} ({nb} entries of {rows} rows of {width}; {n} queries, {m} keys, head dims {d} and {e}){}.\n",
+        wrt.name(),
+        if rows_of.offset == [0; 3] && rows_of.row == [d, d, e] {
+            String::new()
+        } else {
+            format!(
+                "; q, k, v read in place at offsets {:?}, rows {:?} apart",
+                rows_of.offset, rows_of.row
+            )
+        }
     );
     src += &entry(name, &inputs, "out");
     // X1 (width d) and X2 (width e): k and v by query, q and dO by key.
@@ -147,14 +175,28 @@ pub fn grad(name: &str, s: &Spec, wrt: AttnWrt, dtype: DType) -> Result<Kernel, 
         &["oq", "ok", "ov", "olse", "odl", "odo"],
         "    ",
     );
-    let (a1, a2, x1, x2) = if by_query {
-        (("q", "oq"), ("dout", "odo"), ("k", "ok"), ("v", "ov"))
-    } else {
-        (("k", "ok"), ("v", "ov"), ("q", "oq"), ("dout", "odo"))
+    // Each operand: its pointer, its entry's first element, the stride between its rows.
+    let at = |i: usize, o: &str| {
+        if rows_of.offset[i] == 0 {
+            o.to_string()
+        } else {
+            format!("{} + {o}", ix.lit(rows_of.offset[i]))
+        }
     };
-    src += &a_fragments(ix, "f1", a1.0, a1.1, d);
+    let (q, k, v) = (
+        ("q", at(0, "oq"), rows_of.row[0]),
+        ("k", at(1, "ok"), rows_of.row[1]),
+        ("v", at(2, "ov"), rows_of.row[2]),
+    );
+    let dout = ("dout", "odo".to_string(), e);
+    let (a1, a2, x1, x2) = if by_query {
+        (q, dout, k, v)
+    } else {
+        (k, v, q, dout)
+    };
+    src += &a_fragments(ix, "f1", a1.0, &a1.1, d, a1.2);
     if with_dp {
-        src += &a_fragments(ix, "f2", a2.0, a2.1, e);
+        src += &a_fragments(ix, "f2", a2.0, &a2.1, e, a2.2);
     }
     if by_query {
         src += "    const float la = va ? ld(lse, olse + ra) : 0.0f, lb = vb ? ld(lse, olse + rb) : 0.0f;\n    const float da = va ? ld(delta, odl + ra) : 0.0f, db = vb ? ld(delta, odl + rb) : 0.0f;\n";
@@ -171,18 +213,18 @@ pub fn grad(name: &str, s: &Spec, wrt: AttnWrt, dtype: DType) -> Result<Kernel, 
     let stage_x1 = stage(
         ix,
         x1.0,
-        &format!("{} + c0 * {}", x1.1, ix.lit(d)),
+        &format!("{} + c0 * {}", x1.1, ix.lit(x1.2)),
         "x1",
         d,
-        d,
+        x1.2,
     );
     let stage_x2 = stage(
         ix,
         x2.0,
-        &format!("{} + c0 * {}", x2.1, ix.lit(e)),
+        &format!("{} + c0 * {}", x2.1, ix.lit(x2.2)),
         "x2",
         e,
-        e,
+        x2.2,
     );
     let stage_vec = if by_query {
         String::new()

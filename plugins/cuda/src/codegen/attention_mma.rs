@@ -168,6 +168,26 @@ pub fn lse(name: &str, s: &Spec, dtype: DType) -> Result<Kernel, String> {
     generate(name, &s, &Rows::contiguous(&s), true)
 }
 
+/// [`lse`] reading q and k where `rows` says (its v entries unused).
+pub fn lse_rows(name: &str, s: &Spec, dtype: DType, rows: &Rows) -> Result<Kernel, String> {
+    if rows.row[0] < s.d || rows.row[1] < s.d {
+        return Err(format!("rows {:?} shorter than the head dim", rows.row));
+    }
+    if !eligible_lse(s, dtype) {
+        return lse(name, s, dtype);
+    }
+    let s = Spec {
+        e: 0,
+        v_lead: vec![0; s.lead.len()],
+        ..s.clone()
+    };
+    let rows = Rows {
+        offset: [rows.offset[0], rows.offset[1], 0],
+        row: [rows.row[0], rows.row[1], 0],
+    };
+    generate(name, &s, &rows, true)
+}
+
 /// The attention kernel, or with `lse` the log-normaliser kernel.
 fn generate(name: &str, s: &Spec, rows: &Rows, lse: bool) -> Result<Kernel, String> {
     let (n, m, d, e) = (s.n, s.m, s.d, s.e);
