@@ -16,7 +16,8 @@
 #    kernels, forward -- on the tensor cores in bf16/f16 -- and the flash-style
 #    backward) and with EPTC_CUDA_VIEWS=1 (the
 #    attention GEMMs read q, k, v in place, no permute / slice copies) and
-#    EPTC_CUDA_PINNED=1 (pinned staging for the host copies); all off by default until
+#    EPTC_CUDA_PINNED=1 (pinned staging for the host copies), and with EPTC_CUDA_LT=1
+#    (linear layers' bias and residual in cuBLASLt's epilogue); all off by default until
 #    they pass here;
 # 4. benches/gpu_compare.py: ViT-B/16 + EPT parity against PyTorch float64 on the GPU,
 #    and the side-by-side timing against PyTorch eager and torch.compile (bf16);
@@ -120,6 +121,15 @@ EPTC_CUDA_VIEWS=1 EPTC_CUDA_PINNED=1 timeout 60 "$bin/test-training" grad_matche
 grep -E "worst|test result|panicked|relative error|^exit" "$out/suite-grad-views.log" | head -10
 unset EPTC_TEST_DTYPE EPTC_TEST_TARGET
 
+stamp "== 3e. the parity suite with the linear layers' bias and residual on cuBLASLt (EPTC_CUDA_LT=1), f32 and bf16"
+for dt in f32 bf16; do
+  EPTC_CUDA_LT=1 EPTC_TEST_DTYPE=$dt timeout 100 "$bin/test-parity" --test-threads 8 --nocapture \
+    > "$out/suite-parity-lt-$dt.log" 2>&1; echo "exit $?" >> "$out/suite-parity-lt-$dt.log"
+  grep -E "test result|FAILED|panicked|cuBLASLt|^exit" "$out/suite-parity-lt-$dt.log" | head -10
+  grep -Eo "rel err [0-9.e+-]+" "$out/suite-parity-lt-$dt.log" | sort -k3 -g | tail -1
+done
+EPTC_CUDA_LT=1 "$bin/eptc" plugins 2>&1 | grep -i cuda | head -3
+
 stamp "== 4. ViT-B/16: parity against PyTorch float64 and timing against PyTorch"
 PYTHONUNBUFFERED=1 timeout ${GPU_COMPARE_TIMEOUT:-200} python3 benches/gpu_compare.py \
   --eptc "$bin/eptc" --work /tmp/eptc-gpu --out "$out" \
@@ -129,28 +139,30 @@ tail -5 "$out/gpu_compare.log"
 
 stamp "== 4b. attention as cuBLAS GEMMs (default) or the fused kernel, element-wise chains fused or not; where the time goes"
 if [ -d /tmp/eptc-gpu/art_cuda_bf16 ]; then
-  for mode in gemm fused fused+views gemm+fuse gemm+views gemm+pinned gemm+fuse+views+pinned fused+fuse+views+pinned; do
+  for mode in gemm fused fused+views gemm+fuse gemm+views gemm+pinned gemm+lt gemm+fuse+views+pinned fused+fuse+views+pinned fused+fuse+views+pinned+lt; do
     for tr in "" --train; do
       att=${mode%%+*}; fuse=0; views=0; pinned=0
       case $mode in *fuse*) fuse=1;; esac
       case $mode in *views*) views=1;; esac
       case $mode in *pinned*) pinned=1;; esac
-      EPTC_CUDA_ATTENTION=$att EPTC_CUDA_FUSE=$fuse EPTC_CUDA_VIEWS=$views EPTC_CUDA_PINNED=$pinned timeout 30 "$bin/eptc" bench /tmp/eptc-gpu/art_cuda_bf16 \
+      lt=0; case $mode in *lt*) lt=1;; esac
+      EPTC_CUDA_LT=$lt EPTC_CUDA_ATTENTION=$att EPTC_CUDA_FUSE=$fuse EPTC_CUDA_VIEWS=$views EPTC_CUDA_PINNED=$pinned timeout 30 "$bin/eptc" bench /tmp/eptc-gpu/art_cuda_bf16 \
         --batch 64 --iters 10 --warmup 2 $tr --json 2>>"$out/attention-modes.err" | python3 -c "
 import json, sys; r = json.loads(sys.stdin.read()); d = r.get('device_median_s') or float('nan')
-print(f'  mode={sys.argv[1]:23} {r[\"what\"]:13} b64 bf16: device {d*1e3:.2f} ms, wall {r[\"median_s\"]*1e3:.2f} ms')" $mode
+print(f'  mode={sys.argv[1]:26} {r[\"what\"]:13} b64 bf16: device {d*1e3:.2f} ms, wall {r[\"median_s\"]*1e3:.2f} ms')" $mode
     done
   done 2>&1 | tee "$out/attention-modes.txt"
   # Inference at the goal's batch (256): the default and the tensor-core fused forward.
-  for mode in gemm fused+fuse+views+pinned gemm+fuse+views+pinned; do
+  for mode in gemm gemm+fuse+views+pinned fused+fuse+views+pinned fused+fuse+views+pinned+lt; do
     att=${mode%%+*}; fuse=0; views=0; pinned=0
     case $mode in *fuse*) fuse=1;; esac
     case $mode in *views*) views=1;; esac
     case $mode in *pinned*) pinned=1;; esac
-    EPTC_CUDA_ATTENTION=$att EPTC_CUDA_FUSE=$fuse EPTC_CUDA_VIEWS=$views EPTC_CUDA_PINNED=$pinned timeout 40 "$bin/eptc" bench /tmp/eptc-gpu/art_cuda_bf16 \
+    lt=0; case $mode in *lt*) lt=1;; esac
+    EPTC_CUDA_LT=$lt EPTC_CUDA_ATTENTION=$att EPTC_CUDA_FUSE=$fuse EPTC_CUDA_VIEWS=$views EPTC_CUDA_PINNED=$pinned timeout 40 "$bin/eptc" bench /tmp/eptc-gpu/art_cuda_bf16 \
       --batch 256 --iters 10 --warmup 2 --json 2>>"$out/attention-modes.err" | python3 -c "
 import json, sys; r = json.loads(sys.stdin.read()); d = r.get('device_median_s') or float('nan')
-print(f'  mode={sys.argv[1]:23} {r[\"what\"]:13} b256 bf16: device {d*1e3:.2f} ms ({256/d:.0f} img/s), wall {r[\"median_s\"]*1e3:.2f} ms')" $mode
+print(f'  mode={sys.argv[1]:26} {r[\"what\"]:13} b256 bf16: device {d*1e3:.2f} ms ({256/d:.0f} img/s), wall {r[\"median_s\"]*1e3:.2f} ms')" $mode
   done 2>&1 | tee -a "$out/attention-modes.txt"
   # The training step with the fused attention backward needs an artifact compiled with
   # it (the training graph then holds attention_lse / attention_grad).

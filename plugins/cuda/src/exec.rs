@@ -19,7 +19,12 @@
 //! through strided views (pointer-array batched GEMMs), so `permute` and `slice` nodes
 //! read only by GEMMs (those splitting the fused qkv projection, in the forward and the
 //! training graph) copy nothing; off by default until a GPU run has checked it (the
-//! mapping is checked on the CPU against the reference).
+//! mapping is checked on the CPU against the reference); with the fused attention in
+//! 16-bit storage, the tensor-core attention kernels (forward, `attention_lse`,
+//! `attention_grad`) read q, k, v in place the same way.
+//! `EPTC_CUDA_LT=1`: a `linear` whose epilogue is a bias and / or a residual (no GELU)
+//! runs as one cuBLASLt matmul with the bias in its epilogue and the residual as C
+//! (`LtSpec`); off by default until a GPU run has checked it.
 //! `EPTC_CUDA_PINNED=1`: inputs and outputs go through page-locked (pinned) staging
 //! allocated with the plan: each input is converted into it and copied asynchronously
 //! while the next is converted, and the outputs are copied back together before one
@@ -34,6 +39,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use cudarc::cublas::{result as br, sys as bs};
+use cudarc::cublaslt::{result as ltr, sys as lts};
 use cudarc::driver::{result as dr, sys as ds};
 use eptc_backend::dims;
 use eptc_backend::plan::{self, Loc, Role};
@@ -320,6 +326,8 @@ enum Action {
         args: Vec<u64>,
     },
     Gemm(Gemm),
+    /// A `linear` with its bias and residual on cuBLASLt (`EPTC_CUDA_LT=1`).
+    Lt(Box<LtGemm>),
 }
 
 struct Step {
@@ -962,6 +970,42 @@ impl CudaExecutable {
                 if let Some((g, epi)) = gemm_for(&self.graph, s.id, batch) {
                     gemms += 1;
                     let (a_op, b_op) = (args[0], args[1]);
+                    // `EPTC_CUDA_LT=1`: bias and residual in cuBLASLt's epilogue.
+                    let lt = match (&self.gpu.lt, epi.as_ref().and_then(|e| lt_spec(&g, e))) {
+                        (Ok(lt), Some(spec)) => {
+                            let lt = lt.lock().map_err(|_| other("cuBLASLt handle poisoned"))?;
+                            let bias = if spec.bias { args[2] } else { 0 };
+                            let res = if spec.residual {
+                                args[if spec.bias { 3 } else { 2 }]
+                            } else {
+                                0
+                            };
+                            // cuBLAS's A is our B (the weight). Where cuBLASLt refuses,
+                            // the GEMM and the epilogue kernel, as without it.
+                            match LtGemm::new(&lt, &spec, self.dtype, b_op, a_op, bias, res, out) {
+                                Ok(l) => Some(l),
+                                Err(e) => {
+                                    static SAID: std::sync::Once = std::sync::Once::new();
+                                    SAID.call_once(|| {
+                                        eprintln!(
+                                            "eptc: {e}; this linear's epilogue runs as a kernel"
+                                        )
+                                    });
+                                    None
+                                }
+                            }
+                        }
+                        _ => None,
+                    };
+                    if let Some(l) = lt {
+                        pending.push((
+                            i,
+                            s.op,
+                            format!("n{}_{}_lt", s.id.index(), s.op),
+                            PendingAction::Lt(Box::new(l)),
+                        ));
+                        continue;
+                    }
                     // cuBLAS computes C^T = B^T A^T: its A is our B.
                     pending.push((
                         i,
@@ -1033,6 +1077,7 @@ impl CudaExecutable {
                         patch(&mut g.c);
                     }
                     PendingAction::Kernel(_, args) => args.iter_mut().for_each(patch),
+                    PendingAction::Lt(_) => {}
                 }
             }
             scratch.push(sm);
@@ -1105,6 +1150,7 @@ impl CudaExecutable {
                 name,
                 action: match a {
                     PendingAction::Gemm(g) => Action::Gemm(g),
+                    PendingAction::Lt(l) => Action::Lt(l),
                     PendingAction::Kernel(j, args) => {
                         let k = &kernels[j];
                         Action::Launch {
@@ -1209,7 +1255,39 @@ impl CudaExecutable {
                 .map_err(|e| other(format!("launching {}: {e}", s.name)))
             }
             Action::Gemm(g) => self.gemm(g).map_err(|e| other(format!("{}: {e}", s.name))),
+            Action::Lt(l) => self
+                .lt_gemm(l)
+                .map_err(|e| other(format!("{}: {e}", s.name))),
         }
+    }
+
+    fn lt_gemm(&self, l: &LtGemm) -> std::result::Result<(), String> {
+        let lt = self.gpu.lt.as_ref().map_err(|e| format!("cuBLASLt: {e}"))?;
+        let lt = lt.lock().map_err(|_| "cuBLASLt handle poisoned")?;
+        let (alpha, beta) = (1.0f32, l.beta);
+        // SAFETY: the descriptors are alive (owned by `l`), the pointers are the plan's
+        // buffers, the workspace is the handle's.
+        unsafe {
+            ltr::matmul(
+                lt.handle,
+                l.desc,
+                &alpha as *const f32 as *const c_void,
+                &beta as *const f32 as *const c_void,
+                l.a as *const c_void,
+                l.layouts[0],
+                l.b as *const c_void,
+                l.layouts[1],
+                l.c as *const c_void,
+                l.layouts[2],
+                l.d as *mut c_void,
+                l.layouts[2],
+                &l.algo,
+                lt.workspace as *mut c_void,
+                lt.workspace_bytes,
+                self.gpu.stream.cu_stream() as lts::cudaStream_t,
+            )
+        }
+        .map_err(|e| format!("cuBLASLt matmul: {e}"))
     }
 
     fn gemm(&self, g: &Gemm) -> std::result::Result<(), String> {
@@ -1344,6 +1422,200 @@ enum PendingAction {
     Gemm(Gemm),
     /// Kernel index, launch arguments.
     Kernel(usize, Vec<u64>),
+    Lt(Box<LtGemm>),
+}
+
+/// A `linear` as one cuBLASLt matmul in cuBLAS's column-major terms (the [`Gemm`] of
+/// [`gemm_for`]: `D = op(A) op(B)`, A our weight, B our input): the bias added per row of
+/// D (per output feature) by the `BIAS` epilogue, the residual as C with `beta = 1`
+/// (`D = op(A) op(B) + bias + C`). Not for GELU: cuBLASLt's is the tanh approximation,
+/// the IR's the exact one.
+#[derive(Clone, Debug, PartialEq)]
+struct LtSpec {
+    transa: bool,
+    transb: bool,
+    m: u64,
+    n: u64,
+    k: u64,
+    lda: i64,
+    ldb: i64,
+    ldc: i64,
+    bias: bool,
+    residual: bool,
+}
+
+/// The cuBLASLt form of a linear's GEMM and epilogue, where it has one: a single GEMM
+/// (no batch), bias and / or residual, no GELU.
+fn lt_spec(g: &Gemm, e: &Epi) -> Option<LtSpec> {
+    if e.gelu || !(e.bias || e.residual) || g.batch != 1 || g.offsets.len() != 1 || g.pointer_arrays
+    {
+        return None;
+    }
+    if g.offsets[0] != (0, 0, 0) || g.alpha != 1.0 {
+        return None;
+    }
+    Some(LtSpec {
+        transa: g.transa,
+        transb: g.transb,
+        m: g.m as u64,
+        n: g.n as u64,
+        k: g.k as u64,
+        lda: i64::from(g.lda),
+        ldb: i64::from(g.ldb),
+        ldc: i64::from(g.ldc),
+        bias: e.bias,
+        residual: e.residual,
+    })
+}
+
+/// An [`LtSpec`] ready to run: its descriptors, the algorithm cuBLASLt's heuristic chose
+/// (outside any capture), and the device pointers.
+struct LtGemm {
+    desc: lts::cublasLtMatmulDesc_t,
+    /// A, B, and C = D.
+    layouts: [lts::cublasLtMatrixLayout_t; 3],
+    algo: lts::cublasLtMatmulAlgo_t,
+    a: u64,
+    b: u64,
+    /// The residual (with `beta = 1`), or the output (`beta = 0`).
+    c: u64,
+    d: u64,
+    beta: f32,
+}
+
+// The descriptors are plain host objects, used only under the plan's owner.
+unsafe impl Send for LtGemm {}
+
+impl Drop for LtGemm {
+    fn drop(&mut self) {
+        unsafe {
+            for l in self.layouts.into_iter().filter(|l| !l.is_null()) {
+                let _ = ltr::destroy_matrix_layout(l);
+            }
+            let _ = ltr::destroy_matmul_desc(self.desc);
+        }
+    }
+}
+
+impl LtGemm {
+    /// Descriptors and algorithm for `spec` with storage `dtype` (`bias` and `residual`
+    /// 0 where absent).
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        lt: &gpu::Lt,
+        spec: &LtSpec,
+        dtype: DType,
+        a: u64,
+        b: u64,
+        bias: u64,
+        residual: u64,
+        out: u64,
+    ) -> std::result::Result<LtGemm, String> {
+        let ty = match dtype {
+            DType::BF16 => lts::cudaDataType::CUDA_R_16BF,
+            DType::F16 => lts::cudaDataType::CUDA_R_16F,
+            DType::F32 => lts::cudaDataType::CUDA_R_32F,
+        };
+        fn err(what: &'static str) -> impl Fn(ltr::CublasError) -> String {
+            move |e| format!("cuBLASLt: {what}: {e}")
+        }
+        let desc = ltr::create_matmul_desc(
+            lts::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            lts::cudaDataType::CUDA_R_32F,
+        )
+        .map_err(err("creating the matmul descriptor"))?;
+        // From here on `g` owns what is created and frees it on an early return.
+        let mut g = LtGemm {
+            desc,
+            layouts: [std::ptr::null_mut(); 3],
+            algo: unsafe { std::mem::zeroed() },
+            a,
+            b,
+            c: if spec.residual { residual } else { out },
+            d: out,
+            beta: if spec.residual { 1.0 } else { 0.0 },
+        };
+        let set = |attr: lts::cublasLtMatmulDescAttributes_t, v: *const c_void, n: usize| unsafe {
+            ltr::set_matmul_desc_attribute(desc, attr, v, n)
+        };
+        // cublasOperation_t: N = 0, T = 1.
+        let (ta, tb) = (i32::from(spec.transa), i32::from(spec.transb));
+        set(
+            lts::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSA,
+            &ta as *const i32 as *const c_void,
+            4,
+        )
+        .map_err(err("setting TRANSA"))?;
+        set(
+            lts::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSB,
+            &tb as *const i32 as *const c_void,
+            4,
+        )
+        .map_err(err("setting TRANSB"))?;
+        if spec.bias {
+            let epi = lts::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS;
+            set(
+                lts::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_EPILOGUE,
+                &epi as *const lts::cublasLtEpilogue_t as *const c_void,
+                std::mem::size_of::<lts::cublasLtEpilogue_t>(),
+            )
+            .map_err(err("setting the epilogue"))?;
+            let p = bias as *const c_void;
+            set(
+                lts::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_POINTER,
+                &p as *const *const c_void as *const c_void,
+                std::mem::size_of::<*const c_void>(),
+            )
+            .map_err(err("setting the bias pointer"))?;
+        }
+        let (ar, ac) = if spec.transa {
+            (spec.k, spec.m)
+        } else {
+            (spec.m, spec.k)
+        };
+        let (br_, bc) = if spec.transb {
+            (spec.n, spec.k)
+        } else {
+            (spec.k, spec.n)
+        };
+        for (i, (r, c, ld)) in [
+            (ar, ac, spec.lda),
+            (br_, bc, spec.ldb),
+            (spec.m, spec.n, spec.ldc),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            g.layouts[i] =
+                ltr::create_matrix_layout(ty, r, c, ld).map_err(err("creating a matrix layout"))?;
+        }
+        let pref = ltr::create_matmul_pref().map_err(err("creating the preference"))?;
+        let ws = lt.workspace_bytes as u64;
+        let found = unsafe {
+            ltr::set_matmul_pref_attribute(
+                pref,
+                lts::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                &ws as *const u64 as *const c_void,
+                8,
+            )
+            .and_then(|_| {
+                ltr::get_matmul_algo_heuristic(
+                    lt.handle,
+                    desc,
+                    g.layouts[0],
+                    g.layouts[1],
+                    g.layouts[2],
+                    g.layouts[2],
+                    pref,
+                )
+            })
+        };
+        unsafe {
+            let _ = ltr::destroy_matmul_pref(pref);
+        }
+        g.algo = found.map_err(err("finding an algorithm"))?.algo;
+        Ok(g)
+    }
 }
 
 /// The bias / GELU / residual epilogue of a `linear` run as a GEMM.
@@ -2712,6 +2984,97 @@ mod tests {
         let mut c = vec![f64::NAN; 24];
         emulate(&gm, &vw, &vx, &mut c);
         close(&c, &want);
+    }
+
+    /// cuBLASLt's matmul as its documentation defines it, in column-major terms from an
+    /// [`LtSpec`]: `D = op(A) op(B) + bias (one value per row of D) + C`.
+    fn emulate_lt(l: &LtSpec, a: &[f64], b: &[f64], bias: &[f64], c: &[f64]) -> Vec<f64> {
+        let (m, n, k) = (l.m as usize, l.n as usize, l.k as usize);
+        let (lda, ldb, ldc) = (l.lda as usize, l.ldb as usize, l.ldc as usize);
+        let mut d = vec![f64::NAN; ldc * n];
+        for col in 0..n {
+            for row in 0..m {
+                let mut acc = 0.0;
+                for p in 0..k {
+                    let av = if l.transa {
+                        a[p + row * lda]
+                    } else {
+                        a[row + p * lda]
+                    };
+                    let bv = if l.transb {
+                        b[col + p * ldb]
+                    } else {
+                        b[p + col * ldb]
+                    };
+                    acc += av * bv;
+                }
+                if l.bias {
+                    acc += bias[row];
+                }
+                if l.residual {
+                    acc += c[row + col * ldc];
+                }
+                d[row + col * ldc] = acc;
+            }
+        }
+        d
+    }
+
+    /// `EPTC_CUDA_LT=1`: a linear's bias and residual (not GELU) go into cuBLASLt's
+    /// epilogue; the matmul its documentation defines then gives the reference.
+    #[test]
+    fn linear_lt_mapping_matches_the_reference() {
+        use eptc_ir::TensorType;
+        for (bias, gelu, residual) in [
+            (true, false, false),
+            (false, false, true),
+            (true, false, true),
+            (true, true, false),
+            (false, false, false),
+        ] {
+            let (rows, o, k) = (6, 4, 5);
+            let mut g = Graph::new("lin");
+            let x = g.input("x", TensorType::f32(Shape::fixed(&[2, 3, k])));
+            let w = g.input("w", TensorType::f32(Shape::fixed(&[o, k])));
+            let bn = g.input("b", TensorType::f32(Shape::fixed(&[o])));
+            let rn = g.input("r", TensorType::f32(Shape::fixed(&[2, 3, o])));
+            let act = if gelu {
+                Activation::Gelu
+            } else {
+                Activation::None
+            };
+            let y = g
+                .linear(x, w, bias.then_some(bn), act, residual.then_some(rn))
+                .unwrap();
+            g.set_output("y", y);
+            let (vx, vw, vb, vr) = (
+                values(rows * k, 1),
+                values(o * k, 2),
+                values(o, 3),
+                values(rows * o, 4),
+            );
+            let mut inputs = vec![
+                ("x", vec![2, 3, k], vx.clone()),
+                ("w", vec![o, k], vw.clone()),
+            ];
+            if bias {
+                inputs.push(("b", vec![o], vb.clone()));
+            }
+            if residual {
+                inputs.push(("r", vec![2, 3, o], vr.clone()));
+            }
+            let want = reference(&g, &inputs);
+            let (gm, epi) = gemm_for(&g, y, 1).unwrap();
+            let spec = epi.as_ref().and_then(|e| lt_spec(&gm, e));
+            if gelu || !(bias || residual) {
+                assert_eq!(spec, None, "bias {bias} gelu {gelu} residual {residual}");
+                continue;
+            }
+            let spec = spec.expect("a cuBLASLt form");
+            // cuBLAS's A is our weight, B our input.
+            let d = emulate_lt(&spec, &vw, &vx, &vb, &vr);
+            close(&d, &want);
+        }
     }
 
     /// With the fused attention in 16-bit storage and views on, ViT's q, k, v (a permute

@@ -1,7 +1,8 @@
 //! The process's CUDA device: found once, without panicking when there is none.
 //!
-//! cudarc loads `libcuda`, `libnvrtc` and `libcublas` dynamically and panics at the first
-//! call into a library it cannot load, so each library is probed first. The device is
+//! cudarc loads `libcuda`, `libnvrtc`, `libcublas` (and, with `EPTC_CUDA_LT=1`,
+//! `libcublasLt`) dynamically and panics at the first call into a library it cannot
+//! load, so each library is probed first. The device is
 //! ordinal 0 (or `EPTC_CUDA_DEVICE`); its primary context, one non-blocking stream and,
 //! when `libcublas` loads, one cuBLAS handle on that stream (with its own workspace, so
 //! its calls can be captured in a CUDA graph) are shared by every executable.
@@ -22,6 +23,17 @@ pub(crate) struct Blas {
 // The handle is only used under the `Gpu::blas` mutex.
 unsafe impl Send for Blas {}
 
+/// A cuBLASLt handle and its workspace (`EPTC_CUDA_LT=1`: linear layers with their bias
+/// and residual in the GEMM's epilogue).
+pub(crate) struct Lt {
+    pub handle: cudarc::cublaslt::sys::cublasLtHandle_t,
+    pub workspace: u64,
+    pub workspace_bytes: usize,
+}
+
+// The handle is only used under the `Gpu::lt` mutex.
+unsafe impl Send for Lt {}
+
 pub(crate) struct Gpu {
     pub ctx: Arc<CudaContext>,
     pub stream: Arc<CudaStream>,
@@ -30,6 +42,8 @@ pub(crate) struct Gpu {
     /// For `eptc plugins`: the card, its architecture and memory, the libraries found.
     pub desc: String,
     pub blas: Option<Mutex<Blas>>,
+    /// With `EPTC_CUDA_LT=1` where `libcublasLt` loads; else why not (for `eptc plugins`).
+    pub lt: Result<Mutex<Lt>, String>,
 }
 
 impl Gpu {
@@ -92,13 +106,29 @@ fn open() -> Result<Gpu, String> {
     } else {
         None
     };
+    let lt = if std::env::var("EPTC_CUDA_LT").is_ok_and(|v| v == "1") {
+        if blas.is_none() {
+            Err("EPTC_CUDA_LT=1, but there is no cuBLAS".to_string())
+        } else if unsafe { cudarc::cublaslt::sys::is_culib_present() } {
+            open_lt()
+        } else {
+            Err("EPTC_CUDA_LT=1, but libcublasLt could not be loaded".to_string())
+        }
+    } else {
+        Err("off (EPTC_CUDA_LT=1 turns it on)".to_string())
+    };
     let desc = format!(
-        "{name}, {arch}, {:.0} GiB; {}",
+        "{name}, {arch}, {:.0} GiB; {}{}",
         mem as f64 / (1u64 << 30) as f64,
         if blas.is_some() {
             "GEMMs on cuBLAS"
         } else {
             "libcublas not found: GEMMs on eptc's own kernels"
+        },
+        match &lt {
+            Ok(_) => "; linear epilogues on cuBLASLt".to_string(),
+            Err(e) if std::env::var_os("EPTC_CUDA_LT").is_some() => format!("; cuBLASLt: {e}"),
+            Err(_) => String::new(),
         }
     );
     Ok(Gpu {
@@ -107,6 +137,19 @@ fn open() -> Result<Gpu, String> {
         arch,
         desc,
         blas: blas.map(Mutex::new),
+        lt: lt.map(Mutex::new),
+    })
+}
+
+fn open_lt() -> Result<Lt, String> {
+    let handle = cudarc::cublaslt::result::create_handle()
+        .map_err(|e| format!("cuBLASLt: creating a handle: {e}"))?;
+    let workspace = unsafe { dr::malloc_sync(BLAS_WORKSPACE) }
+        .map_err(|e| format!("cuBLASLt: allocating its workspace: {e}"))?;
+    Ok(Lt {
+        handle,
+        workspace,
+        workspace_bytes: BLAS_WORKSPACE,
     })
 }
 

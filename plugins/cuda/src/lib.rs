@@ -10,7 +10,8 @@
 //!
 //! Switches still being checked on a GPU (off by default): `EPTC_CUDA_FUSE=1`
 //! (element-wise chains in one kernel, [`codegen::fuse`]), `EPTC_CUDA_VIEWS=1` (GEMMs read
-//! operands in place through strided views), `EPTC_CUDA_PINNED=1` (pinned staging) and,
+//! operands in place through strided views), `EPTC_CUDA_PINNED=1` (pinned staging),
+//! `EPTC_CUDA_LT=1` (a linear's bias and residual in cuBLASLt's GEMM epilogue) and
 //! `EPTC_CUDA_ATTENTION=fused` (the fused attention kernels: the forward, on the tensor
 //! cores for bf16 / f16 storage, and, set at compile, the flash-style backward); see
 //! [`exec`].
