@@ -34,6 +34,9 @@ bin=$PWD/.gpu
 [ -x "$bin/eptc" ] || { echo "no .gpu/eptc: run scripts/gpu-prepare.sh first (here)"; exit 1; }
 t_start=$(date +%s)
 stamp() { echo "[$(( $(date +%s) - t_start )) s] $*"; }
+# GPU_PARTS="2 3" runs only those parts (default: 2 3 4, and 5 with GPU_WGPU=1), so that a
+# session can split the work over two calls on a warm machine.
+part() { [ -z "${GPU_PARTS:-}" ] || [[ " $GPU_PARTS " == *" $1 "* ]]; }
 
 # Vulkan's loader (for wgpu), unpacked from the carried Debian packages if the image
 # lacks it.
@@ -67,6 +70,7 @@ stamp "== 1. machine"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv 2>&1 | tee "$out/nvidia-smi.txt"
 "$bin/eptc" plugins 2>&1 | tee "$out/plugins.txt"
 
+if part 2; then
 stamp "== 2. cuda backend parity (tiny ViT vs the CPU backend)"
 EPTC_REQUIRE_CUDA=1 timeout 60 "$bin/test-cuda-parity" --nocapture --test-threads 1 \
   > "$out/cuda-parity.log" 2>&1; echo "exit $?" >> "$out/cuda-parity.log"
@@ -77,6 +81,9 @@ EPTC_REQUIRE_CUDA=1 CARGO_MANIFEST_DIR=$PWD/plugins/cuda timeout 150 "$bin/test-
 grep -E "distinct|worst relative error [0-9.e-]+|test result|panicked|FAILED|^exit" "$out/cuda-kernels.log" \
   | grep -vE "error 0.00e0" | head -40
 
+fi  # part 2
+
+if part 3; then
 export EPTC_BIN=$bin/eptc EPTC_FIXTURES=$PWD/tests/fixtures EPTC_TEST_TARGET=cuda
 for dt in ${GPU_SUITE_DTYPES:-f32}; do
   stamp "== 3. parity + gradient suites on --target cuda --dtype $dt"
@@ -123,13 +130,16 @@ unset EPTC_TEST_DTYPE EPTC_TEST_TARGET
 
 stamp "== 3e. the parity suite with the linear layers' bias and residual on cuBLASLt (EPTC_CUDA_LT=1), f32 and bf16"
 for dt in f32 bf16; do
-  EPTC_CUDA_LT=1 EPTC_TEST_DTYPE=$dt timeout 100 "$bin/test-parity" --test-threads 8 --nocapture \
+  EPTC_CUDA_LT=1 EPTC_TEST_TARGET=cuda EPTC_TEST_DTYPE=$dt timeout 100 "$bin/test-parity" --test-threads 8 --nocapture \
     > "$out/suite-parity-lt-$dt.log" 2>&1; echo "exit $?" >> "$out/suite-parity-lt-$dt.log"
   grep -E "test result|FAILED|panicked|cuBLASLt|^exit" "$out/suite-parity-lt-$dt.log" | head -10
   grep -Eo "rel err [0-9.e+-]+" "$out/suite-parity-lt-$dt.log" | sort -k3 -g | tail -1
 done
 EPTC_CUDA_LT=1 "$bin/eptc" plugins 2>&1 | grep -i cuda | head -3
 
+fi  # part 3
+
+if part 4; then
 stamp "== 4. ViT-B/16: parity against PyTorch float64 and timing against PyTorch"
 PYTHONUNBUFFERED=1 timeout ${GPU_COMPARE_TIMEOUT:-200} python3 benches/gpu_compare.py \
   --eptc "$bin/eptc" --work /tmp/eptc-gpu --out "$out" \
@@ -139,7 +149,7 @@ tail -5 "$out/gpu_compare.log"
 
 stamp "== 4b. attention as cuBLAS GEMMs (default) or the fused kernel, element-wise chains fused or not; where the time goes"
 if [ -d /tmp/eptc-gpu/art_cuda_bf16 ]; then
-  for mode in gemm fused fused+views gemm+fuse gemm+views gemm+pinned gemm+lt gemm+fuse+views+pinned fused+fuse+views+pinned fused+fuse+views+pinned+lt; do
+  for mode in ${GPU_MODES:-gemm fused fused+views gemm+fuse gemm+views gemm+lt gemm+fuse+views+pinned fused+fuse+views+pinned+lt}; do
     for tr in "" --train; do
       att=${mode%%+*}; fuse=0; views=0; pinned=0
       case $mode in *fuse*) fuse=1;; esac
@@ -153,7 +163,7 @@ print(f'  mode={sys.argv[1]:26} {r[\"what\"]:13} b64 bf16: device {d*1e3:.2f} ms
     done
   done 2>&1 | tee "$out/attention-modes.txt"
   # Inference at the goal's batch (256): the default and the tensor-core fused forward.
-  for mode in gemm gemm+fuse+views+pinned fused+fuse+views+pinned fused+fuse+views+pinned+lt; do
+  for mode in gemm fused+fuse+views+pinned+lt; do
     att=${mode%%+*}; fuse=0; views=0; pinned=0
     case $mode in *fuse*) fuse=1;; esac
     case $mode in *views*) views=1;; esac
@@ -169,7 +179,7 @@ print(f'  mode={sys.argv[1]:26} {r[\"what\"]:13} b256 bf16: device {d*1e3:.2f} m
   EPTC_CUDA_ATTENTION=fused timeout 60 "$bin/eptc" compile /tmp/eptc-gpu/vit_b16_timm.safetensors \
     --peft ept --prompt-len 100 --num-classes 10 --target cuda --dtype bf16 \
     -o /tmp/eptc-gpu/art_cuda_bf16_fused >/dev/null 2>>"$out/attention-modes.err" \
-  && for fv in 0,0 1,0 1,1; do
+  && for fv in 0,0 1,1; do
     fuse=${fv%,*}; views=${fv#*,}
     EPTC_CUDA_ATTENTION=fused EPTC_CUDA_FUSE=$fuse EPTC_CUDA_VIEWS=$views timeout 40 "$bin/eptc" bench /tmp/eptc-gpu/art_cuda_bf16_fused \
       --batch 64 --iters 10 --warmup 2 --train --json 2>>"$out/attention-modes.err" | python3 -c "
@@ -188,6 +198,8 @@ print(f'  mode=fused backward, fuse={sys.argv[1]} views={sys.argv[2]} {r[\"what\
   echo "exit $?" >> "$out/profile-fused.log"
   grep -A14 "eptc cuda profile" "$out/profile-fused.log" | tail -15
 fi
+
+fi  # part 4
 
 stamp "== 5. wgpu on this GPU through Vulkan (ViT-B/16 forward)"
 if [ -n "${GPU_WGPU:-}" ] && [ -d /tmp/eptc-gpu ] && [ -f /tmp/eptc-gpu/vit_b16_timm.safetensors ]; then
