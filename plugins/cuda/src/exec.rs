@@ -3077,6 +3077,21 @@ mod tests {
         }
     }
 
+    /// q, k, v `[b, h, n, dh]` split from the input `x [b, n, 3 h dh]` as ViT splits its
+    /// qkv projection (reshape, permute, three slices, reshapes).
+    fn qkv_of_input(g: &mut Graph, b: usize, n: usize, h: usize, dh: usize) -> Vec<NodeId> {
+        use eptc_ir::TensorType;
+        let x = g.input("x", TensorType::f32(Shape::fixed(&[b, n, 3 * h * dh])));
+        let r = g.reshape(x, Shape::fixed(&[b, n, 3, h, dh])).unwrap();
+        let p = g.permute(r, &[2, 0, 3, 1, 4]).unwrap();
+        (0..3)
+            .map(|i| {
+                let sl = g.slice(p, 0, i, i + 1).unwrap();
+                g.reshape(sl, Shape::fixed(&[b, h, n, dh])).unwrap()
+            })
+            .collect()
+    }
+
     /// With the fused attention in 16-bit storage and views on, ViT's q, k, v (a permute
     /// and three slices of the qkv projection) are read in place by the tensor-core
     /// kernel, which gives the reference on the CPU emulator.
@@ -3086,15 +3101,7 @@ mod tests {
         let (b, n, h, dh) = (2, 70, 2, 32);
         let dm = h * dh;
         let mut g = Graph::new("qkv-fused");
-        let x = g.input("x", TensorType::f32(Shape::fixed(&[b, n, 3 * dm])));
-        let r = g.reshape(x, Shape::fixed(&[b, n, 3, h, dh])).unwrap();
-        let p = g.permute(r, &[2, 0, 3, 1, 4]).unwrap();
-        let qkv: Vec<NodeId> = (0..3)
-            .map(|i| {
-                let sl = g.slice(p, 0, i, i + 1).unwrap();
-                g.reshape(sl, Shape::fixed(&[b, h, n, dh])).unwrap()
-            })
-            .collect();
+        let qkv = qkv_of_input(&mut g, b, n, h, dh);
         let z = g.input("z", TensorType::f32(Shape::fixed(&[b, 1, n, 1])));
         let a = g.attention(qkv[0], qkv[1], qkv[2], Some(z), 0.3).unwrap();
         g.set_output("y", a);
@@ -3173,15 +3180,7 @@ mod tests {
         let dm = h * dh;
         let fixed = |s: &[usize]| TensorType::f32(Shape::fixed(s));
         let mut g = Graph::new("qkv-backward");
-        let x = g.input("x", fixed(&[b, n, 3 * dm]));
-        let r = g.reshape(x, Shape::fixed(&[b, n, 3, h, dh])).unwrap();
-        let p = g.permute(r, &[2, 0, 3, 1, 4]).unwrap();
-        let qkv: Vec<NodeId> = (0..3)
-            .map(|i| {
-                let sl = g.slice(p, 0, i, i + 1).unwrap();
-                g.reshape(sl, Shape::fixed(&[b, h, n, dh])).unwrap()
-            })
-            .collect();
+        let qkv = qkv_of_input(&mut g, b, n, h, dh);
         let z = g.input("z", fixed(&[b, 1, n, 1]));
         let lse = g
             .add(

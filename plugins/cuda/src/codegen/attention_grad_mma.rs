@@ -28,7 +28,7 @@
 use eptc_ir::{AttnWrt, DType};
 
 use super::attention_grad::Spec;
-use super::attention_mma::{stage, Rows};
+use super::attention_mma::{a_fragments, scores, stage, weighted_sum, Rows};
 use super::cuda::{entry, grid_1d, lit, offsets, Ix};
 use super::Kernel;
 
@@ -44,51 +44,6 @@ const PAD: usize = 8;
 pub fn eligible(s: &Spec, dtype: DType) -> bool {
     let dim = |x: usize| x > 0 && x.is_multiple_of(16) && x <= MAX_DIM;
     matches!(dtype, DType::BF16 | DType::F16) && dim(s.d) && dim(s.e) && s.n > 0 && s.m > 0
-}
-
-/// A fragments of `dim / 16` k-steps for rows `ra`, `rb` of `src` (rows `row` apart from
-/// element `base`), zero for rows past the end.
-fn a_fragments(ix: Ix, var: &str, src: &str, base: &str, dim: usize, row: usize) -> String {
-    let t = ix.ty();
-    format!(
-        "    unsigned {var}[{k}][4];
-#pragma unroll
-    for (int kk = 0; kk < {k}; ++kk) {{
-        const {t} c = ({t})(kk * 16) + 2u * tg;
-        const {t} xa = {base} + ra * {dl} + c, xb = {base} + rb * {dl} + c;
-        {var}[kk][0] = va ? ((unsigned){src}[xa] | ((unsigned){src}[xa + 1u] << 16)) : 0u;
-        {var}[kk][1] = vb ? ((unsigned){src}[xb] | ((unsigned){src}[xb + 1u] << 16)) : 0u;
-        {var}[kk][2] = va ? ((unsigned){src}[xa + 8u] | ((unsigned){src}[xa + 9u] << 16)) : 0u;
-        {var}[kk][3] = vb ? ((unsigned){src}[xb + 8u] | ((unsigned){src}[xb + 9u] << 16)) : 0u;
-    }}
-",
-        k = dim / 16,
-        dl = ix.lit(row),
-    )
-}
-
-/// `acc[j] += A B` over the 64 staged rows for each of the `nj` 8-column blocks: B's
-/// rows are the staged rows of `x` (`x[j * 8 + g][k...]`, the B fragment of `A xᵀ`), A
-/// the registers `a` (`dim / 16` k-steps).
-fn scores(acc: &str, a: &str, x: &str, dim: usize) -> String {
-    format!(
-        "#pragma unroll
-            for (int j = 0; j < {nj}; ++j) {{
-                {acc}[j][0] = 0.0f; {acc}[j][1] = 0.0f; {acc}[j][2] = 0.0f; {acc}[j][3] = 0.0f;
-                if ((unsigned)(j * 8) < kc) {{
-#pragma unroll
-                    for (int kk = 0; kk < {k}; ++kk) {{
-                        unsigned b[2];
-                        b[0] = *reinterpret_cast<const unsigned*>(&{x}[j * 8 + g][kk * 16 + 2u * tg]);
-                        b[1] = *reinterpret_cast<const unsigned*>(&{x}[j * 8 + g][kk * 16 + 2u * tg + 8u]);
-                        mma_t({acc}[j], {a}[kk], b);
-                    }}
-                }}
-            }}
-",
-        nj = BN / 8,
-        k = dim / 16,
-    )
 }
 
 /// The kernel for `s` with contiguous operands.
@@ -285,26 +240,7 @@ pub fn grad_rows(
                     sc[j][i] = wt;
                 }}
             }}
-#pragma unroll
-            for (int kk = 0; kk < {nk}; ++kk) {{
-                if ((unsigned)(kk * 16) < kc) {{
-                    unsigned pf[4];
-                    pf[0] = pack_t(sc[2 * kk][0], sc[2 * kk][1]);
-                    pf[1] = pack_t(sc[2 * kk][2], sc[2 * kk][3]);
-                    pf[2] = pack_t(sc[2 * kk + 1][0], sc[2 * kk + 1][1]);
-                    pf[3] = pack_t(sc[2 * kk + 1][2], sc[2 * kk + 1][3]);
-                    const unsigned kr = (unsigned)(kk * 16) + 2u * tg;
-#pragma unroll
-                    for (int j = 0; j < {nw}; ++j) {{
-                        const unsigned c = (unsigned)(j * 8) + g;
-                        unsigned b[2];
-                        b[0] = (unsigned){y}[kr][c] | ((unsigned){y}[kr + 1u][c] << 16);
-                        b[1] = (unsigned){y}[kr + 8u][c] | ((unsigned){y}[kr + 9u][c] << 16);
-                        mma_t(acc[j], pf, b);
-                    }}
-                }}
-            }}
-        }}
+{wy}        }}
     }}
     if (live) {{
         const {t} oa = (e * {r_l} + ra) * {w_l}, ob = (e * {r_l} + rb) * {w_l};
@@ -325,8 +261,8 @@ pub fn grad_rows(
 ",
         c_l = ix.lit(cols),
         nj = BN / 8,
-        nk = BN / 16,
         sc_src = scores("sc", "f1", "x1", d),
+        wy = weighted_sum("sc", y, nw),
         scale = lit(s.scale),
         r_l = ix.lit(rows),
         w_l = ix.lit(width),

@@ -120,6 +120,88 @@ pub(super) fn stage(
     )
 }
 
+/// A fragments of `dim / 16` k-steps for rows `ra`, `rb` of `src` (rows `row` apart from
+/// element `base`), zero for rows past the end.
+pub(super) fn a_fragments(
+    ix: Ix,
+    var: &str,
+    src: &str,
+    base: &str,
+    dim: usize,
+    row: usize,
+) -> String {
+    let t = ix.ty();
+    format!(
+        "    unsigned {var}[{k}][4];
+#pragma unroll
+    for (int kk = 0; kk < {k}; ++kk) {{
+        const {t} c = ({t})(kk * 16) + 2u * tg;
+        const {t} xa = {base} + ra * {dl} + c, xb = {base} + rb * {dl} + c;
+        {var}[kk][0] = va ? ((unsigned){src}[xa] | ((unsigned){src}[xa + 1u] << 16)) : 0u;
+        {var}[kk][1] = vb ? ((unsigned){src}[xb] | ((unsigned){src}[xb + 1u] << 16)) : 0u;
+        {var}[kk][2] = va ? ((unsigned){src}[xa + 8u] | ((unsigned){src}[xa + 9u] << 16)) : 0u;
+        {var}[kk][3] = vb ? ((unsigned){src}[xb + 8u] | ((unsigned){src}[xb + 9u] << 16)) : 0u;
+    }}
+",
+        k = dim / 16,
+        dl = ix.lit(row),
+    )
+}
+
+/// `acc[j] = A xᵀ` for the 64 staged rows of `x`, one 8-column block `j` at a time
+/// (blocks at or past `kc` left 0): `x[j * 8 + g][...]` is the B fragment, the registers
+/// `a` the A fragments of `dim / 16` k-steps.
+pub(super) fn scores(acc: &str, a: &str, x: &str, dim: usize) -> String {
+    format!(
+        "#pragma unroll
+            for (int j = 0; j < {nj}; ++j) {{
+                {acc}[j][0] = 0.0f; {acc}[j][1] = 0.0f; {acc}[j][2] = 0.0f; {acc}[j][3] = 0.0f;
+                if ((unsigned)(j * 8) < kc) {{
+#pragma unroll
+                    for (int kk = 0; kk < {k}; ++kk) {{
+                        unsigned b[2];
+                        b[0] = *reinterpret_cast<const unsigned*>(&{x}[j * 8 + g][kk * 16 + 2u * tg]);
+                        b[1] = *reinterpret_cast<const unsigned*>(&{x}[j * 8 + g][kk * 16 + 2u * tg + 8u]);
+                        mma_t({acc}[j], {a}[kk], b);
+                    }}
+                }}
+            }}
+",
+        nj = BN / 8,
+        k = dim / 16,
+    )
+}
+
+/// `acc[j] += W y` over the staged rows, 16 per step (steps at or past `kc` skipped): the
+/// weights `w[2kk]`, `w[2kk + 1]` (accumulator blocks of 8 columns, rounded to the
+/// storage type) are the A fragment, rows `2t`, `2t + 1` (and `+ 8`) of the staged `y`
+/// at column `g` of output block `j` (of `blocks`) the B fragment.
+pub(super) fn weighted_sum(w: &str, y: &str, blocks: usize) -> String {
+    format!(
+        "#pragma unroll
+            for (int kk = 0; kk < {nk}; ++kk) {{
+                if ((unsigned)(kk * 16) < kc) {{
+                    unsigned pf[4];
+                    pf[0] = pack_t({w}[2 * kk][0], {w}[2 * kk][1]);
+                    pf[1] = pack_t({w}[2 * kk][2], {w}[2 * kk][3]);
+                    pf[2] = pack_t({w}[2 * kk + 1][0], {w}[2 * kk + 1][1]);
+                    pf[3] = pack_t({w}[2 * kk + 1][2], {w}[2 * kk + 1][3]);
+                    const unsigned kr = (unsigned)(kk * 16) + 2u * tg;
+#pragma unroll
+                    for (int j = 0; j < {blocks}; ++j) {{
+                        const unsigned c = (unsigned)(j * 8) + g;
+                        unsigned b[2];
+                        b[0] = (unsigned){y}[kr][c] | ((unsigned){y}[kr + 1u][c] << 16);
+                        b[1] = (unsigned){y}[kr + 8u][c] | ((unsigned){y}[kr + 9u][c] << 16);
+                        mma_t(acc[j], pf, b);
+                    }}
+                }}
+            }}
+",
+        nk = BN / 16,
+    )
+}
+
 /// The kernel for attention `s` with contiguous operands.
 pub fn attention(name: &str, s: &Spec, dtype: DType) -> Result<Kernel, String> {
     attention_rows(name, s, dtype, &Rows::contiguous(s))
@@ -204,7 +286,7 @@ fn generate(name: &str, s: &Spec, rows: &Rows, lse: bool) -> Result<Kernel, Stri
     if s.z.is_some() {
         inputs.push("z");
     }
-    let (kd, nj, ne) = (d / 16, BN / 8, e / 8);
+    let (nj, ne) = (BN / 8, e / 8);
     // The first element of tile j0 of k or v.
     let base = |i: usize, o: &str| {
         let first = if rows.offset[i] == 0 {
@@ -273,25 +355,12 @@ fn generate(name: &str, s: &Spec, rows: &Rows, lse: bool) -> Result<Kernel, Stri
     }
     src += &offsets(ix, "l", "e", &s.lead, &sets, &names, "    ");
     // The query fragments (A operand of the scores), zero past the last row.
-    src += &format!(
-        "    unsigned qf[{kd}][4];
-#pragma unroll
-    for (int kk = 0; kk < {kd}; ++kk) {{
-        const {t} c = ({t})(kk * 16) + 2u * tg;
-        const {t} qa = {q0}oq + ra * {qr} + c, qb = {q0}oq + rb * {qr} + c;
-        qf[kk][0] = va ? ((unsigned)q[qa] | ((unsigned)q[qa + 1u] << 16)) : 0u;
-        qf[kk][1] = vb ? ((unsigned)q[qb] | ((unsigned)q[qb + 1u] << 16)) : 0u;
-        qf[kk][2] = va ? ((unsigned)q[qa + 8u] | ((unsigned)q[qa + 9u] << 16)) : 0u;
-        qf[kk][3] = vb ? ((unsigned)q[qb + 8u] | ((unsigned)q[qb + 9u] << 16)) : 0u;
-    }}
-",
-        q0 = if rows.offset[0] == 0 {
-            String::new()
-        } else {
-            format!("{} + ", ix.lit(rows.offset[0]))
-        },
-        qr = ix.lit(rows.row[0]),
-    );
+    let qbase = if rows.offset[0] == 0 {
+        "oq".to_string()
+    } else {
+        format!("{} + oq", ix.lit(rows.offset[0]))
+    };
+    src += &a_fragments(ix, "qf", "q", &qbase, d, rows.row[0]);
     // The running state of rows a (g) and b (g + 8): maximum, this lane's partial sum.
     match &s.z {
         Some(z) => {
@@ -337,29 +406,9 @@ fn generate(name: &str, s: &Spec, rows: &Rows, lse: bool) -> Result<Kernel, Stri
             for (int j = 0; j < {ne}; ++j) {{
                 acc[j][0] *= ca; acc[j][1] *= ca; acc[j][2] *= cb; acc[j][3] *= cb;
             }}
-            // P V: 16 keys per step, P's accumulator blocks 2kk and 2kk + 1 as the A
-            // fragment, V's rows 2t, 2t + 1 (and + 8) at column g as the B fragment.
-#pragma unroll
-            for (int kk = 0; kk < {nk}; ++kk) {{
-                if ((unsigned)(kk * 16) < kc) {{
-                    unsigned pf[4];
-                    pf[0] = pack_t(sc[2 * kk][0], sc[2 * kk][1]);
-                    pf[1] = pack_t(sc[2 * kk][2], sc[2 * kk][3]);
-                    pf[2] = pack_t(sc[2 * kk + 1][0], sc[2 * kk + 1][1]);
-                    pf[3] = pack_t(sc[2 * kk + 1][2], sc[2 * kk + 1][3]);
-                    const unsigned kr = (unsigned)(kk * 16) + 2u * tg;
-#pragma unroll
-                    for (int j = 0; j < {ne}; ++j) {{
-                        const unsigned c = (unsigned)(j * 8) + g;
-                        unsigned b[2];
-                        b[0] = (unsigned)vs[kr][c] | ((unsigned)vs[kr + 1u][c] << 16);
-                        b[1] = (unsigned)vs[kr + 8u][c] | ((unsigned)vs[kr + 9u][c] << 16);
-                        mma_t(acc[j], pf, b);
-                    }}
-                }}
-            }}
-",
-            nk = BN / 16
+            // P V: P's accumulator blocks as the A fragment, V's rows as the B fragment.
+{}",
+            weighted_sum("sc", "vs", ne)
         )
     };
     let finish = if lse {
@@ -401,20 +450,7 @@ fn generate(name: &str, s: &Spec, rows: &Rows, lse: bool) -> Result<Kernel, Stri
         if (live) {{
             // Scores: 8 key columns per accumulator block, blocks past kc skipped.
             float sc[{nj}][4];
-#pragma unroll
-            for (int j = 0; j < {nj}; ++j) {{
-                sc[j][0] = 0.0f; sc[j][1] = 0.0f; sc[j][2] = 0.0f; sc[j][3] = 0.0f;
-                if ((unsigned)(j * 8) < kc) {{
-#pragma unroll
-                    for (int kk = 0; kk < {kd}; ++kk) {{
-                        unsigned b[2];
-                        b[0] = *reinterpret_cast<const unsigned*>(&ks[j * 8 + g][kk * 16 + 2u * tg]);
-                        b[1] = *reinterpret_cast<const unsigned*>(&ks[j * 8 + g][kk * 16 + 2u * tg + 8u]);
-                        mma_t(sc[j], qf[kk], b);
-                    }}
-                }}
-            }}
-            float xa = NEG_INF, xb = NEG_INF;
+{sc_src}            float xa = NEG_INF, xb = NEG_INF;
 #pragma unroll
             for (int j = 0; j < {nj}; ++j) {{
 #pragma unroll
@@ -460,6 +496,7 @@ fn generate(name: &str, s: &Spec, rows: &Rows, lse: bool) -> Result<Kernel, Stri
 ",
         m_l = ix.lit(m),
         stage_k = stage(ix, "k", &base(1, "ok"), "ks", d, rows.row[1]),
+        sc_src = scores("sc", "qf", "ks", d),
         scale = lit(s.scale),
     );
     Ok(Kernel {
