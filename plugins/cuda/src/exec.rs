@@ -3077,6 +3077,20 @@ mod tests {
         }
     }
 
+    /// `v` as stored in `dt` and read back.
+    fn held_as(v: &[f64], dt: DType) -> Vec<f64> {
+        from_storage(&stored_as(v, dt), dt)
+            .into_iter()
+            .map(f64::from)
+            .collect()
+    }
+
+    /// `v`'s bytes in storage type `dt`.
+    fn stored_as(v: &[f64], dt: DType) -> Vec<u8> {
+        let v32: Vec<f32> = v.iter().map(|&x| x as f32).collect();
+        to_storage(&v32, dt)
+    }
+
     /// q, k, v `[b, h, n, dh]` split from the input `x [b, n, 3 h dh]` as ViT splits its
     /// qkv projection (reshape, permute, three slices, reshapes).
     fn qkv_of_input(g: &mut Graph, b: usize, n: usize, h: usize, dh: usize) -> Vec<NodeId> {
@@ -3132,13 +3146,7 @@ mod tests {
                 continue;
             }
             // The stored values, and the reference on exactly those.
-            let held = |v: Vec<f64>| -> Vec<f64> {
-                let v32: Vec<f32> = v.iter().map(|&x| x as f32).collect();
-                from_storage(&to_storage(&v32, dt), dt)
-                    .into_iter()
-                    .map(f64::from)
-                    .collect()
-            };
+            let held = |v: Vec<f64>| held_as(&v, dt);
             let xv = held(values(b * n * 3 * dm, 5));
             let zv = held(values(b * n, 6));
             let want = reference(
@@ -3148,10 +3156,7 @@ mod tests {
                     ("z", vec![b, 1, n, 1], zv.clone()),
                 ],
             );
-            let bytes = |v: &[f64]| {
-                let v32: Vec<f32> = v.iter().map(|&x| x as f32).collect();
-                to_storage(&v32, dt)
-            };
+            let bytes = |v: &[f64]| stored_as(v, dt);
             let (xb, zb) = (bytes(&xv), bytes(&zv));
             let m = crate::emulate::Module::compile(&[k], dt).unwrap();
             let out = m
@@ -3227,17 +3232,8 @@ mod tests {
             if !emulate {
                 continue;
             }
-            let held = |v: Vec<f64>| -> Vec<f64> {
-                let v32: Vec<f32> = v.iter().map(|&x| x as f32).collect();
-                from_storage(&to_storage(&v32, dt), dt)
-                    .into_iter()
-                    .map(f64::from)
-                    .collect()
-            };
-            let bytes = |v: &[f64]| {
-                let v32: Vec<f32> = v.iter().map(|&x| x as f32).collect();
-                to_storage(&v32, dt)
-            };
+            let held = |v: Vec<f64>| held_as(&v, dt);
+            let bytes = |v: &[f64]| stored_as(v, dt);
             let xv = held(values(b * n * 3 * dm, 11));
             let zv = held(values(b * n, 12));
             let dv = held(values(b * h * n, 13));

@@ -89,14 +89,10 @@ pub fn grad_rows(
     let mut src = format!(
         "// {name}: attention gradient wrt {} on the tensor cores (mma.m16n8k16, 16-bit operands, f32 accumulation), {BM} rows per block of {WARPS} warps, the other side in tiles of {BN} ({nb} entries of {rows} rows of {width}; {n} queries, {m} keys, head dims {d} and {e}){}.\n",
         wrt.name(),
-        if rows_of.offset == [0; 3] && rows_of.row == [d, d, e] {
-            String::new()
-        } else {
-            format!(
-                "; q, k, v read in place at offsets {:?}, rows {:?} apart",
-                rows_of.offset, rows_of.row
-            )
-        }
+        rows_of.note(&Rows {
+            offset: [0; 3],
+            row: [d, d, e],
+        })
     );
     src += &entry(name, &inputs, "out");
     // X1 (width d) and X2 (width e): k and v by query, q and dO by key.

@@ -65,6 +65,19 @@ pub struct Rows {
 }
 
 impl Rows {
+    /// The header comment's note on where the operands are read, empty when they are
+    /// read as `plain` says (contiguous from their start).
+    pub(super) fn note(&self, plain: &Rows) -> String {
+        if self == plain {
+            String::new()
+        } else {
+            format!(
+                "; q, k, v read in place at offsets {:?}, rows {:?} apart",
+                self.offset, self.row
+            )
+        }
+    }
+
     /// Contiguous rows from the start of each operand.
     pub fn contiguous(s: &Spec) -> Rows {
         Rows {
@@ -309,14 +322,7 @@ fn generate(name: &str, s: &Spec, rows: &Rows, lse: bool) -> Result<Kernel, Stri
     let mut src = format!(
         "// {name}: {what} on the tensor cores (mma.m16n8k16, 16-bit operands, f32 accumulation), {BM} query rows per block of {WARPS} warps, keys in tiles of {BN} ({nb} entries of {n} rows of {d} against {m} keys{outs}){}{}.\n",
         if s.z.is_some() { ", with a sink logit" } else { "" },
-        if *rows == Rows::contiguous(s) {
-            String::new()
-        } else {
-            format!(
-                "; q, k, v read in place at offsets {:?}, rows {:?} apart",
-                rows.offset, rows.row
-            )
-        },
+        rows.note(&Rows::contiguous(s)),
     );
     src += &entry(name, &inputs, "out");
     src += &format!(
