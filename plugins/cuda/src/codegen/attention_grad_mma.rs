@@ -28,7 +28,7 @@
 use eptc_ir::{AttnWrt, DType};
 
 use super::attention_grad::Spec;
-use super::attention_mma::{a_fragments, scores, stage, weighted_sum, Rows};
+use super::attention_mma::{a_fragments, scores, stage, warp_rows, weighted_sum, Rows};
 use super::cuda::{entry, grid_1d, lit, offsets, Ix};
 use super::Kernel;
 
@@ -104,19 +104,7 @@ pub fn grad_rows(
     if !by_query {
         src += &format!("    __shared__ float sl[{BN}];\n    __shared__ float sd[{BN}];\n");
     }
-    src += &format!(
-        "    const unsigned lane = threadIdx.x & 31u, w = threadIdx.x >> 5;
-    const unsigned g = lane >> 2, tg = lane & 3u;
-    const {t} blk = blockIdx.x;
-    const {t} e = blk / {nt_l};
-    const {t} r0 = (blk % {nt_l}) * {bm} + w * 16u;
-    const {t} ra = r0 + g, rb = r0 + g + 8u;
-    const bool va = ra < {r_l}, vb = rb < {r_l}, live = r0 < {r_l};
-",
-        nt_l = ix.lit(nt),
-        bm = ix.lit(BM),
-        r_l = ix.lit(rows),
-    );
+    src += &warp_rows(ix, nt, rows);
     src += &offsets(
         ix,
         "l",

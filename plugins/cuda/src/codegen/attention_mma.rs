@@ -161,6 +161,28 @@ pub(super) fn a_fragments(
     )
 }
 
+/// The kernels' start: the lane's group `g` and place `tg` in it, the entry `e` of the
+/// block (of `nt` per entry), the warp's first row `r0` and its rows `ra = r0 + g`, `rb =
+/// ra + 8` (of `rows`), whether they exist (`va`, `vb`) and whether the warp has any
+/// (`live`; a warp past the end only helps stage tiles).
+pub(super) fn warp_rows(ix: Ix, nt: usize, rows: usize) -> String {
+    let t = ix.ty();
+    format!(
+        "    const unsigned lane = threadIdx.x & 31u, w = threadIdx.x >> 5;
+    const unsigned g = lane >> 2, tg = lane & 3u;
+    const {t} blk = blockIdx.x;
+    const {t} e = blk / {nt_l};
+    const {t} r0 = (blk % {nt_l}) * {bm} + w * 16u;
+    // The warp's rows g and g + 8 of its 16; a warp past the end only stages tiles.
+    const {t} ra = r0 + g, rb = r0 + g + 8u;
+    const bool va = ra < {r_l}, vb = rb < {r_l}, live = r0 < {r_l};
+",
+        nt_l = ix.lit(nt),
+        bm = ix.lit(BM),
+        r_l = ix.lit(rows),
+    )
+}
+
 /// `acc[j] = A xᵀ` for the 64 staged rows of `x`, one 8-column block `j` at a time
 /// (blocks at or past `kc` left 0): `x[j * 8 + g][...]` is the B fragment, the registers
 /// `a` the A fragments of `dim / 16` k-steps.
@@ -335,20 +357,7 @@ fn generate(name: &str, s: &Spec, rows: &Rows, lse: bool) -> Result<Kernel, Stri
             e + PAD
         );
     }
-    src += &format!(
-        "    const unsigned lane = threadIdx.x & 31u, w = threadIdx.x >> 5;
-    const unsigned g = lane >> 2, tg = lane & 3u;
-    const {t} blk = blockIdx.x;
-    const {t} e = blk / {nt_l};
-    const {t} r0 = (blk % {nt_l}) * {bm} + w * 16u;
-    // The warp's rows g and g + 8 of its 16; a warp past the end only stages tiles.
-    const {t} ra = r0 + g, rb = r0 + g + 8u;
-    const bool va = ra < {n_l}, vb = rb < {n_l}, live = r0 < {n_l};
-",
-        nt_l = ix.lit(nt),
-        bm = ix.lit(BM),
-        n_l = ix.lit(n),
-    );
+    src += &warp_rows(ix, nt, n);
     let mut sets = vec![s.q_lead.clone(), s.k_lead.clone()];
     let mut names = vec!["oq", "ok"];
     if !lse {
