@@ -148,15 +148,19 @@ PYTHONUNBUFFERED=1 timeout ${GPU_COMPARE_TIMEOUT:-200} python3 benches/gpu_compa
 tail -5 "$out/gpu_compare.log"
 
 stamp "== 4b. attention as cuBLAS GEMMs (default) or the fused kernel, element-wise chains fused or not; where the time goes"
+# The switches of a timing mode such as "fused+views+lt" (attention mode first).
+mode_env() {
+  local m=$1 on
+  echo "EPTC_CUDA_ATTENTION=${m%%+*}"
+  for sw in fuse:FUSE views:VIEWS pinned:PINNED lt:LT; do
+    on=0; [[ "+$m+" == *"+${sw%%:*}+"* ]] && on=1
+    echo "EPTC_CUDA_${sw#*:}=$on"
+  done
+}
 if [ -d /tmp/eptc-gpu/art_cuda_bf16 ]; then
   for mode in ${GPU_MODES:-gemm fused fused+views gemm+fuse gemm+views gemm+lt gemm+fuse+views+pinned fused+fuse+views+pinned+lt}; do
     for tr in "" --train; do
-      att=${mode%%+*}; fuse=0; views=0; pinned=0
-      case $mode in *fuse*) fuse=1;; esac
-      case $mode in *views*) views=1;; esac
-      case $mode in *pinned*) pinned=1;; esac
-      lt=0; case $mode in *lt*) lt=1;; esac
-      EPTC_CUDA_LT=$lt EPTC_CUDA_ATTENTION=$att EPTC_CUDA_FUSE=$fuse EPTC_CUDA_VIEWS=$views EPTC_CUDA_PINNED=$pinned timeout 30 "$bin/eptc" bench /tmp/eptc-gpu/art_cuda_bf16 \
+      env $(mode_env $mode) timeout 30 "$bin/eptc" bench /tmp/eptc-gpu/art_cuda_bf16 \
         --batch 64 --iters 10 --warmup 2 $tr --json 2>>"$out/attention-modes.err" | python3 -c "
 import json, sys; r = json.loads(sys.stdin.read()); d = r.get('device_median_s') or float('nan')
 print(f'  mode={sys.argv[1]:26} {r[\"what\"]:13} b64 bf16: device {d*1e3:.2f} ms, wall {r[\"median_s\"]*1e3:.2f} ms')" $mode
@@ -164,12 +168,7 @@ print(f'  mode={sys.argv[1]:26} {r[\"what\"]:13} b64 bf16: device {d*1e3:.2f} ms
   done 2>&1 | tee "$out/attention-modes.txt"
   # Inference at the goal's batch (256): the default and the tensor-core fused forward.
   for mode in gemm fused+fuse+views+pinned+lt; do
-    att=${mode%%+*}; fuse=0; views=0; pinned=0
-    case $mode in *fuse*) fuse=1;; esac
-    case $mode in *views*) views=1;; esac
-    case $mode in *pinned*) pinned=1;; esac
-    lt=0; case $mode in *lt*) lt=1;; esac
-    EPTC_CUDA_LT=$lt EPTC_CUDA_ATTENTION=$att EPTC_CUDA_FUSE=$fuse EPTC_CUDA_VIEWS=$views EPTC_CUDA_PINNED=$pinned timeout 40 "$bin/eptc" bench /tmp/eptc-gpu/art_cuda_bf16 \
+    env $(mode_env $mode) timeout 40 "$bin/eptc" bench /tmp/eptc-gpu/art_cuda_bf16 \
       --batch 256 --iters 10 --warmup 2 --json 2>>"$out/attention-modes.err" | python3 -c "
 import json, sys; r = json.loads(sys.stdin.read()); d = r.get('device_median_s') or float('nan')
 print(f'  mode={sys.argv[1]:26} {r[\"what\"]:13} b256 bf16: device {d*1e3:.2f} ms ({256/d:.0f} img/s), wall {r[\"median_s\"]*1e3:.2f} ms')" $mode

@@ -28,17 +28,12 @@
 use eptc_ir::{AttnWrt, DType};
 
 use super::attention_grad::Spec;
+// The forward's tiling: warps and rows per block, staged rows per tile, the largest head
+// dim, the padding of staged rows.
 use super::attention_mma::{a_fragments, scores, stage, warp_rows, weighted_sum, Rows};
+use super::attention_mma::{BM, BN, MAX_DIM, PAD, WARPS};
 use super::cuda::{entry, grid_1d, lit, offsets, Ix};
 use super::Kernel;
-
-/// Warps per block; rows per block; staged rows per tile.
-pub const WARPS: usize = 4;
-pub const BM: usize = 16 * WARPS;
-pub const BN: usize = 64;
-/// The largest head dim the registers hold.
-pub const MAX_DIM: usize = 128;
-const PAD: usize = 8;
 
 /// Whether the tensor-core kernel takes this `attention_grad` stored as `dtype`.
 pub fn eligible(s: &Spec, dtype: DType) -> bool {

@@ -41,7 +41,7 @@ pub const BN: usize = 64;
 /// The largest head dim (q, k and v) the registers hold.
 pub const MAX_DIM: usize = 128;
 /// Elements of padding per staged row.
-const PAD: usize = 8;
+pub(super) const PAD: usize = 8;
 
 /// Whether the tensor-core kernel takes attention `s` stored as `dtype`.
 pub fn eligible(s: &Spec, dtype: DType) -> bool {
