@@ -228,42 +228,7 @@ impl Module {
                 unsafe { (b.as_mut_ptr() as *mut u8).add(at) }
             })
             .collect();
-        let name = std::ffi::CString::new(k.name.as_str()).map_err(|e| e.to_string())?;
-        let mut err = vec![0u8; 1024];
-        let rc = {
-            let _guard = self.lock.lock().unwrap_or_else(|p| p.into_inner());
-            // SAFETY: both symbols are the shim's, with these signatures.
-            unsafe {
-                let find: libloading::Symbol<FindFn> =
-                    self.lib.get(b"eptc_emu_find").map_err(|e| e.to_string())?;
-                let launch: libloading::Symbol<LaunchFn> = self
-                    .lib
-                    .get(b"eptc_emu_launch")
-                    .map_err(|e| e.to_string())?;
-                let f = find(name.as_ptr());
-                if f.is_null() {
-                    return Err(format!("{}: no entry point", k.name));
-                }
-                // The kernel reads `inputs` and writes the output, each within the
-                // sizes given (the guards catch writes past them).
-                launch(
-                    f,
-                    ptrs.as_mut_ptr(),
-                    k.grid.as_ptr(),
-                    k.block.as_ptr(),
-                    err.as_mut_ptr(),
-                    err.len() as u32,
-                )
-            }
-        };
-        if rc != 0 {
-            let end = err.iter().position(|&b| b == 0).unwrap_or(err.len());
-            return Err(format!(
-                "{}: {}",
-                k.name,
-                String::from_utf8_lossy(&err[..end])
-            ));
-        }
+        self.launch(&k.name, &mut ptrs, k.grid, k.block)?;
         let lens: Vec<usize> = inputs
             .iter()
             .map(|b| b.len())
@@ -292,6 +257,80 @@ impl Module {
         }
         let out = as_bytes(bufs.last().expect("the output"));
         Ok(out[GUARD..GUARD + out_bytes].to_vec())
+    }
+
+    /// Launch the kernel `name` of this module on buffers the caller owns: `args` are
+    /// the addresses of its operands then its output (host memory standing for device
+    /// memory, as [`crate::exec`]'s emulated runtime holds it). Nothing guards them here:
+    /// the caller checks its own guard bytes.
+    ///
+    /// # Safety
+    /// Every address must point into live memory holding what the kernel reads and writes.
+    pub unsafe fn launch_raw(
+        &self,
+        name: &str,
+        args: &[u64],
+        grid: [u32; 3],
+        block: [u32; 3],
+    ) -> Result<(), String> {
+        let n = *self
+            .inputs
+            .get(name)
+            .ok_or_else(|| format!("{name}: not in this module"))?;
+        if args.len() != n + 1 {
+            return Err(format!(
+                "{name}: {} arguments, the kernel takes {} operands and an output",
+                args.len(),
+                n
+            ));
+        }
+        let mut ptrs: Vec<*mut u8> = args.iter().map(|&a| a as usize as *mut u8).collect();
+        self.launch(name, &mut ptrs, grid, block)
+    }
+
+    fn launch(
+        &self,
+        kernel: &str,
+        ptrs: &mut [*mut u8],
+        grid: [u32; 3],
+        block: [u32; 3],
+    ) -> Result<(), String> {
+        let name = std::ffi::CString::new(kernel).map_err(|e| e.to_string())?;
+        let mut err = vec![0u8; 1024];
+        let rc = {
+            let _guard = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+            // SAFETY: both symbols are the shim's, with these signatures.
+            unsafe {
+                let find: libloading::Symbol<FindFn> =
+                    self.lib.get(b"eptc_emu_find").map_err(|e| e.to_string())?;
+                let launch: libloading::Symbol<LaunchFn> = self
+                    .lib
+                    .get(b"eptc_emu_launch")
+                    .map_err(|e| e.to_string())?;
+                let f = find(name.as_ptr());
+                if f.is_null() {
+                    return Err(format!("{kernel}: no entry point"));
+                }
+                // The kernel reads its operands and writes the output within the sizes
+                // its launch was planned for.
+                launch(
+                    f,
+                    ptrs.as_mut_ptr(),
+                    grid.as_ptr(),
+                    block.as_ptr(),
+                    err.as_mut_ptr(),
+                    err.len() as u32,
+                )
+            }
+        };
+        if rc != 0 {
+            let end = err.iter().position(|&b| b == 0).unwrap_or(err.len());
+            return Err(format!(
+                "{kernel}: {}",
+                String::from_utf8_lossy(&err[..end])
+            ));
+        }
+        Ok(())
     }
 
     pub fn dtype(&self) -> DType {

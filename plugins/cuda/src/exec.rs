@@ -57,23 +57,90 @@ const MAX_PLANS: usize = 4;
 
 /// The `cuda` backend.
 #[derive(Clone, Debug, Default)]
-pub struct CudaBackend;
+pub struct CudaBackend {
+    switches: Switches,
+    /// Run on the CPU emulator instead of a GPU ([`CudaBackend::emulated`]).
+    emulate: bool,
+}
+
+/// The runtime's switches that are off by default until a GPU run has checked them (each
+/// read from its environment variable by [`Switches::from_env`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Switches {
+    /// `EPTC_CUDA_FUSE=1`: element-wise chains fused into one kernel each.
+    pub fuse: bool,
+    /// `EPTC_CUDA_VIEWS=1`: GEMMs (and the tensor-core attention) read q, k, v and other
+    /// permuted or sliced operands in place.
+    pub views: bool,
+    /// `EPTC_CUDA_ATTENTION=fused`: attention as the generated fused kernels (and, in
+    /// graphs compiled with it, the flash-style backward).
+    pub fused_attention: bool,
+    /// `EPTC_CUDA_LT=1`: a linear's bias and residual in cuBLASLt's epilogue.
+    pub lt: bool,
+    /// `EPTC_CUDA_PINNED=1`: pinned staging for the host copies.
+    pub pinned: bool,
+    /// `EPTC_CUDA_CUBLAS=0`: every product as a generated kernel instead of cuBLAS.
+    pub no_cublas: bool,
+}
+
+impl Switches {
+    pub fn from_env() -> Switches {
+        let is = |k: &str, v: &str| std::env::var(k).is_ok_and(|x| x == v);
+        Switches {
+            fuse: is("EPTC_CUDA_FUSE", "1"),
+            views: is("EPTC_CUDA_VIEWS", "1"),
+            fused_attention: is("EPTC_CUDA_ATTENTION", "fused"),
+            lt: is("EPTC_CUDA_LT", "1"),
+            pinned: is("EPTC_CUDA_PINNED", "1"),
+            no_cublas: is("EPTC_CUDA_CUBLAS", "0"),
+        }
+    }
+
+    /// Every switch on.
+    pub fn all() -> Switches {
+        Switches {
+            fuse: true,
+            views: true,
+            fused_attention: true,
+            lt: true,
+            pinned: true,
+            no_cublas: false,
+        }
+    }
+}
 
 impl CudaBackend {
+    /// The backend on the GPU, with the switches of the environment; on the CPU emulator
+    /// instead where `EPTC_CUDA_EMULATE=1`.
     pub fn new() -> Self {
-        CudaBackend
+        CudaBackend {
+            switches: Switches::from_env(),
+            emulate: std::env::var("EPTC_CUDA_EMULATE").is_ok_and(|v| v == "1"),
+        }
+    }
+
+    /// The same runtime without a GPU: its plan (kernels, buffers and their reuse, views,
+    /// fused chains, the GEMMs' and cuBLASLt's operand mappings) runs on the host, the
+    /// generated kernels on the CPU emulator ([`crate::emulate`]), cuBLAS's and cuBLASLt's
+    /// products as their documentation defines them (f64 accumulation, rounded to the
+    /// storage type). Every buffer has guard bytes, checked after every step, and starts
+    /// as NaN. Slow (a tiny model's run takes seconds); for checking the runtime in CI.
+    pub fn emulated() -> Self {
+        CudaBackend {
+            switches: Switches::from_env(),
+            emulate: true,
+        }
+    }
+
+    /// These switches instead of the environment's.
+    pub fn with_switches(mut self, switches: Switches) -> Self {
+        self.switches = switches;
+        self
     }
 }
 
 /// Ops the executor handles itself, without kernels.
 const RUNTIME_KINDS: [&str; 4] = ["input", "param", "const", "reshape"];
-
-/// `EPTC_CUDA_ATTENTION=fused`: attention as the generated fused kernels, forward (on the
-/// tensor cores for 16-bit storage) and (for graphs compiled with it set) backward,
-/// instead of cuBLAS GEMMs around a softmax.
-fn fused_attention() -> bool {
-    std::env::var("EPTC_CUDA_ATTENTION").is_ok_and(|v| v == "fused")
-}
 
 fn other(msg: impl std::fmt::Display) -> BackendError {
     BackendError::Other(format!("cuda: {msg}"))
@@ -85,6 +152,14 @@ impl Backend for CudaBackend {
     }
 
     fn availability(&self) -> Availability {
+        if self.emulate {
+            return match crate::emulate::available() {
+                Ok(cxx) => Availability::Available(format!(
+                    "CPU emulator of the CUDA runtime (EPTC_CUDA_EMULATE=1; kernels built by {cxx})"
+                )),
+                Err(e) => Availability::Unavailable(format!("EPTC_CUDA_EMULATE=1: {e}")),
+            };
+        }
         match gpu::gpu() {
             Ok(g) => Availability::Available(g.desc.clone()),
             Err(e) => Availability::Unavailable(e),
@@ -106,7 +181,10 @@ impl Backend for CudaBackend {
             // graph differentiates attention into matrix products, which run on cuBLAS.
             fused_ops: fused
                 .iter()
-                .filter(|k| fused_attention() || !["attention_lse", "attention_grad"].contains(k))
+                .filter(|k| {
+                    self.switches.fused_attention
+                        || !["attention_lse", "attention_grad"].contains(k)
+                })
                 .map(|k| k.to_string())
                 .collect(),
             dtypes: vec![DType::F32, DType::BF16, DType::F16],
@@ -169,17 +247,108 @@ impl CudaBackend {
         opts: &CompileOptions,
     ) -> Result<CudaExecutable> {
         check_dtype(opts.dtype)?;
-        let gpu = gpu::gpu().map_err(BackendError::Unavailable)?;
-        CudaExecutable::new(gpu, graph, weights, opts.dtype)
+        let dev = if self.emulate {
+            crate::emulate::available()
+                .map_err(|e| BackendError::Unavailable(format!("the CPU emulator: {e}")))?;
+            Device::Emulator
+        } else {
+            Device::Gpu(gpu::gpu().map_err(BackendError::Unavailable)?)
+        };
+        CudaExecutable::new(dev, graph, weights, opts.dtype, self.switches)
     }
 }
 
 // ---- device memory ---------------------------------------------------------------------
 
-/// Device memory owned by an executable, freed on drop.
+/// Device memory owned by an executable, freed on drop; on the emulator, host memory
+/// with guard bytes on both sides (`ptr` is its address).
 struct DevMem {
     ptr: ds::CUdeviceptr,
     bytes: usize,
+    host: Option<Box<[u128]>>,
+}
+
+/// Guard bytes before and after every emulated buffer (all-ones: NaN in every storage
+/// type, as the buffers start).
+const HOST_GUARD: usize = 64;
+
+impl DevMem {
+    /// Whether an emulated buffer's guards are intact (always, on a GPU).
+    fn guards_intact(&self) -> bool {
+        let Some(h) = &self.host else { return true };
+        // SAFETY: u128 has no padding; any byte view of it is valid.
+        let raw = unsafe { std::slice::from_raw_parts(h.as_ptr() as *const u8, h.len() * 16) };
+        let end = HOST_GUARD + self.bytes;
+        raw[..HOST_GUARD].iter().all(|&b| b == 0xff)
+            && raw[end..end + HOST_GUARD].iter().all(|&b| b == 0xff)
+    }
+}
+
+/// Where an executable runs.
+#[derive(Clone)]
+enum Device {
+    Gpu(Arc<Gpu>),
+    /// The host, kernels on the CPU emulator ([`CudaBackend::emulated`]).
+    Emulator,
+}
+
+impl Device {
+    fn gpu(&self) -> std::result::Result<&Gpu, String> {
+        match self {
+            Device::Gpu(g) => Ok(g),
+            Device::Emulator => Err("internal: a GPU call on the emulator".into()),
+        }
+    }
+
+    fn alloc(&self, bytes: usize, what: &str) -> Result<DevMem> {
+        match self {
+            Device::Gpu(_) => alloc(bytes, what),
+            Device::Emulator => {
+                let words = (HOST_GUARD + bytes.max(4) + HOST_GUARD).div_ceil(16);
+                let mut host = vec![u128::MAX; words].into_boxed_slice();
+                // 16-byte aligned past the guard, as cudaMalloc's 256 are for float4.
+                let ptr = unsafe { (host.as_mut_ptr() as *mut u8).add(HOST_GUARD) } as u64;
+                count_alloc(bytes.max(4));
+                Ok(DevMem {
+                    ptr,
+                    bytes,
+                    host: Some(host),
+                })
+            }
+        }
+    }
+
+    /// Copy `bytes` to device memory at `ptr` (synchronously).
+    ///
+    /// # Safety
+    /// `ptr` addresses at least `bytes.len()` bytes of this device's memory.
+    unsafe fn htod(&self, ptr: u64, bytes: &[u8]) -> std::result::Result<(), String> {
+        match self {
+            Device::Gpu(_) => dr::memcpy_htod_sync(ptr, bytes).map_err(|e| e.to_string()),
+            Device::Emulator => {
+                std::ptr::copy_nonoverlapping(bytes.as_ptr(), ptr as usize as *mut u8, bytes.len());
+                Ok(())
+            }
+        }
+    }
+
+    /// Copy device memory at `ptr` into `out` (synchronously).
+    ///
+    /// # Safety
+    /// `ptr` addresses at least `out.len()` bytes of this device's memory.
+    unsafe fn dtoh(&self, out: &mut [u8], ptr: u64) -> std::result::Result<(), String> {
+        match self {
+            Device::Gpu(_) => dr::memcpy_dtoh_sync(out, ptr).map_err(|e| e.to_string()),
+            Device::Emulator => {
+                std::ptr::copy_nonoverlapping(
+                    ptr as usize as *const u8,
+                    out.as_mut_ptr(),
+                    out.len(),
+                );
+                Ok(())
+            }
+        }
+    }
 }
 
 /// Device bytes held by this process's `DevMem`s, now and at most (for
@@ -206,7 +375,11 @@ fn alloc(bytes: usize, what: &str) -> Result<DevMem> {
         ))
     })?;
     count_alloc(bytes.max(4));
-    Ok(DevMem { ptr, bytes })
+    Ok(DevMem {
+        ptr,
+        bytes,
+        host: None,
+    })
 }
 
 fn event() -> Result<ds::CUevent> {
@@ -328,6 +501,8 @@ enum Action {
     Gemm(Gemm),
     /// A `linear` with its bias and residual on cuBLASLt (`EPTC_CUDA_LT=1`).
     Lt(Box<LtGemm>),
+    /// The same on the emulator: the spec and the pointers.
+    HostLt(Box<HostLt>),
 }
 
 struct Step {
@@ -350,6 +525,8 @@ struct BatchPlan {
     /// Pinned staging for the inputs (in `inputs` order) then the outputs, each at its
     /// offset; `None` where page-locked memory was refused.
     staging: Option<(Pinned, Vec<usize>)>,
+    /// On the emulator: the kernels built for the host, and each function's kernel name.
+    emulated: Option<(crate::emulate::Module, Vec<String>)>,
 }
 
 /// What a batch plan holds (for tests and diagnostics).
@@ -366,7 +543,8 @@ pub struct PlanStats {
 
 /// A graph compiled for CUDA.
 pub struct CudaExecutable {
-    gpu: Arc<Gpu>,
+    dev: Device,
+    switches: Switches,
     graph: Graph,
     dtype: DType,
     slots: Vec<Slot>,
@@ -383,8 +561,9 @@ pub struct CudaExecutable {
     /// `EPTC_CUDA_TF32=1`: f32 GEMMs on the tensor cores' TF32 mode (about 3e-4 relative
     /// error instead of f32's 1e-6); off unless asked.
     tf32: bool,
-    /// Events around the computation of a run (start, end), and its last duration.
-    events: (ds::CUevent, ds::CUevent),
+    /// Events around the computation of a run (start, end; none on the emulator), and
+    /// its last duration.
+    events: Option<(ds::CUevent, ds::CUevent)>,
     last_device: Option<f64>,
 }
 
@@ -394,16 +573,21 @@ unsafe impl Send for CudaExecutable {}
 
 impl Drop for CudaExecutable {
     fn drop(&mut self) {
-        if self.gpu.bind().is_err() {
+        let Device::Gpu(gpu) = &self.dev else {
+            return;
+        };
+        if gpu.bind().is_err() {
             return;
         }
-        let _ = self.gpu.stream.synchronize();
+        let _ = gpu.stream.synchronize();
         for p in self.plans.drain(..) {
             drop_plan(p);
         }
-        unsafe {
-            let _ = dr::event::destroy(self.events.0);
-            let _ = dr::event::destroy(self.events.1);
+        if let Some((a, b)) = self.events {
+            unsafe {
+                let _ = dr::event::destroy(a);
+                let _ = dr::event::destroy(b);
+            }
         }
         // DevMem values are freed by their own Drop below.
     }
@@ -411,8 +595,10 @@ impl Drop for CudaExecutable {
 
 impl Drop for DevMem {
     fn drop(&mut self) {
-        unsafe {
-            let _ = dr::free_sync(self.ptr);
+        if self.host.is_none() {
+            unsafe {
+                let _ = dr::free_sync(self.ptr);
+            }
         }
         count_free(self.bytes.max(4));
     }
@@ -644,8 +830,20 @@ fn drop_plan(p: BatchPlan) {
 }
 
 impl CudaExecutable {
-    fn new(gpu: Arc<Gpu>, graph: &Graph, weights: &WeightStore, dtype: DType) -> Result<Self> {
-        gpu.bind().map_err(other)?;
+    fn new(
+        dev: Device,
+        graph: &Graph,
+        weights: &WeightStore,
+        dtype: DType,
+        switches: Switches,
+    ) -> Result<Self> {
+        let events = match &dev {
+            Device::Gpu(gpu) => {
+                gpu.bind().map_err(other)?;
+                Some((event()?, event()?))
+            }
+            Device::Emulator => None,
+        };
         let order = graph.topo_order().map_err(other)?;
         let mut live: HashSet<NodeId> = HashSet::new();
         let mut stack: Vec<NodeId> = graph.outputs().iter().map(|o| o.1).collect();
@@ -658,7 +856,8 @@ impl CudaExecutable {
             }
         }
         let mut exe = CudaExecutable {
-            gpu,
+            dev,
+            switches,
             graph: graph.clone(),
             dtype,
             slots: Vec::new(),
@@ -670,7 +869,7 @@ impl CudaExecutable {
             profile: std::env::var("EPTC_CUDA_PROFILE").is_ok_and(|v| v != "0"),
             use_graph: std::env::var("EPTC_CUDA_GRAPH").map_or(true, |v| v != "0"),
             tf32: std::env::var("EPTC_CUDA_TF32").is_ok_and(|v| v == "1"),
-            events: (event()?, event()?),
+            events,
             last_device: None,
         };
         let mut pos: HashMap<NodeId, usize> = HashMap::new();
@@ -757,7 +956,7 @@ impl CudaExecutable {
             .map(|(name, id)| (name.clone(), pos[id]))
             .collect();
         exe.slot_of = pos;
-        if std::env::var("EPTC_CUDA_FUSE").is_ok_and(|v| v == "1") {
+        if exe.switches.fuse {
             exe.fusion = codegen::fuse::elementwise_groups(graph, &order, &live);
         }
         Ok(exe)
@@ -769,8 +968,8 @@ impl CudaExecutable {
             return Ok(None);
         }
         let bytes = to_storage(values, self.dtype);
-        let mem = alloc(bytes.len(), what)?;
-        unsafe { dr::memcpy_htod_sync(mem.ptr, &bytes) }
+        let mem = self.dev.alloc(bytes.len(), what)?;
+        unsafe { self.dev.htod(mem.ptr, &bytes) }
             .map_err(|e| other(format!("uploading {what}: {e}")))?;
         Ok(Some(mem))
     }
@@ -792,21 +991,24 @@ impl CudaExecutable {
         let eb = self.elem_bytes() as u64;
         let numel = |s: &Slot| -> usize { s.shape.resolve(batch).iter().product() };
         // `EPTC_CUDA_VIEWS=1`: q, k, v read in place by the attention GEMMs.
-        let blas =
-            self.gpu.blas.is_some() && std::env::var("EPTC_CUDA_CUBLAS").map_or(true, |v| v != "0");
-        let attention_gemm = !fused_attention();
+        let sw = self.switches;
+        // On the emulator, cuBLAS's products are computed on the host.
+        let blas = !sw.no_cublas
+            && match &self.dev {
+                Device::Gpu(g) => g.blas.is_some(),
+                Device::Emulator => true,
+            };
+        let attention_gemm = !sw.fused_attention;
         // With the fused attention, q, k, v are read in place by the tensor-core kernel
         // (16-bit storage; the f32 kernel reads contiguous operands only).
         let fused_views = (!attention_gemm && matches!(self.dtype, DType::BF16 | DType::F16))
             .then_some(self.dtype);
-        let (mut view_att, virtual_slots) = if blas
-            && (attention_gemm || fused_views.is_some())
-            && std::env::var("EPTC_CUDA_VIEWS").is_ok_and(|v| v == "1")
-        {
-            attention_views(&self.graph, &self.slots, batch, fused_views)
-        } else {
-            (HashMap::new(), HashSet::new())
-        };
+        let (mut view_att, virtual_slots) =
+            if blas && (attention_gemm || fused_views.is_some()) && sw.views {
+                attention_views(&self.graph, &self.slots, batch, fused_views)
+            } else {
+                (HashMap::new(), HashSet::new())
+            };
         let Layout {
             roles,
             interior,
@@ -823,7 +1025,10 @@ impl CudaExecutable {
         let bp = plan::plan(&roles, &outs, u64::MAX);
         let mut slot_mem = Vec::new();
         for (k, &bytes) in bp.slots.iter().enumerate() {
-            slot_mem.push(alloc(bytes as usize, &format!("intermediate buffer {k}"))?);
+            slot_mem.push(
+                self.dev
+                    .alloc(bytes as usize, &format!("intermediate buffer {k}"))?,
+            );
         }
         let mut inputs: Vec<(String, Option<DevMem>)> = Vec::new();
         let mut input_ptr: HashMap<usize, u64> = HashMap::new();
@@ -831,7 +1036,7 @@ impl CudaExecutable {
             if let Kind::Input(name) = &s.kind {
                 let bytes = numel(s) * eb as usize;
                 let mem = if bytes > 0 {
-                    Some(alloc(bytes, &format!("input {name}"))?)
+                    Some(self.dev.alloc(bytes, &format!("input {name}"))?)
                 } else {
                     None
                 };
@@ -971,19 +1176,30 @@ impl CudaExecutable {
                     gemms += 1;
                     let (a_op, b_op) = (args[0], args[1]);
                     // `EPTC_CUDA_LT=1`: bias and residual in cuBLASLt's epilogue.
-                    let lt = match (&self.gpu.lt, epi.as_ref().and_then(|e| lt_spec(&g, e))) {
-                        (Ok(lt), Some(spec)) => {
+                    let spec = epi.as_ref().filter(|_| sw.lt).and_then(|e| lt_spec(&g, e));
+                    let bias_res = |spec: &LtSpec| {
+                        let bias = if spec.bias { args[2] } else { 0 };
+                        let res = if spec.residual {
+                            args[if spec.bias { 3 } else { 2 }]
+                        } else {
+                            0
+                        };
+                        (bias, res)
+                    };
+                    // (The handle is there only where `EPTC_CUDA_LT=1` was set when the
+                    // device was opened.)
+                    let gpu_lt = match &self.dev {
+                        Device::Gpu(g) => g.lt.as_ref().ok(),
+                        Device::Emulator => None,
+                    };
+                    let lt = match (gpu_lt, &self.dev, spec) {
+                        (Some(lt), _, Some(spec)) => {
                             let lt = lt.lock().map_err(|_| other("cuBLASLt handle poisoned"))?;
-                            let bias = if spec.bias { args[2] } else { 0 };
-                            let res = if spec.residual {
-                                args[if spec.bias { 3 } else { 2 }]
-                            } else {
-                                0
-                            };
+                            let (bias, res) = bias_res(&spec);
                             // cuBLAS's A is our B (the weight). Where cuBLASLt refuses,
                             // the GEMM and the epilogue kernel, as without it.
                             match LtGemm::new(&lt, &spec, self.dtype, b_op, a_op, bias, res, out) {
-                                Ok(l) => Some(l),
+                                Ok(l) => Some(PendingAction::Lt(Box::new(l))),
                                 Err(e) => {
                                     static SAID: std::sync::Once = std::sync::Once::new();
                                     SAID.call_once(|| {
@@ -995,15 +1211,21 @@ impl CudaExecutable {
                                 }
                             }
                         }
+                        (None, Device::Emulator, Some(spec)) => {
+                            let (bias, c) = bias_res(&spec);
+                            Some(PendingAction::HostLt(Box::new(HostLt {
+                                a: b_op,
+                                b: a_op,
+                                bias,
+                                c: if spec.residual { c } else { out },
+                                d: out,
+                                spec,
+                            })))
+                        }
                         _ => None,
                     };
                     if let Some(l) = lt {
-                        pending.push((
-                            i,
-                            s.op,
-                            format!("n{}_{}_lt", s.id.index(), s.op),
-                            PendingAction::Lt(Box::new(l)),
-                        ));
+                        pending.push((i, s.op, format!("n{}_{}_lt", s.id.index(), s.op), l));
                         continue;
                     }
                     // cuBLAS computes C^T = B^T A^T: its A is our B.
@@ -1060,8 +1282,8 @@ impl CudaExecutable {
         let mut scratch = Vec::new();
         if scratch_elems > 0 {
             let bytes = scratch_elems * eb as usize;
-            let sm = alloc(bytes, "attention scores")?;
-            let pm = alloc(bytes, "attention probabilities")?;
+            let sm = self.dev.alloc(bytes, "attention scores")?;
+            let pm = self.dev.alloc(bytes, "attention probabilities")?;
             let patch = |p: &mut u64| {
                 if *p == SCRATCH_S {
                     *p = sm.ptr;
@@ -1077,7 +1299,7 @@ impl CudaExecutable {
                         patch(&mut g.c);
                     }
                     PendingAction::Kernel(_, args) => args.iter_mut().for_each(patch),
-                    PendingAction::Lt(_) => {}
+                    PendingAction::Lt(_) | PendingAction::HostLt(_) => {}
                 }
             }
             scratch.push(sm);
@@ -1098,8 +1320,10 @@ impl CudaExecutable {
                     host.extend((base + off * eb).to_le_bytes());
                 }
             }
-            let mem = alloc(host.len(), &format!("{name}: GEMM pointer arrays"))?;
-            unsafe { dr::memcpy_htod_sync(mem.ptr, &host) }
+            let mem = self
+                .dev
+                .alloc(host.len(), &format!("{name}: GEMM pointer arrays"))?;
+            unsafe { self.dev.htod(mem.ptr, &host) }
                 .map_err(|e| other(format!("uploading {name}'s pointer arrays: {e}")))?;
             g.ptrs = Some((mem.ptr, mem.ptr + 8 * count, mem.ptr + 16 * count));
             scratch.push(mem);
@@ -1122,13 +1346,22 @@ impl CudaExecutable {
             });
             func_of.push(f);
         }
+        let mut emulated = None;
         let (module, functions) = if unique.is_empty() {
             (None, Vec::new())
+        } else if let Device::Emulator = self.dev {
+            let refs: Vec<&Kernel> = unique.iter().map(|&j| &kernels[j]).collect();
+            let m = crate::emulate::Module::compile(&refs, self.dtype)
+                .map_err(|e| other(format!("the CPU emulator: {e}")))?;
+            let names = refs.iter().map(|k| k.name.clone()).collect();
+            emulated = Some((m, names));
+            (None, Vec::new())
         } else {
+            let gpu = self.dev.gpu().map_err(other)?;
             let refs: Vec<&Kernel> = unique.iter().map(|&j| &kernels[j]).collect();
             let src = codegen::module_source(&refs, self.dtype);
-            let ptx = crate::cache::compile_cached(&src, &self.gpu.arch)
-                .map_err(|e| other(format!("NVRTC ({}): {e}", self.gpu.arch)))?;
+            let ptx = crate::cache::compile_cached(&src, &gpu.arch)
+                .map_err(|e| other(format!("NVRTC ({}): {e}", gpu.arch)))?;
             let c = CString::new(ptx).map_err(|_| other("PTX holds a NUL byte"))?;
             let module = unsafe { dr::module::load_data(c.as_ptr() as *const c_void) }
                 .map_err(|e| other(format!("loading the PTX module: {e}")))?;
@@ -1151,6 +1384,7 @@ impl CudaExecutable {
                 action: match a {
                     PendingAction::Gemm(g) => Action::Gemm(g),
                     PendingAction::Lt(l) => Action::Lt(l),
+                    PendingAction::HostLt(l) => Action::HostLt(l),
                     PendingAction::Kernel(j, args) => {
                         let k = &kernels[j];
                         Action::Launch {
@@ -1197,7 +1431,7 @@ impl CudaExecutable {
             total += b.div_ceil(256) * 256;
         }
         // `EPTC_CUDA_PINNED=1` (off until a GPU run has checked it).
-        let staging = if std::env::var("EPTC_CUDA_PINNED").is_ok_and(|v| v == "1") {
+        let staging = if sw.pinned && emulated.is_none() && matches!(self.dev, Device::Gpu(_)) {
             Pinned::new(total).map(|m| (m, offs))
         } else {
             None
@@ -1213,8 +1447,9 @@ impl CudaExecutable {
             functions,
             graph: None,
             stats,
+            emulated,
         };
-        if self.use_graph && !self.profile {
+        if self.use_graph && !self.profile && matches!(self.dev, Device::Gpu(_)) {
             match self.capture(&p) {
                 Ok(g) => {
                     p.graph = Some(g);
@@ -1228,7 +1463,7 @@ impl CudaExecutable {
 
     /// Enqueue one step on the shared stream.
     fn enqueue(&self, p: &BatchPlan, s: &Step) -> Result<()> {
-        let stream = self.gpu.stream.cu_stream();
+        let stream = self.dev.gpu().map_err(other)?.stream.cu_stream();
         match &s.action {
             Action::Launch {
                 func,
@@ -1258,11 +1493,13 @@ impl CudaExecutable {
             Action::Lt(l) => self
                 .lt_gemm(l)
                 .map_err(|e| other(format!("{}: {e}", s.name))),
+            Action::HostLt(_) => Err(other(format!("{}: internal: an emulated step", s.name))),
         }
     }
 
     fn lt_gemm(&self, l: &LtGemm) -> std::result::Result<(), String> {
-        let lt = self.gpu.lt.as_ref().map_err(|e| format!("cuBLASLt: {e}"))?;
+        let gpu = self.dev.gpu()?;
+        let lt = gpu.lt.as_ref().map_err(|e| format!("cuBLASLt: {e}"))?;
         let lt = lt.lock().map_err(|_| "cuBLASLt handle poisoned")?;
         let (alpha, beta) = (1.0f32, l.beta);
         // SAFETY: the descriptors are alive (owned by `l`), the pointers are the plan's
@@ -1284,14 +1521,14 @@ impl CudaExecutable {
                 &l.algo,
                 lt.workspace as *mut c_void,
                 lt.workspace_bytes,
-                self.gpu.stream.cu_stream() as lts::cudaStream_t,
+                gpu.stream.cu_stream() as lts::cudaStream_t,
             )
         }
         .map_err(|e| format!("cuBLASLt matmul: {e}"))
     }
 
     fn gemm(&self, g: &Gemm) -> std::result::Result<(), String> {
-        let blas = self.gpu.blas.as_ref().ok_or("no cuBLAS")?;
+        let blas = self.dev.gpu()?.blas.as_ref().ok_or("no cuBLAS")?;
         let blas = blas.lock().map_err(|_| "cuBLAS handle poisoned")?;
         let (ty, eb) = match self.dtype {
             DType::BF16 => (bs::cudaDataType::CUDA_R_16BF, 2),
@@ -1379,7 +1616,7 @@ impl CudaExecutable {
 
     /// Capture the plan's steps in a CUDA graph.
     fn capture(&self, p: &BatchPlan) -> Result<(ds::CUgraph, ds::CUgraphExec)> {
-        let stream = self.gpu.stream.cu_stream();
+        let stream = self.dev.gpu().map_err(other)?.stream.cu_stream();
         unsafe {
             dr::stream::begin_capture(
                 stream,
@@ -1423,6 +1660,19 @@ enum PendingAction {
     /// Kernel index, launch arguments.
     Kernel(usize, Vec<u64>),
     Lt(Box<LtGemm>),
+    HostLt(Box<HostLt>),
+}
+
+/// An [`LtSpec`] on the emulator: `D = op(A) op(B) + bias + C` on the host.
+struct HostLt {
+    spec: LtSpec,
+    a: u64,
+    b: u64,
+    /// 0 without a bias.
+    bias: u64,
+    /// The residual, or (without one) D itself, read with `beta = 0`.
+    c: u64,
+    d: u64,
 }
 
 /// A `linear` as one cuBLASLt matmul in cuBLAS's column-major terms (the [`Gemm`] of
@@ -2184,12 +2434,14 @@ impl Executable for CudaExecutable {
             .ok_or_else(|| BackendError::MissingParam(name.into()))?;
         check_param(name, shape, &value)?;
         if let Some(m) = mem {
-            self.gpu.bind().map_err(other)?;
-            // Replayed graphs read the same buffer: order the copy after earlier work.
-            self.gpu.stream.synchronize().map_err(other)?;
+            if let Device::Gpu(gpu) = &self.dev {
+                gpu.bind().map_err(other)?;
+                // Replayed graphs read the same buffer: order the copy after earlier work.
+                gpu.stream.synchronize().map_err(other)?;
+            }
             let bytes = to_storage(value.data(), self.dtype);
             debug_assert_eq!(bytes.len(), m.bytes);
-            unsafe { dr::memcpy_htod_sync(m.ptr, &bytes) }
+            unsafe { self.dev.htod(m.ptr, &bytes) }
                 .map_err(|e| other(format!("uploading param {name}: {e}")))?;
         }
         Ok(())
@@ -2197,13 +2449,17 @@ impl Executable for CudaExecutable {
 
     fn run(&mut self, inputs: &[(&str, HostTensor)]) -> Result<Vec<(String, HostTensor)>> {
         let batch = bind_batch(&self.graph, inputs)?;
-        self.gpu.bind().map_err(other)?;
+        if let Device::Gpu(gpu) = &self.dev {
+            gpu.bind().map_err(other)?;
+        }
         let i = match self.plans.iter().position(|p| p.batch == batch) {
             Some(i) => i,
             None => {
                 if self.plans.len() >= MAX_PLANS {
                     let old = self.plans.remove(0);
-                    self.gpu.stream.synchronize().map_err(other)?;
+                    if let Device::Gpu(gpu) = &self.dev {
+                        gpu.stream.synchronize().map_err(other)?;
+                    }
                     drop_plan(old);
                 }
                 let p = self.make_plan(batch)?;
@@ -2234,10 +2490,14 @@ impl CudaExecutable {
         p: &BatchPlan,
         inputs: &[(&str, HostTensor)],
     ) -> Result<(Outputs, Option<f64>)> {
-        let stream = self.gpu.stream.cu_stream();
+        let gpu = match &self.dev {
+            Device::Gpu(g) => g,
+            Device::Emulator => return self.run_emulated(p, inputs).map(|o| (o, None)),
+        };
+        let (ev0, ev1) = self.events.ok_or_else(|| other("internal: no events"))?;
+        let stream = gpu.stream.cu_stream();
         let sync = || {
-            self.gpu
-                .stream
+            gpu.stream
                 .synchronize()
                 .map_err(|e| other(format!("running the step: {e}")))
         };
@@ -2267,7 +2527,7 @@ impl CudaExecutable {
         let ev = |e: ds::CUevent| {
             unsafe { dr::event::record(e, stream) }.map_err(|e| other(format!("event: {e}")))
         };
-        ev(self.events.0)?;
+        ev(ev0)?;
         if let Some((_, exec)) = p.graph {
             unsafe { dr::graph::launch(exec, stream) }
                 .map_err(|e| other(format!("launching the graph: {e}")))?;
@@ -2277,8 +2537,7 @@ impl CudaExecutable {
             for s in &p.steps {
                 let t = Instant::now();
                 self.enqueue(p, s)?;
-                self.gpu
-                    .stream
+                gpu.stream
                     .synchronize()
                     .map_err(|e| other(format!("{} failed: {e}", s.name)))?;
                 prof.record(s.kind, t.elapsed().as_secs_f64());
@@ -2289,7 +2548,7 @@ impl CudaExecutable {
                 self.enqueue(p, s)?;
             }
         }
-        ev(self.events.1)?;
+        ev(ev1)?;
         let eb = self.elem_bytes();
         let mut out = Vec::new();
         if let Some((pin, offs)) = &p.staging {
@@ -2333,11 +2592,219 @@ impl CudaExecutable {
                 out.push((name.clone(), HostTensor::new(shape.clone(), data)));
             }
         }
-        let secs = unsafe { dr::event::elapsed(self.events.0, self.events.1) }
+        let secs = unsafe { dr::event::elapsed(ev0, ev1) }
             .ok()
             .map(|ms| f64::from(ms) / 1e3);
         Ok((out, secs))
     }
+}
+
+impl CudaExecutable {
+    /// [`Self::run_plan`] on the emulator: the plan's steps one after another on the host,
+    /// every buffer's guard bytes checked after each step.
+    fn run_emulated(&self, p: &BatchPlan, inputs: &[(&str, HostTensor)]) -> Result<Outputs> {
+        for (name, mem) in &p.inputs {
+            let Some(mem) = mem else { continue };
+            let t = &inputs.iter().find(|(n, _)| n == name).expect("bound").1;
+            let bytes = to_storage(t.data(), self.dtype);
+            // SAFETY: the input's buffer holds its bytes.
+            unsafe { self.dev.htod(mem.ptr, &bytes) }
+                .map_err(|e| other(format!("copying input {name}: {e}")))?;
+        }
+        for s in &p.steps {
+            // SAFETY: every pointer of a step is into the plan's, the params' or the
+            // constants' buffers, alive while the executable is; the guards catch a step
+            // writing past them.
+            let r = match &s.action {
+                Action::Launch {
+                    func,
+                    grid,
+                    block,
+                    args,
+                    ..
+                } => match &p.emulated {
+                    Some((m, names)) => unsafe { m.launch_raw(&names[*func], args, *grid, *block) },
+                    None => Err("internal: no emulated kernels".into()),
+                },
+                Action::Gemm(g) => unsafe { host_gemm(g, self.dtype) },
+                Action::HostLt(l) => unsafe { host_lt(l, self.dtype) },
+                Action::Lt(_) => Err("internal: a cuBLASLt step on the emulator".into()),
+            };
+            r.map_err(|e| other(format!("{} (emulated): {e}", s.name)))?;
+            if let Some(what) = self.broken_guard(p) {
+                return Err(other(format!("{} (emulated) wrote outside {what}", s.name)));
+            }
+        }
+        let eb = self.elem_bytes();
+        let mut out = Vec::new();
+        for (name, shape, ptr) in &p.outputs {
+            let n: usize = shape.iter().product();
+            let data = match ptr {
+                Some(ptr) if n > 0 => {
+                    let mut bytes = vec![0u8; n * eb];
+                    // SAFETY: the output's buffer holds its bytes.
+                    unsafe { self.dev.dtoh(&mut bytes, *ptr) }
+                        .map_err(|e| other(format!("reading output {name}: {e}")))?;
+                    from_storage(&bytes, self.dtype)
+                }
+                _ => vec![0.0; n],
+            };
+            out.push((name.clone(), HostTensor::new(shape.clone(), data)));
+        }
+        Ok(out)
+    }
+
+    /// The first emulated buffer whose guard bytes were overwritten.
+    fn broken_guard(&self, p: &BatchPlan) -> Option<String> {
+        for (name, m) in &p.inputs {
+            if m.as_ref().is_some_and(|m| !m.guards_intact()) {
+                return Some(format!("input {name}"));
+            }
+        }
+        for (k, m) in p._slots.iter().enumerate() {
+            if !m.guards_intact() {
+                return Some(format!("the plan's buffer {k}"));
+            }
+        }
+        for (name, (_, m)) in &self.params {
+            if m.as_ref().is_some_and(|m| !m.guards_intact()) {
+                return Some(format!("param {name}"));
+            }
+        }
+        for s in &self.slots {
+            if let Kind::Const(Some(m)) = &s.kind {
+                if !m.guards_intact() {
+                    return Some(format!("const %{}", s.id.index()));
+                }
+            }
+        }
+        None
+    }
+}
+
+/// Element `i` of a storage-type array at `p` on the emulator's host memory.
+///
+/// # Safety
+/// `p` addresses at least `i + 1` elements.
+unsafe fn host_ld(p: u64, i: usize, dtype: DType) -> f64 {
+    let at = p as usize + i * dtype.size_bytes();
+    match dtype {
+        DType::F32 => f64::from(std::ptr::read_unaligned(at as *const f32)),
+        DType::BF16 => {
+            f64::from(half::bf16::from_bits(std::ptr::read_unaligned(at as *const u16)).to_f32())
+        }
+        DType::F16 => {
+            f64::from(half::f16::from_bits(std::ptr::read_unaligned(at as *const u16)).to_f32())
+        }
+    }
+}
+
+/// Store `v` (rounded through f32, as cuBLAS's f32 result is) at element `i`.
+///
+/// # Safety
+/// `p` addresses at least `i + 1` elements.
+unsafe fn host_st(p: u64, i: usize, v: f64, dtype: DType) {
+    let at = p as usize + i * dtype.size_bytes();
+    let v = v as f32;
+    match dtype {
+        DType::F32 => std::ptr::write_unaligned(at as *mut f32, v),
+        DType::BF16 => std::ptr::write_unaligned(at as *mut u16, half::bf16::from_f32(v).to_bits()),
+        DType::F16 => std::ptr::write_unaligned(at as *mut u16, half::f16::from_f32(v).to_bits()),
+    }
+}
+
+/// Element `(row, col)` of `op(X)` for a column-major X with leading dimension `ld`.
+///
+/// # Safety
+/// As [`host_ld`].
+unsafe fn host_op(p: u64, trans: bool, row: usize, col: usize, ld: usize, dtype: DType) -> f64 {
+    if trans {
+        host_ld(p, col + row * ld, dtype)
+    } else {
+        host_ld(p, row + col * ld, dtype)
+    }
+}
+
+/// cuBLAS's strided-batched (or, with pointer arrays, batched) GEMM as its documentation
+/// defines it, on the emulator's host memory: column-major `C = alpha · op(A) op(B)`,
+/// f64 accumulation, rounded to the storage type. The pointer arrays are read back from
+/// the buffer the plan uploaded them to.
+///
+/// # Safety
+/// The GEMM's pointers (and those of its arrays) address the matrices it describes.
+unsafe fn host_gemm(g: &Gemm, dtype: DType) -> std::result::Result<(), String> {
+    let eb = dtype.size_bytes() as i64;
+    let mut mats: Vec<(u64, u64, u64)> = Vec::new();
+    if let Some((pa, pb, pc)) = g.ptrs {
+        let at =
+            |arr: u64, i: usize| std::ptr::read_unaligned((arr as usize + 8 * i) as *const u64);
+        for i in 0..g.offsets.len() {
+            mats.push((at(pa, i), at(pb, i), at(pc, i)));
+        }
+    } else {
+        for &(oa, ob, oc) in &g.offsets {
+            for i in 0..i64::from(g.batch) {
+                let off = |base: u64, o: usize, stride: i64| {
+                    (base as i64 + (o as i64 + i * stride) * eb) as u64
+                };
+                mats.push((
+                    off(g.a, oa, g.stride_a),
+                    off(g.b, ob, g.stride_b),
+                    off(g.c, oc, g.stride_c),
+                ));
+            }
+        }
+    }
+    let (m, n, k) = (g.m as usize, g.n as usize, g.k as usize);
+    let (lda, ldb, ldc) = (g.lda as usize, g.ldb as usize, g.ldc as usize);
+    for (a, b, c) in mats {
+        if a == 0 || b == 0 || c == 0 {
+            return Err("a null operand".into());
+        }
+        for col in 0..n {
+            for row in 0..m {
+                let mut acc = 0.0;
+                for p in 0..k {
+                    acc += host_op(a, g.transa, row, p, lda, dtype)
+                        * host_op(b, g.transb, p, col, ldb, dtype);
+                }
+                host_st(c, row + col * ldc, f64::from(g.alpha) * acc, dtype);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// cuBLASLt's matmul with the `BIAS` epilogue as its documentation defines it, on the
+/// emulator's host memory: `D = op(A) op(B) + bias (one value per row of D) + C` (C only
+/// with a residual: `beta = 1`).
+///
+/// # Safety
+/// The pointers address the matrices and the bias the spec describes.
+unsafe fn host_lt(l: &HostLt, dtype: DType) -> std::result::Result<(), String> {
+    let s = &l.spec;
+    let (m, n, k) = (s.m as usize, s.n as usize, s.k as usize);
+    let (lda, ldb, ldc) = (s.lda as usize, s.ldb as usize, s.ldc as usize);
+    if l.a == 0 || l.b == 0 || l.d == 0 || (s.bias && l.bias == 0) || (s.residual && l.c == 0) {
+        return Err("a null operand".into());
+    }
+    for col in 0..n {
+        for row in 0..m {
+            let mut acc = 0.0;
+            for p in 0..k {
+                acc += host_op(l.a, s.transa, row, p, lda, dtype)
+                    * host_op(l.b, s.transb, p, col, ldb, dtype);
+            }
+            if s.bias {
+                acc += host_ld(l.bias, row, dtype);
+            }
+            if s.residual {
+                acc += host_ld(l.c, row + col * ldc, dtype);
+            }
+            host_st(l.d, row + col * ldc, acc, dtype);
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

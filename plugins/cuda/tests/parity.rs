@@ -1,10 +1,11 @@
 //! The CUDA backend against the CPU reference on a whole tiny ViT (f32, bf16 and f16 storage)
 //! and the runtime's contract (set_param, plans per batch size, CUDA graph replay).
-//! Without a GPU each test prints why it is skipped and passes, unless
-//! `EPTC_REQUIRE_CUDA` is set (as `scripts/gpu-check.sh` does), which makes a missing
-//! device a failure. The EPT graphs themselves (fused attention with the sink, the
-//! training graphs) are checked against PyTorch by the workspace's `parity` and
-//! `training` suites run with `EPTC_TEST_TARGET=cuda`.
+//! Without a GPU they run on the CPU emulator of the runtime ([`CudaBackend::emulated`]);
+//! `EPTC_REQUIRE_CUDA` (set by `scripts/gpu-check.sh`) makes a missing GPU a failure.
+//! The EPT graphs themselves (fused attention with the sink, the training graphs) are
+//! checked against PyTorch by the workspace's `parity` and `training` suites run with
+//! `EPTC_TEST_TARGET=cuda` (on the emulator too, with `EPTC_CUDA_EMULATE=1`), and with
+//! every switch in `tests/emulated.rs`.
 //!
 //! Bars: relative L2 error `‖cuda − cpu‖ / ‖cpu‖ ≤ 1e-5` in f32, `≤ 1e-2` with bf16 or f16
 //! storage; NaN never passes.
@@ -20,6 +21,10 @@ use rand::{Rng, SeedableRng};
 mod cpu_common;
 use cpu_common::tiny_vit::{tiny_vit, weights, CLASSES, D};
 
+/// The GPU; without one, the same runtime on the CPU emulator (which checks the plan,
+/// the kernels and the GEMM mappings, not cuBLAS or the CUDA graph themselves); without
+/// either, `None` (a failure where `EPTC_REQUIRE_CUDA` is set, as `scripts/gpu-check.sh`
+/// does).
 fn device() -> Option<CudaBackend> {
     let be = CudaBackend::new();
     match be.availability() {
@@ -32,8 +37,20 @@ fn device() -> Option<CudaBackend> {
                 std::env::var_os("EPTC_REQUIRE_CUDA").is_none(),
                 "EPTC_REQUIRE_CUDA is set but the cuda backend is unavailable: {why}"
             );
-            eprintln!("skipped: {why}");
-            None
+            match eptc_cuda::emulate::available() {
+                Ok(cxx) => {
+                    eprintln!("no GPU ({why}): on the CPU emulator ({cxx})");
+                    Some(CudaBackend::emulated())
+                }
+                Err(e) => {
+                    assert!(
+                        std::env::var_os("EPTC_REQUIRE_EMULATOR").is_none(),
+                        "EPTC_REQUIRE_EMULATOR is set but the emulator is unavailable: {e}"
+                    );
+                    eprintln!("skipped: {why}; {e}");
+                    None
+                }
+            }
         }
     }
 }

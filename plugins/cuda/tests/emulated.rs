@@ -1,0 +1,300 @@
+//! The CUDA runtime itself without a GPU: [`CudaBackend::emulated`] runs the real plan
+//! (kernels, buffer reuse, in-place views, fused chains, cuBLAS's and cuBLASLt's operand
+//! mappings, pointer arrays, the attention scratch) on the host, the generated kernels on
+//! the CPU emulator, and every buffer's guard bytes are checked after every step. Each
+//! switch that is still off by default is checked here against the CPU backend on the
+//! committed tiny EPT graphs, forward and training, before a GPU ever runs it.
+//!
+//! Without a host C++ compiler each test prints why it is skipped and passes, unless
+//! `EPTC_REQUIRE_EMULATOR` is set (as CI does).
+//!
+//! Bars (relative L2 against the CPU backend, f32): 1e-5 in f32, 1e-2 in bf16 and f16
+//! storage; NaN never passes.
+
+use eptc_backend::{Backend, CompileOptions, Executable};
+use eptc_cpu::CpuBackend;
+use eptc_cuda::exec::Switches;
+use eptc_cuda::CudaBackend;
+use std::collections::HashMap;
+
+use eptc_ir::reference::{eval_nodes, Tensor64};
+use eptc_ir::{DType, Graph, HostTensor, Op, WeightStore};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+fn emulator() -> bool {
+    match eptc_cuda::emulate::available() {
+        Ok(_) => true,
+        Err(e) => {
+            assert!(
+                std::env::var_os("EPTC_REQUIRE_EMULATOR").is_none(),
+                "EPTC_REQUIRE_EMULATOR is set but the emulator is unavailable: {e}"
+            );
+            eprintln!("skipped: {e}");
+            false
+        }
+    }
+}
+
+fn graph(file: &str) -> Graph {
+    let dir = env!("CARGO_MANIFEST_DIR");
+    let text = std::fs::read_to_string(format!("{dir}/../wgpu/tests/data/{file}")).unwrap();
+    eptc_ir::text::parse(&text).unwrap()
+}
+
+/// The forward's training graph with the flash-style attention backward
+/// (`attention_lse`, `attention_grad`), as `EPTC_CUDA_ATTENTION=fused` compiles it.
+fn flash_train() -> Graph {
+    let mut g = graph("tiny_optimized.eptc");
+    eptc_autodiff::loss::add_loss(&mut g, "logits", eptc_autodiff::loss::Loss::CrossEntropy)
+        .unwrap();
+    g.remove_output("features");
+    let opts = eptc_autodiff::Options {
+        fused_attention: true,
+    };
+    let t = eptc_autodiff::differentiate_with(&g, eptc_autodiff::loss::LOSS, &opts).unwrap();
+    assert!(t
+        .node_ids()
+        .into_iter()
+        .any(|n| matches!(t.node(n).op, Op::AttentionGrad { .. })));
+    t
+}
+
+/// Random weights scaled as an initialisation would (`±1/√fan-in`, fan-in being every dim
+/// but the first), so the model is as well conditioned as a trained one; vectors (biases,
+/// LayerNorm's affine) `±0.5`, never trivial.
+fn weights(g: &Graph, seed: u64) -> WeightStore {
+    let mut r = StdRng::seed_from_u64(seed);
+    let mut w = WeightStore::new();
+    for (id, name, _) in g.params() {
+        let shape = g.ty(id).shape.as_fixed().unwrap();
+        let n: usize = shape.iter().product();
+        let fan_in: usize = shape.iter().skip(1).product();
+        let s = if shape.len() > 1 {
+            1.0 / (fan_in as f32).sqrt()
+        } else {
+            0.5
+        };
+        let v = (0..n).map(|_| r.random_range(-s..s)).collect();
+        w.insert(name, HostTensor::new(shape, v));
+    }
+    w
+}
+
+/// Random images, and one-hot labels where the graph takes them.
+fn inputs(g: &Graph, batch: usize, seed: u64) -> Vec<(String, HostTensor)> {
+    let mut r = StdRng::seed_from_u64(seed);
+    let mut out = Vec::new();
+    for id in g.node_ids() {
+        let Op::Input { name } = &g.node(id).op else {
+            continue;
+        };
+        let shape = g.ty(id).shape.resolve(batch);
+        let n: usize = shape.iter().product();
+        let v = if name == "labels" {
+            let classes = shape[1];
+            (0..n)
+                .map(|i| f32::from(i % classes == (i / classes) * 7 % classes))
+                .collect()
+        } else {
+            (0..n).map(|_| r.random_range(-2.0f32..2.0)).collect()
+        };
+        out.push((name.clone(), HostTensor::new(shape, v)));
+    }
+    out
+}
+
+/// `‖a − b‖ / ‖b‖`; NaN or infinity anywhere gives infinity.
+fn rel_err(a: &[f32], b: &[f32]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    if a.iter().chain(b).any(|v| !v.is_finite()) {
+        return f64::INFINITY;
+    }
+    let d: f64 = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (f64::from(*x) - f64::from(*y)).powi(2))
+        .sum();
+    let n: f64 = b.iter().map(|y| f64::from(*y).powi(2)).sum();
+    if n == 0.0 {
+        d.sqrt()
+    } else {
+        (d / n).sqrt()
+    }
+}
+
+/// The f64 reference of `g`'s outputs (in the graph's output order).
+fn reference(g: &Graph, w: &WeightStore, x: &[(String, HostTensor)]) -> Vec<Vec<f32>> {
+    let t64 = |t: &HostTensor| Tensor64 {
+        shape: t.shape.clone(),
+        data: t.data().iter().map(|&v| f64::from(v)).collect(),
+    };
+    let mut vals: HashMap<String, Tensor64> = HashMap::new();
+    for (_, name, _) in g.params() {
+        vals.insert(name.to_string(), t64(w.get(name).unwrap()));
+    }
+    for (name, t) in x {
+        vals.insert(name.clone(), t64(t));
+    }
+    let env = eval_nodes(g, &vals).unwrap();
+    g.outputs()
+        .iter()
+        .map(|(_, id)| env[id].data.iter().map(|&v| v as f32).collect())
+        .collect()
+}
+
+/// The emulated runtime with `switches` against the f64 reference, at two batch sizes
+/// (the second run of a batch reuses its plan), beside the CPU backend's own error; the
+/// worst error.
+fn check(g: &Graph, dtype: DType, switches: Switches, what: &str) -> f64 {
+    let w = weights(g, 3);
+    let opts = CompileOptions {
+        dtype,
+        ..Default::default()
+    };
+    // (The CPU backend has no flash-style backward ops: then the reference alone.)
+    let mut cpu = CpuBackend::new()
+        .compile(g, &w, &CompileOptions::default())
+        .ok();
+    let mut emu = CudaBackend::emulated()
+        .with_switches(switches)
+        .compile_cuda(g, &w, &opts)
+        .unwrap();
+    // 16-bit storage rounds every activation: gradients get the workspace gradient
+    // suite's bar for it.
+    let tol = |name: &str| match (dtype, name.starts_with("grad.")) {
+        (DType::F32, _) => 1e-5,
+        (_, false) => 1e-2,
+        (_, true) => 5e-2,
+    };
+    let (mut worst, mut cpu_worst) = (0.0f64, 0.0f64);
+    for (batch, seed) in [(2, 1), (3, 2), (2, 3)] {
+        let x = inputs(g, batch, seed);
+        let refs: Vec<(&str, HostTensor)> =
+            x.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
+        let want = reference(g, &w, &x);
+        let base = cpu.as_mut().map(|c| c.run(&refs).unwrap());
+        let got = emu
+            .run(&refs)
+            .unwrap_or_else(|e| panic!("{what} ({dtype}), batch {batch}: {e}"));
+        assert_eq!(got.len(), want.len());
+        for (k, ((name, gt), wt)) in got.iter().zip(&want).enumerate() {
+            let e = rel_err(gt.data(), wt);
+            let c = base
+                .as_ref()
+                .map_or(f64::NAN, |b| rel_err(b[k].1.data(), wt));
+            eprintln!("  {what} ({dtype}) b{batch} {name}: {e:.2e} (cpu {c:.2e})");
+            assert!(
+                e <= tol(name),
+                "{what} ({dtype}), batch {batch}, {name}: relative L2 error {e:.3e} > {:e}",
+                tol(name)
+            );
+            worst = worst.max(e);
+            cpu_worst = cpu_worst.max(c);
+        }
+    }
+    let stats = emu.plan_stats(2).expect("batch 2 planned");
+    let cpu_worst = match cpu {
+        Some(_) => format!("{cpu_worst:.2e}"),
+        None => "n/a: no flash-style backward".into(),
+    };
+    eprintln!(
+        "{what} ({dtype}): worst {worst:.2e} (the CPU backend's: {cpu_worst}); plan {stats:?}"
+    );
+    worst
+}
+
+fn on(f: impl Fn(&mut Switches)) -> Switches {
+    let mut s = Switches::default();
+    f(&mut s);
+    s
+}
+
+/// Every switch alone and all together, f32.
+fn switch_sets() -> Vec<(&'static str, Switches)> {
+    vec![
+        ("default", Switches::default()),
+        ("fuse", on(|s| s.fuse = true)),
+        ("views", on(|s| s.views = true)),
+        ("fused attention", on(|s| s.fused_attention = true)),
+        (
+            "fused attention + views",
+            on(|s| {
+                s.fused_attention = true;
+                s.views = true
+            }),
+        ),
+        ("cuBLASLt", on(|s| s.lt = true)),
+        ("no cuBLAS", on(|s| s.no_cublas = true)),
+        ("all", Switches::all()),
+    ]
+}
+
+#[test]
+fn forward_plans_match_the_cpu_backend_f32() {
+    if !emulator() {
+        return;
+    }
+    let g = graph("tiny_optimized.eptc");
+    for (what, s) in switch_sets() {
+        check(&g, DType::F32, s, &format!("forward, {what}"));
+    }
+}
+
+#[test]
+fn training_plans_match_the_cpu_backend_f32() {
+    if !emulator() {
+        return;
+    }
+    let g = graph("tiny_train.eptc");
+    for (what, s) in switch_sets() {
+        if !s.fused_attention {
+            check(&g, DType::F32, s, &format!("training, {what}"));
+        }
+    }
+    // The flash-style backward only exists in graphs compiled with the fused attention.
+    let g = flash_train();
+    for (what, s) in switch_sets() {
+        if s.fused_attention {
+            check(&g, DType::F32, s, &format!("flash training, {what}"));
+        }
+    }
+}
+
+#[test]
+fn sixteen_bit_plans_match_the_cpu_backend() {
+    if !emulator() {
+        return;
+    }
+    // bf16 and f16 storage: the tensor-core attention (head dim 16) in place, and all
+    // switches, forward and flash-style training.
+    let fused_views = on(|s| {
+        s.fused_attention = true;
+        s.views = true
+    });
+    let fwd = graph("tiny_optimized.eptc");
+    let train = flash_train();
+    check(
+        &graph("tiny_train.eptc"),
+        DType::BF16,
+        Switches::default(),
+        "training, default",
+    );
+    check(
+        &train,
+        DType::BF16,
+        on(|s| s.fused_attention = true),
+        "flash training, fused",
+    );
+    check(
+        &train,
+        DType::BF16,
+        fused_views,
+        "flash training, fused+views",
+    );
+    for dtype in [DType::BF16, DType::F16] {
+        check(&fwd, dtype, Switches::default(), "forward, default");
+        check(&fwd, dtype, fused_views, "forward, fused attention + views");
+        check(&train, dtype, Switches::all(), "flash training, all");
+    }
+}
