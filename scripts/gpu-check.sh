@@ -107,7 +107,10 @@ stamp "== 3c. the gradient suite with the fused attention kernels, backward incl
 EPTC_CUDA_ATTENTION=fused timeout 90 "$bin/test-training" grad_matches_pytorch --nocapture \
   > "$out/suite-grad-fused-attention.log" 2>&1; echo "exit $?" >> "$out/suite-grad-fused-attention.log"
 grep -E "worst|test result|panicked|relative error|^exit" "$out/suite-grad-fused-attention.log" | head -10
-# The same in bf16: the backward's attention_grad on the tensor cores.
+# The same in bf16: the backward's attention_grad on the tensor cores. (On the emulated
+# runtime this passes cat and fails multi-cat deep multi-class at 6.7e-2 > 5e-2, the
+# default path as much as the fused one: benches/RESULTS.md. A failure there is expected;
+# one in cat is not.)
 EPTC_CUDA_ATTENTION=fused EPTC_TEST_DTYPE=bf16 timeout 90 "$bin/test-training" grad_matches_pytorch --nocapture \
   > "$out/suite-grad-fused-attention-bf16.log" 2>&1; echo "exit $?" >> "$out/suite-grad-fused-attention-bf16.log"
 grep -E "worst|test result|panicked|relative error|^exit" "$out/suite-grad-fused-attention-bf16.log" | head -10

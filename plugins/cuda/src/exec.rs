@@ -31,7 +31,15 @@
 //! wait (off by default until a GPU run has checked it).
 //! `EPTC_CUDA_GRAPH=0` launches kernel by kernel instead of replaying a graph;
 //! `EPTC_CUDA_PROFILE=1` does too, waits after each launch, prints the time per op kind
-//! to stderr and names the kernel that failed.
+//! to stderr and names the kernel that failed. The switches are read once into
+//! [`Switches`] by [`CudaBackend::new`]; [`CudaBackend::with_switches`] sets them directly.
+//!
+//! Without a GPU, [`CudaBackend::emulated`] (`EPTC_CUDA_EMULATE=1`) makes the same plan
+//! and runs it on the host (`Device::Emulator`): buffers are host memory between guard
+//! bytes (their addresses stand for device pointers, so every offset, view and pointer
+//! array is the GPU's), kernels run on the CPU emulator ([`crate::emulate`]), and cuBLAS's
+//! and cuBLASLt's calls are computed as documented (`host_gemm`, `host_lt`). Not
+//! covered there: cuBLAS/cuBLASLt themselves, graph capture, pinned staging.
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::{c_void, CString};

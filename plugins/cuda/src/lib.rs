@@ -6,7 +6,8 @@
 //!
 //! Without a GPU the generated kernels still run: [`emulate`] compiles the same CUDA C
 //! with the host's C++ compiler and runs it on the CPU (one fiber per thread), which is
-//! how CI checks every kernel against the reference.
+//! how CI checks every kernel against the reference; [`CudaBackend::emulated`] runs the
+//! whole runtime (plan, buffers, views, GEMM mappings) that way too.
 //!
 //! Switches still being checked on a GPU (off by default): `EPTC_CUDA_FUSE=1`
 //! (element-wise chains in one kernel, [`codegen::fuse`]), `EPTC_CUDA_VIEWS=1` (GEMMs read
@@ -23,4 +24,4 @@ pub mod exec;
 mod gpu;
 pub mod nvrtc;
 
-pub use exec::{CudaBackend, CudaExecutable, PlanStats};
+pub use exec::{CudaBackend, CudaExecutable, PlanStats, Switches};
