@@ -2619,7 +2619,9 @@ impl CudaExecutable {
             unsafe { self.dev.htod(mem.ptr, &bytes) }
                 .map_err(|e| other(format!("copying input {name}: {e}")))?;
         }
+        let mut prof = Profile::default();
         for s in &p.steps {
+            let t = Instant::now();
             // SAFETY: every pointer of a step is into the plan's, the params' or the
             // constants' buffers, alive while the executable is; the guards catch a step
             // writing past them.
@@ -2639,9 +2641,17 @@ impl CudaExecutable {
                 Action::Lt(_) => Err("internal: a cuBLASLt step on the emulator".into()),
             };
             r.map_err(|e| other(format!("{} (emulated): {e}", s.name)))?;
+            prof.record(s.kind, t.elapsed().as_secs_f64());
             if let Some(what) = self.broken_guard(p) {
                 return Err(other(format!("{} (emulated) wrote outside {what}", s.name)));
             }
+        }
+        if self.profile {
+            prof.print(
+                "eptc cuda profile (CPU emulator)",
+                "kernels and GEMMs",
+                "launches",
+            );
         }
         let eb = self.elem_bytes();
         let mut out = Vec::new();
@@ -2769,18 +2779,72 @@ unsafe fn host_gemm(g: &Gemm, dtype: DType) -> std::result::Result<(), String> {
         if a == 0 || b == 0 || c == 0 {
             return Err("a null operand".into());
         }
+        let d = host_product(
+            (a, g.transa, lda),
+            (b, g.transb, ldb),
+            (m, n, k),
+            f64::from(g.alpha),
+            dtype,
+        );
         for col in 0..n {
             for row in 0..m {
-                let mut acc = 0.0;
-                for p in 0..k {
-                    acc += host_op(a, g.transa, row, p, lda, dtype)
-                        * host_op(b, g.transb, p, col, ldb, dtype);
-                }
-                host_st(c, row + col * ldc, f64::from(g.alpha) * acc, dtype);
+                host_st(c, row + col * ldc, d[row + col * m], dtype);
             }
         }
     }
     Ok(())
+}
+
+/// `alpha · op(A) op(B)` (column-major operands `(pointer, transposed, leading dim)`) in
+/// f64, as a dense column-major `m × n` matrix.
+///
+/// # Safety
+/// As [`host_ld`], for every element the product reads.
+unsafe fn host_product(
+    (a, ta, lda): (u64, bool, usize),
+    (b, tb, ldb): (u64, bool, usize),
+    (m, n, k): (usize, usize, usize),
+    alpha: f64,
+    dtype: DType,
+) -> Vec<f64> {
+    let mut pa = vec![0.0f64; m * k];
+    for p in 0..k {
+        for row in 0..m {
+            pa[row + p * m] = host_op(a, ta, row, p, lda, dtype);
+        }
+    }
+    let mut pb = vec![0.0f64; k * n];
+    for col in 0..n {
+        for p in 0..k {
+            pb[p + col * k] = host_op(b, tb, p, col, ldb, dtype);
+        }
+    }
+    let mut d = vec![0.0f64; m * n];
+    if m * n > 0 {
+        // dst = beta · lhs · rhs, column-major (column stride = rows, row stride 1).
+        gemm::gemm(
+            m,
+            n,
+            k,
+            d.as_mut_ptr(),
+            m as isize,
+            1,
+            false,
+            pa.as_ptr(),
+            m as isize,
+            1,
+            pb.as_ptr(),
+            k as isize,
+            1,
+            0.0,
+            alpha,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+    d
 }
 
 /// cuBLASLt's matmul with the `BIAS` epilogue as its documentation defines it, on the
@@ -2796,13 +2860,16 @@ unsafe fn host_lt(l: &HostLt, dtype: DType) -> std::result::Result<(), String> {
     if l.a == 0 || l.b == 0 || l.d == 0 || (s.bias && l.bias == 0) || (s.residual && l.c == 0) {
         return Err("a null operand".into());
     }
+    let d = host_product(
+        (l.a, s.transa, lda),
+        (l.b, s.transb, ldb),
+        (m, n, k),
+        1.0,
+        dtype,
+    );
     for col in 0..n {
         for row in 0..m {
-            let mut acc = 0.0;
-            for p in 0..k {
-                acc += host_op(l.a, s.transa, row, p, lda, dtype)
-                    * host_op(l.b, s.transb, p, col, ldb, dtype);
-            }
+            let mut acc = d[row + col * m];
             if s.bias {
                 acc += host_ld(l.bias, row, dtype);
             }

@@ -298,3 +298,69 @@ fn sixteen_bit_plans_match_the_cpu_backend() {
         check(&train, dtype, Switches::all(), "flash training, all");
     }
 }
+
+/// The ViT-B/16 + EPT forward (the committed optimized graph: 12 layers, 12 heads of 64,
+/// 197 tokens, 100 prompts) at batch 1 on the emulated runtime against the CPU backend: the
+/// real shapes' plan (pointer arrays over 12 heads, the tensor-core attention's 4 row
+/// blocks, views into the 2304-wide qkv projection).
+fn vit_b16(cases: &[(DType, &str, Switches)]) {
+    let g = graph("vit_b16_optimized.eptc");
+    let w = weights(&g, 5);
+    let x = inputs(&g, 1, 9);
+    let refs: Vec<(&str, HostTensor)> = x.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
+    let want = CpuBackend::new()
+        .compile(&g, &w, &CompileOptions::default())
+        .unwrap()
+        .run(&refs)
+        .unwrap();
+    for &(dtype, what, s) in cases {
+        let t = std::time::Instant::now();
+        let opts = CompileOptions {
+            dtype,
+            ..Default::default()
+        };
+        let mut emu = CudaBackend::emulated()
+            .with_switches(s)
+            .compile_cuda(&g, &w, &opts)
+            .unwrap();
+        let got = emu
+            .run(&refs)
+            .unwrap_or_else(|e| panic!("ViT-B/16, {what} ({dtype}): {e}"));
+        let tol = if dtype == DType::F32 { 1e-5 } else { 1e-2 };
+        for ((name, gt), (_, wt)) in got.iter().zip(&want) {
+            let e = rel_err(gt.data(), wt.data());
+            eprintln!(
+                "ViT-B/16, {what} ({dtype}) {name}: {e:.2e} against the CPU backend ({:.1} s)",
+                t.elapsed().as_secs_f64()
+            );
+            assert!(
+                e <= tol,
+                "ViT-B/16, {what} ({dtype}) {name}: {e:.3e} > {tol:e}"
+            );
+        }
+        eprintln!("  plan {:?}", emu.plan_stats(1).unwrap());
+    }
+}
+
+/// bf16 with every switch: the tensor-core attention reading q, k, v in place, cuBLASLt's
+/// epilogues, the views (about 45 s here).
+#[test]
+fn vit_b16_with_every_switch_matches_the_cpu_backend_bf16() {
+    if emulator() {
+        vit_b16(&[(DType::BF16, "all", Switches::all())]);
+    }
+}
+
+/// The other plans (about 3.5 minutes here; by hand: `cargo test -p eptc-cuda --test
+/// emulated -- --ignored`).
+#[test]
+#[ignore]
+fn vit_b16_other_plans_match_the_cpu_backend() {
+    if emulator() {
+        vit_b16(&[
+            (DType::F32, "default", Switches::default()),
+            (DType::F32, "all", Switches::all()),
+            (DType::BF16, "default", Switches::default()),
+        ]);
+    }
+}
