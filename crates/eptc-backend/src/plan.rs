@@ -119,6 +119,139 @@ pub fn plan(nodes: &[(Role, u64)], outputs: &[usize], max_buffer: u64) -> Buffer
     BufferPlan { loc, slots }
 }
 
+/// Computed values placed at offsets in one arena (for a backend whose buffers can be
+/// addressed by pointer, as CUDA's): [`Loc::Slot`]`(k)` lives at `offsets[k]`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ArenaPlan {
+    /// Per node (same positions as the input).
+    pub loc: Vec<Loc>,
+    /// Per slot: the offset of its value in the arena (a multiple of the alignment).
+    pub offsets: Vec<u64>,
+    /// Per slot: its value's bytes.
+    pub bytes: Vec<u64>,
+    /// The arena's size.
+    pub arena: u64,
+}
+
+/// Each value's lifetime under [`plan`]'s rules (computed at its position, alive until the
+/// last read of any alias; outputs to the end, `n`), with the root of every node.
+fn lifetimes(nodes: &[(Role, u64)], outputs: &[usize]) -> (Vec<usize>, Vec<usize>) {
+    let n = nodes.len();
+    let mut root: Vec<usize> = (0..n).collect();
+    for (i, (role, _)) in nodes.iter().enumerate() {
+        if let Role::View(o) = role {
+            root[i] = root[*o];
+        }
+    }
+    let mut last: Vec<usize> = (0..n).collect();
+    for (i, (role, _)) in nodes.iter().enumerate() {
+        if let Role::Compute(ops) = role {
+            for &o in ops {
+                last[root[o]] = last[root[o]].max(i);
+            }
+        }
+    }
+    for &o in outputs {
+        last[root[o]] = n;
+    }
+    (root, last)
+}
+
+/// Place every computed value in one arena, greedy by size ("Efficient Memory Management
+/// for Deep Neural Net Inference", Pisarchyk & Lee, 2020): the largest values first, each
+/// at the lowest offset where it overlaps no placed value alive at the same time (a
+/// value is alive from its computation through its last read, so a kernel's output never
+/// shares bytes with its operands). Unlike [`plan`]'s size classes nothing is rounded
+/// beyond `align`, and a freed range serves a value of any size: the arena comes close to
+/// [`live_peak`]. `pad` bytes are kept free before and after every value (guard bytes for
+/// an emulator; 0 on a device).
+pub fn plan_arena(nodes: &[(Role, u64)], outputs: &[usize], align: u64, pad: u64) -> ArenaPlan {
+    let align = align.max(1);
+    let (root, last) = lifetimes(nodes, outputs);
+    let mut loc = vec![Loc::Empty; nodes.len()];
+    let mut items: Vec<(usize, u64)> = Vec::new();
+    for (i, (role, bytes)) in nodes.iter().enumerate() {
+        match role {
+            _ if *bytes == 0 => {}
+            Role::Leaf => loc[i] = Loc::Leaf(i),
+            Role::View(_) => {}
+            Role::Compute(_) => {
+                loc[i] = Loc::Slot(items.len());
+                items.push((i, (bytes + 2 * pad).next_multiple_of(align)));
+            }
+        }
+    }
+    for i in 0..nodes.len() {
+        if matches!(nodes[i].0, Role::View(_)) && nodes[i].1 > 0 {
+            loc[i] = loc[root[i]];
+        }
+    }
+    // Largest first; ties by computation order (deterministic).
+    let mut order: Vec<usize> = (0..items.len()).collect();
+    order.sort_by_key(|&k| (std::cmp::Reverse(items[k].1), items[k].0));
+    let mut start = vec![0u64; items.len()];
+    let mut placed: Vec<usize> = Vec::new();
+    let mut arena = 0u64;
+    for k in order {
+        let (i, size) = items[k];
+        let (a, b) = (i, last[i]);
+        // Placed values alive at the same time, by offset.
+        let mut busy: Vec<(u64, u64)> = placed
+            .iter()
+            .filter(|&&j| {
+                let (c, d) = (items[j].0, last[items[j].0]);
+                a <= d && c <= b
+            })
+            .map(|&j| (start[j], start[j] + items[j].1))
+            .collect();
+        busy.sort_unstable();
+        // The smallest gap that fits (best fit), else above everything.
+        let (mut at, mut best): (u64, Option<(u64, u64)>) = (0, None);
+        for &(lo, hi) in &busy {
+            if lo >= at + size && best.is_none_or(|(_, g)| lo - at < g) {
+                best = Some((at, lo - at));
+            }
+            at = at.max(hi);
+        }
+        let off = best.map_or(at, |(o, _)| o);
+        start[k] = off;
+        arena = arena.max(off + size);
+        placed.push(k);
+    }
+    ArenaPlan {
+        loc,
+        offsets: start.iter().map(|&s| s + pad).collect(),
+        bytes: items.iter().map(|&(i, _)| nodes[i].1).collect(),
+        arena,
+    }
+}
+
+/// The most bytes of computed values alive at once under [`plan`]'s lifetimes (each value
+/// from its computation to its last read through any alias; outputs to the end), and the
+/// position where that peak is reached: the floor any buffer assignment of this order
+/// needs, against which [`BufferPlan::slots`]' total shows the pooling's waste.
+pub fn live_peak(nodes: &[(Role, u64)], outputs: &[usize]) -> (u64, usize) {
+    let n = nodes.len();
+    let (root, last) = lifetimes(nodes, outputs);
+    // +bytes at its computation, -bytes after its last read (the output is allocated
+    // before the operands are released, as in `plan`).
+    let mut delta = vec![0i128; n + 2];
+    for (i, (role, bytes)) in nodes.iter().enumerate() {
+        if matches!(role, Role::Compute(_)) && root[i] == i {
+            delta[i] += i128::from(*bytes);
+            delta[last[i] + 1] -= i128::from(*bytes);
+        }
+    }
+    let (mut now, mut peak, mut at) = (0i128, 0i128, 0usize);
+    for (i, d) in delta.iter().enumerate().take(n) {
+        now += d;
+        if now > peak {
+            (peak, at) = (now, i);
+        }
+    }
+    (peak as u64, at)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -141,6 +274,86 @@ mod tests {
         }
         // Never above the device's buffer limit.
         assert_eq!(size_class(1000, 1000), 1000);
+    }
+
+    /// Random DAGs: values alive at the same time never share a byte, every offset is
+    /// aligned, and the arena is at least the live peak and at most what [`plan`] takes.
+    #[test]
+    fn arena_values_alive_together_never_overlap() {
+        let mut seed = 7u64;
+        let mut rnd = |m: u64| {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (seed >> 33) % m
+        };
+        for case in 0..200 {
+            let n = 2 + rnd(60) as usize;
+            let mut nodes = vec![(Role::Leaf, 64)];
+            for i in 1..n {
+                let bytes = if rnd(10) == 0 { 0 } else { 4 * (1 + rnd(5000)) };
+                let role = if rnd(6) == 0 {
+                    Role::View(rnd(i as u64) as usize)
+                } else {
+                    let k = 1 + rnd(3) as usize;
+                    Role::Compute((0..k).map(|_| rnd(i as u64) as usize).collect())
+                };
+                nodes.push((role, bytes));
+            }
+            let outs = vec![n - 1, rnd(n as u64) as usize];
+            let pad = if case % 2 == 0 { 0 } else { 64 };
+            let p = plan_arena(&nodes, &outs, 256, pad);
+            let (_, last) = lifetimes(&nodes, &outs);
+            let mut live: Vec<(usize, usize, u64, u64)> = Vec::new();
+            for (i, l) in p.loc.iter().enumerate() {
+                if let (Loc::Slot(k), Role::Compute(_)) = (l, &nodes[i].0) {
+                    assert_eq!(p.offsets[*k] % 256, pad % 256, "case {case}");
+                    assert_eq!(p.bytes[*k], nodes[i].1);
+                    let (lo, hi) = (p.offsets[*k] - pad, p.offsets[*k] + p.bytes[*k] + pad);
+                    assert!(hi <= p.arena, "case {case}");
+                    live.push((i, last[i], lo, hi));
+                }
+            }
+            for x in &live {
+                for y in &live {
+                    if x.0 < y.0 && x.0 <= y.1 && y.0 <= x.1 {
+                        assert!(
+                            x.3 <= y.2 || y.3 <= x.2,
+                            "case {case}: {x:?} and {y:?} overlap"
+                        );
+                    }
+                }
+            }
+            // Views share their root's place.
+            for (i, (role, bytes)) in nodes.iter().enumerate() {
+                if let Role::View(o) = role {
+                    if *bytes > 0 && nodes[*o].1 > 0 {
+                        assert_eq!(p.loc[i], p.loc[*o], "case {case}");
+                    }
+                }
+            }
+            if pad == 0 {
+                let (peak, _) = live_peak(&nodes, &outs);
+                let pooled: u64 = plan(&nodes, &outs, u64::MAX).slots.iter().sum();
+                assert!(p.arena >= peak, "case {case}");
+                assert!(p.arena <= pooled.max(peak) + 256 * n as u64, "case {case}");
+            }
+        }
+    }
+
+    #[test]
+    fn arena_chain_ping_pongs() {
+        let nodes = vec![
+            (Role::Leaf, 400),
+            (Role::Compute(vec![0]), 400),
+            (Role::Compute(vec![1]), 400),
+            (Role::Compute(vec![2]), 400),
+            (Role::Compute(vec![3]), 400),
+        ];
+        let p = plan_arena(&nodes, &[4], 256, 0);
+        // Two values of 512 (400 aligned) at a time.
+        assert_eq!(p.arena, 1024);
+        assert_eq!(live_peak(&nodes, &[4]).0, 800);
     }
 
     #[test]

@@ -517,7 +517,14 @@ struct Step {
     kind: &'static str,
     name: String,
     action: Action,
+    /// On the emulator: the output's address and bytes in the arena, with
+    /// [`ARENA_PAD`] guard bytes on either side.
+    guard: Option<(u64, usize)>,
 }
+
+/// Guard bytes around every intermediate in the emulator's arena (256: the values stay
+/// 256-byte aligned, as on a device).
+const ARENA_PAD: u64 = 256;
 
 struct BatchPlan {
     batch: usize,
@@ -544,6 +551,10 @@ pub struct PlanStats {
     pub unique_kernels: usize,
     pub gemms: usize,
     pub intermediate_bytes: u64,
+    /// Every device byte the plan holds: the intermediates, the inputs, the attention
+    /// GEMMs' scores and probabilities, the GEMM pointer arrays (the parameters and
+    /// constants are the executable's: [`CudaExecutable::param_bytes`]).
+    pub device_bytes: u64,
     pub captured: bool,
     /// Kernels that each compute a fused element-wise chain (`EPTC_CUDA_FUSE=1`).
     pub fused: usize,
@@ -982,6 +993,39 @@ impl CudaExecutable {
         Ok(Some(mem))
     }
 
+    /// Device bytes of the parameters and constants (uploaded once, shared by every
+    /// batch size's plan).
+    pub fn param_bytes(&self) -> u64 {
+        let params = self.params.values().filter_map(|p| p.1.as_ref());
+        let consts = self.slots.iter().filter_map(|s| match &s.kind {
+            Kind::Const(m) => m.as_ref(),
+            _ => None,
+        });
+        params.chain(consts).map(|m| m.bytes as u64).sum()
+    }
+
+    /// Plan `batch` (kernels compiled, buffers allocated, the step captured) without
+    /// running it, as the first run of that batch size would; its stats.
+    pub fn prepare(&mut self, batch: usize) -> Result<PlanStats> {
+        if let Device::Gpu(gpu) = &self.dev {
+            gpu.bind().map_err(other)?;
+        }
+        if let Some(s) = self.plan_stats(batch) {
+            return Ok(s);
+        }
+        if self.plans.len() >= MAX_PLANS {
+            let old = self.plans.remove(0);
+            if let Device::Gpu(gpu) = &self.dev {
+                gpu.stream.synchronize().map_err(other)?;
+            }
+            drop_plan(old);
+        }
+        let p = self.make_plan(batch)?;
+        let s = p.stats;
+        self.plans.push(p);
+        Ok(s)
+    }
+
     /// The plan of a batch size already run, if still kept.
     pub fn plan_stats(&self, batch: usize) -> Option<PlanStats> {
         self.plans
@@ -1030,14 +1074,22 @@ impl CudaExecutable {
             .map(|(i, g)| (i, &self.fusion[g]))
             .collect();
         let outs: Vec<usize> = self.outputs.iter().map(|o| o.1).collect();
-        let bp = plan::plan(&roles, &outs, u64::MAX);
+        // Every intermediate at an offset in one arena, placed by lifetime (a freed range
+        // serves a value of any size). On the emulator each value has guard bytes around
+        // it, checked around every step that writes it.
+        let pad = match self.dev {
+            Device::Gpu(_) => 0,
+            Device::Emulator => ARENA_PAD,
+        };
+        let ap = plan::plan_arena(&roles, &outs, 256, pad);
         let mut slot_mem = Vec::new();
-        for (k, &bytes) in bp.slots.iter().enumerate() {
+        if ap.arena > 0 {
             slot_mem.push(
                 self.dev
-                    .alloc(bytes as usize, &format!("intermediate buffer {k}"))?,
+                    .alloc(ap.arena as usize, "the intermediates' arena")?,
             );
         }
+        let arena = slot_mem.first().map_or(0, |m| m.ptr);
         let mut inputs: Vec<(String, Option<DevMem>)> = Vec::new();
         let mut input_ptr: HashMap<usize, u64> = HashMap::new();
         for (i, s) in self.slots.iter().enumerate() {
@@ -1056,9 +1108,9 @@ impl CudaExecutable {
         }
         // The device pointer of each slot's value (0: empty).
         let ptr_of = |i: usize| -> u64 {
-            match bp.loc[i] {
+            match ap.loc[i] {
                 Loc::Empty => 0,
-                Loc::Slot(k) => slot_mem[k].ptr,
+                Loc::Slot(k) => arena + ap.offsets[k],
                 Loc::Leaf(l) => match &self.slots[l].kind {
                     Kind::Input(_) => input_ptr.get(&l).copied().unwrap_or(0),
                     Kind::Param(name) => self
@@ -1386,9 +1438,13 @@ impl CudaExecutable {
         };
         let steps: Vec<Step> = pending
             .into_iter()
-            .map(|(_, kind, name, a)| Step {
+            .map(|(i, kind, name, a)| Step {
                 kind,
                 name,
+                guard: match (pad, ap.loc[i]) {
+                    (1.., Loc::Slot(k)) => Some((arena + ap.offsets[k], ap.bytes[k] as usize)),
+                    _ => None,
+                },
                 action: match a {
                     PendingAction::Gemm(g) => Action::Gemm(g),
                     PendingAction::Lt(l) => Action::Lt(l),
@@ -1419,7 +1475,13 @@ impl CudaExecutable {
             kernels: kernels.len(),
             unique_kernels: unique.len(),
             gemms,
-            intermediate_bytes: bp.slots.iter().sum(),
+            intermediate_bytes: ap.arena,
+            device_bytes: slot_mem
+                .iter()
+                .chain(&scratch)
+                .chain(inputs.iter().filter_map(|i| i.1.as_ref()))
+                .map(|m| m.bytes as u64)
+                .sum(),
             captured: false,
             fused,
         };
@@ -2457,24 +2519,13 @@ impl Executable for CudaExecutable {
 
     fn run(&mut self, inputs: &[(&str, HostTensor)]) -> Result<Vec<(String, HostTensor)>> {
         let batch = bind_batch(&self.graph, inputs)?;
-        if let Device::Gpu(gpu) = &self.dev {
-            gpu.bind().map_err(other)?;
-        }
-        let i = match self.plans.iter().position(|p| p.batch == batch) {
-            Some(i) => i,
-            None => {
-                if self.plans.len() >= MAX_PLANS {
-                    let old = self.plans.remove(0);
-                    if let Device::Gpu(gpu) = &self.dev {
-                        gpu.stream.synchronize().map_err(other)?;
-                    }
-                    drop_plan(old);
-                }
-                let p = self.make_plan(batch)?;
-                self.plans.push(p);
-                self.plans.len() - 1
-            }
-        };
+        // (Binds the context; plans the batch on its first run.)
+        self.prepare(batch)?;
+        let i = self
+            .plans
+            .iter()
+            .position(|p| p.batch == batch)
+            .ok_or_else(|| other("internal: the batch's plan is gone"))?;
         let p = self.plans.remove(i);
         let r = self.run_plan(&p, inputs);
         self.plans.push(p);
@@ -2620,7 +2671,22 @@ impl CudaExecutable {
                 .map_err(|e| other(format!("copying input {name}: {e}")))?;
         }
         let mut prof = Profile::default();
+        let pads = |ptr: u64, bytes: usize| {
+            let pad = ARENA_PAD as usize;
+            // SAFETY: the arena holds `pad` bytes on either side of every value.
+            unsafe {
+                [
+                    std::slice::from_raw_parts_mut((ptr as usize - pad) as *mut u8, pad),
+                    std::slice::from_raw_parts_mut((ptr as usize + bytes) as *mut u8, pad),
+                ]
+            }
+        };
         for s in &p.steps {
+            if let Some((ptr, bytes)) = s.guard {
+                for g in pads(ptr, bytes) {
+                    g.fill(0xff);
+                }
+            }
             let t = Instant::now();
             // SAFETY: every pointer of a step is into the plan's, the params' or the
             // constants' buffers, alive while the executable is; the guards catch a step
@@ -2642,6 +2708,17 @@ impl CudaExecutable {
             };
             r.map_err(|e| other(format!("{} (emulated): {e}", s.name)))?;
             prof.record(s.kind, t.elapsed().as_secs_f64());
+            if let Some((ptr, bytes)) = s.guard {
+                if pads(ptr, bytes)
+                    .iter()
+                    .any(|g| g.iter().any(|&b| b != 0xff))
+                {
+                    return Err(other(format!(
+                        "{} (emulated) wrote outside its output's {bytes} bytes",
+                        s.name
+                    )));
+                }
+            }
             if let Some(what) = self.broken_guard(p) {
                 return Err(other(format!("{} (emulated) wrote outside {what}", s.name)));
             }
@@ -3315,6 +3392,81 @@ mod tests {
         // Per layer the permute and three slices, and the class token's slice (read by
         // the head's matmul).
         assert_eq!((vcount("permute"), vcount("slice")), (12, 37));
+    }
+
+    /// Where the ViT-B/16 training step's device memory goes at batch 64 in bf16: the
+    /// planner's total against the live peak (the floor for this order), and the largest
+    /// values alive at the peak by op kind. By hand (`--ignored --nocapture`).
+    #[test]
+    #[ignore]
+    fn vit_b16_training_memory_breakdown() {
+        let dir = env!("CARGO_MANIFEST_DIR");
+        let text = std::fs::read_to_string(format!("{dir}/../wgpu/tests/data/vit_b16_train.eptc"))
+            .unwrap();
+        let default = eptc_ir::text::parse(&text).unwrap();
+        let text =
+            std::fs::read_to_string(format!("{dir}/../wgpu/tests/data/vit_b16_optimized.eptc"))
+                .unwrap();
+        let mut g = eptc_ir::text::parse(&text).unwrap();
+        eptc_autodiff::loss::add_loss(&mut g, "logits", eptc_autodiff::loss::Loss::CrossEntropy)
+            .unwrap();
+        g.remove_output("features");
+        let opts = eptc_autodiff::Options {
+            fused_attention: true,
+        };
+        let flash =
+            eptc_autodiff::differentiate_with(&g, eptc_autodiff::loss::LOSS, &opts).unwrap();
+        let mib = |b: u64| b as f64 / f64::from(1 << 20);
+        for (g, fused) in [(&default, false), (&default, true), (&flash, true)] {
+            let (slots, outs, live, order) = slots_of(g);
+            eprintln!(
+                "{} graph:",
+                if std::ptr::eq(g, &flash) {
+                    "flash-style"
+                } else {
+                    "default"
+                }
+            );
+            let fusion = if fused {
+                codegen::fuse::elementwise_groups(g, &order, &live)
+            } else {
+                Vec::new()
+            };
+            let lay = layout(&slots, &fusion, &HashSet::new(), 64, 2);
+            let bp = plan::plan(&lay.roles, &outs, u64::MAX);
+            let (peak, at) = plan::live_peak(&lay.roles, &outs);
+            eprintln!(
+                "fused chains {fused}: planned {:.0} MiB in {} buffers; live peak {:.0} MiB at slot {at} of {} ({} %{})",
+                mib(bp.slots.iter().sum()),
+                bp.slots.len(),
+                mib(peak),
+                slots.len(),
+                slots[at].op,
+                slots[at].id.index()
+            );
+            // Alive at the peak: computed at or before it, last read at or after it.
+            let mut last: Vec<usize> = (0..slots.len()).collect();
+            for (i, (role, _)) in lay.roles.iter().enumerate() {
+                if let Role::Compute(ops) = role {
+                    for &o in ops {
+                        last[o] = last[o].max(i);
+                    }
+                }
+            }
+            let mut by_kind: HashMap<&str, (u64, usize)> = HashMap::new();
+            for (i, (role, bytes)) in lay.roles.iter().enumerate() {
+                if matches!(role, Role::Compute(_)) && i <= at && last[i] >= at {
+                    let e = by_kind.entry(slots[i].op).or_default();
+                    e.0 += bytes;
+                    e.1 += 1;
+                }
+            }
+            let mut v: Vec<_> = by_kind.into_iter().collect();
+            v.sort_by_key(|x| std::cmp::Reverse(x.1 .0));
+            for (k, (b, n)) in v.iter().take(12) {
+                eprintln!("  {k:16} {:8.1} MiB in {n} values", mib(*b));
+            }
+        }
     }
 
     #[test]

@@ -364,3 +364,58 @@ fn vit_b16_other_plans_match_the_cpu_backend() {
         ]);
     }
 }
+
+/// The device memory the ViT-B/16 + EPT training step at batch 64 (bf16) plans — the
+/// figure `scripts/gpu-check.sh` compares with PyTorch eager's peak (3433 MiB on the H200,
+/// benches/RESULTS.md) — planned on the emulator without running it. By hand: `cargo
+/// test -p eptc-cuda --release --test emulated vit_b16_training_memory -- --ignored
+/// --nocapture` (allocates several GB of host memory).
+#[test]
+#[ignore]
+fn vit_b16_training_memory() {
+    if !emulator() {
+        return;
+    }
+    let opts = CompileOptions {
+        dtype: DType::BF16,
+        ..Default::default()
+    };
+    let mib = |b: u64| b as f64 / f64::from(1 << 20);
+    let flash = {
+        let mut g = graph("vit_b16_optimized.eptc");
+        eptc_autodiff::loss::add_loss(&mut g, "logits", eptc_autodiff::loss::Loss::CrossEntropy)
+            .unwrap();
+        g.remove_output("features");
+        let opts = eptc_autodiff::Options {
+            fused_attention: true,
+        };
+        eptc_autodiff::differentiate_with(&g, eptc_autodiff::loss::LOSS, &opts).unwrap()
+    };
+    for (what, g, s) in [
+        ("default", graph("vit_b16_train.eptc"), Switches::default()),
+        ("views", graph("vit_b16_train.eptc"), on(|s| s.views = true)),
+        (
+            "flash-style backward, fused attention",
+            flash.clone(),
+            on(|s| s.fused_attention = true),
+        ),
+        ("flash-style backward, all switches", flash, Switches::all()),
+    ] {
+        let w = weights(&g, 5);
+        let mut emu = CudaBackend::emulated()
+            .with_switches(s)
+            .compile_cuda(&g, &w, &opts)
+            .unwrap();
+        let st = emu.prepare(64).unwrap();
+        let p = emu.param_bytes();
+        eprintln!(
+            "ViT-B/16 training step, batch 64, bf16, {what}: {:.0} MiB = params {:.0} + plan {:.0} (intermediates {:.0}); {} kernels, {} GEMMs",
+            mib(p + st.device_bytes),
+            mib(p),
+            mib(st.device_bytes),
+            mib(st.intermediate_bytes),
+            st.kernels,
+            st.gemms
+        );
+    }
+}
