@@ -186,8 +186,19 @@ print(f'  mode={sys.argv[1]:26} {r[\"what\"]:13} b256 bf16: device {d*1e3:.2f} m
     EPTC_CUDA_ATTENTION=fused EPTC_CUDA_FUSE=$fuse EPTC_CUDA_VIEWS=$views timeout 40 "$bin/eptc" bench /tmp/eptc-gpu/art_cuda_bf16_fused \
       --batch 64 --iters 10 --warmup 2 --train --json 2>>"$out/attention-modes.err" | python3 -c "
 import json, sys; r = json.loads(sys.stdin.read()); d = r.get('device_median_s') or float('nan')
-print(f'  mode=fused backward, fuse={sys.argv[1]} views={sys.argv[2]} {r[\"what\"]:13} b64 bf16: device {d*1e3:.2f} ms, wall {r[\"median_s\"]*1e3:.2f} ms')" $fuse $views
+print(f'  mode=fused backward, fuse={sys.argv[1]} views={sys.argv[2]} {r[\"what\"]:13} b64 bf16: device {d*1e3:.2f} ms, wall {r[\"median_s\"]*1e3:.2f} ms, eptc peak {(r.get(\"device_peak_bytes\") or 0)/2**20:.0f} MiB')" $fuse $views
   done 2>&1 | tee -a "$out/attention-modes.txt"
+  # The training step that recomputes the MLP's pre-activation (EPTC_CUDA_RECOMPUTE=1 at
+  # compile) with every switch: planned on the emulator at 1697 MiB against PyTorch
+  # eager's 3433 (run 3), the memory goal being half of eager's; what does it cost?
+  EPTC_CUDA_ATTENTION=fused EPTC_CUDA_RECOMPUTE=1 timeout 60 "$bin/eptc" compile /tmp/eptc-gpu/vit_b16_timm.safetensors \
+    --peft ept --prompt-len 100 --num-classes 10 --target cuda --dtype bf16 \
+    -o /tmp/eptc-gpu/art_cuda_bf16_recompute >/dev/null 2>>"$out/attention-modes.err" \
+  && env $(mode_env fused+fuse+views+pinned+lt) timeout 40 "$bin/eptc" bench /tmp/eptc-gpu/art_cuda_bf16_recompute \
+      --batch 64 --iters 10 --warmup 2 --train --json 2>>"$out/attention-modes.err" | python3 -c "
+import json, sys; r = json.loads(sys.stdin.read()); d = r.get('device_median_s') or float('nan')
+print(f'  mode=fused backward, recompute, all switches {r[\"what\"]:13} b64 bf16: device {d*1e3:.2f} ms, wall {r[\"median_s\"]*1e3:.2f} ms, eptc peak {(r.get(\"device_peak_bytes\") or 0)/2**20:.0f} MiB')" \
+    2>&1 | tee -a "$out/attention-modes.txt"
   EPTC_CUDA_PROFILE=1 timeout 30 "$bin/eptc" bench /tmp/eptc-gpu/art_cuda_bf16 --batch 64 \
     --iters 1 --warmup 1 > "$out/profile.log" 2>&1; echo "exit $?" >> "$out/profile.log"
   grep -A14 "eptc cuda profile" "$out/profile.log" | tail -15

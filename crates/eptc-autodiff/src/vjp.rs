@@ -552,8 +552,8 @@ fn attention_fused(
     Ok(out)
 }
 
-/// `y = act(x w^T + b) + r`. A GELU epilogue recomputes the pre-activation (the autodiff
-/// pass splits such linears first where it can).
+/// `y = act(x w^T + b) + r`. A GELU epilogue recomputes the pre-activation (the pass
+/// splits such linears first unless `Options::recompute_gelu`).
 fn linear(
     g: &mut Graph,
     x: &[NodeId],
@@ -568,8 +568,22 @@ fn linear(
     let dpre = match act {
         Activation::None => dy,
         Activation::Gelu => {
-            let pre = g.linear(xv, w, b, Activation::None, None)?;
-            let d = un(g, UnaryOp::GeluDeriv, pre)?;
+            // Recomputed here (`Options::recompute_gelu`): the pre-activation, and a
+            // LayerNorm feeding it from that LayerNorm's input (which its own backward
+            // keeps anyway), so the forward stores neither. Tagged so that `simplify`
+            // does not share them with the forward's nodes.
+            let prev = g.tag().map(str::to_owned);
+            g.set_tag(Some(crate::RECOMPUTE_TAG));
+            let src = match g.node(xv).op.clone() {
+                op @ Op::LayerNorm { .. } => {
+                    let ops = g.operands(xv);
+                    g.add(op, &ops)?
+                }
+                _ => xv,
+            };
+            let pre = g.linear(src, w, b, Activation::None, None);
+            g.set_tag(prev.as_deref());
+            let d = un(g, UnaryOp::GeluDeriv, pre?)?;
             mul(g, dy, d)?
         }
     };

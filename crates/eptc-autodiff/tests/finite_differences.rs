@@ -98,6 +98,7 @@ fn check_graph(g: &Graph, loss_name: &str, positive: bool, rng: &mut StdRng) {
         let mut rng = state;
         let fused = Options {
             fused_attention: true,
+            ..Default::default()
         };
         check_graph_with(g, loss_name, positive, &mut rng, &fused);
     }

@@ -134,6 +134,13 @@ pub trait Backend: Send + Sync {
         opts: &CompileOptions,
     ) -> Result<Box<dyn Executable>>;
 
+    /// Whether training graphs for this backend recompute the MLP's GELU pre-activation in
+    /// the backward instead of storing it (less memory, one more matrix product per
+    /// layer: `eptc_autodiff::Options::recompute_gelu`).
+    fn recompute_gelu(&self) -> bool {
+        false
+    }
+
     /// Every kernel the backend generates for `graph` with the batch bound to `batch` and
     /// tensors stored as `dtype`, in
     /// execution order, each checked by the backend's own validator (naga, NVRTC...). Must

@@ -134,8 +134,9 @@ pub struct ArenaPlan {
 }
 
 /// Each value's lifetime under [`plan`]'s rules (computed at its position, alive until the
-/// last read of any alias; outputs to the end, `n`), with the root of every node.
-fn lifetimes(nodes: &[(Role, u64)], outputs: &[usize]) -> (Vec<usize>, Vec<usize>) {
+/// last read of any alias; outputs to the end, `n`): the root of every node (itself, or a
+/// view's operand's root) and the last position reading each root.
+pub fn lifetimes(nodes: &[(Role, u64)], outputs: &[usize]) -> (Vec<usize>, Vec<usize>) {
     let n = nodes.len();
     let mut root: Vec<usize> = (0..n).collect();
     for (i, (role, _)) in nodes.iter().enumerate() {

@@ -82,8 +82,11 @@ pub fn build(
     };
     // The fused attention backward where the target has kernels for it.
     let caps = backends::find(target)?.capabilities();
-    let fused_attention = caps.supports("attention_lse") && caps.supports("attention_grad");
-    let train = training_graph(&optimized, config.task, fused_attention)?;
+    let opts = eptc_autodiff::Options {
+        fused_attention: caps.supports("attention_lse") && caps.supports("attention_grad"),
+        recompute_gelu: backends::find(target)?.recompute_gelu(),
+    };
+    let train = training_graph(&optimized, config.task, &opts)?;
     Ok(Compiled {
         model,
         imported,
@@ -100,9 +103,14 @@ pub fn build(
 /// The training graph of a run graph: the task's loss on `logits` (input `labels`
 /// `[B, C]`), then the autodiff pass. It is derived from the optimized forward graph, so
 /// the fused ops (attention with the EPT sink, linear epilogues) keep their own backward;
-/// with `fused_attention`, attention's backward is the fused `attention_lse` /
-/// `attention_grad` ops (for a backend with kernels for them).
-pub fn training_graph(run: &Graph, task: eptc_peft::Task, fused_attention: bool) -> Result<Graph> {
+/// with `opts.fused_attention`, attention's backward is the fused `attention_lse` /
+/// `attention_grad` ops (for a backend with kernels for them); with
+/// `opts.recompute_gelu`, the MLP's pre-activation is recomputed in the backward.
+pub fn training_graph(
+    run: &Graph,
+    task: eptc_peft::Task,
+    opts: &eptc_autodiff::Options,
+) -> Result<Graph> {
     use eptc_autodiff::loss::{add_loss, Loss, LOSS};
     let mut g = run.clone();
     let loss = match task {
@@ -112,8 +120,7 @@ pub fn training_graph(run: &Graph, task: eptc_peft::Task, fused_attention: bool)
     add_loss(&mut g, "logits", loss)?;
     // Training reads the loss, the logits (for its running metrics) and the gradients.
     g.remove_output("features");
-    let opts = eptc_autodiff::Options { fused_attention };
-    let mut t = eptc_autodiff::differentiate_with(&g, LOSS, &opts)?;
+    let mut t = eptc_autodiff::differentiate_with(&g, LOSS, opts)?;
     t.name = format!("{}-train", run.name);
     Ok(t)
 }
@@ -258,18 +265,28 @@ mod tests {
     }
 
     /// The training graph with the fused attention backward (`attention_lse`,
-    /// `attention_grad`), run on the CPU backend as its decomposition, gives the loss and
-    /// gradients of the default training graph (tiny ViT, EPT deep with the sink).
+    /// `attention_grad`), run on the CPU backend as its decomposition, and the one
+    /// recomputing the MLP's pre-activation give the loss and gradients of the default
+    /// training graph (tiny ViT, EPT deep with the sink).
     #[test]
-    fn fused_attention_backward_gives_the_same_gradients() {
+    fn fused_attention_backward_and_recomputation_give_the_same_gradients() {
         let root = Path::new(env!("CARGO_MANIFEST_DIR"));
         let model = root.join("tests/fixtures/tiny_timm.safetensors");
         let a = Cli::try_parse_from([model.to_str().unwrap(), "--heads", "3", "--peft", "ept"])
             .unwrap()
             .a;
         let c = build(&a.model, &a.model_args, &a.peft, &a.opt, "cpu").unwrap();
-        let plain = training_graph(&c.optimized, c.config.task, false).unwrap();
-        let fused = training_graph(&c.optimized, c.config.task, true).unwrap();
+        let with = |fused_attention, recompute_gelu| {
+            let o = eptc_autodiff::Options {
+                fused_attention,
+                recompute_gelu,
+            };
+            training_graph(&c.optimized, c.config.task, &o).unwrap()
+        };
+        let plain = with(false, false);
+        let fused = with(true, false);
+        let recomputed = with(false, true);
+        let both = with(true, true);
         let layers = count(&c.optimized, "attention");
         assert!(layers > 0);
         assert_eq!(count(&plain, "attention_grad"), 0);
@@ -297,25 +314,45 @@ mod tests {
                 .unwrap();
             out.into_iter().collect::<BTreeMap<_, _>>()
         };
-        let (want, got) = (run(&plain), run(&fused));
+        let want = run(&plain);
+        // The recomputing graphs keep the fused linear + GELU and store no pre-activation:
+        // no separate `gelu`, one more linear per GELU linear.
+        assert!(count(&plain, "gelu") > 0);
+        assert_eq!(count(&recomputed, "gelu"), 0);
         assert_eq!(
-            want.keys().collect::<Vec<_>>(),
-            got.keys().collect::<Vec<_>>()
+            count(&recomputed, "linear"),
+            count(&plain, "linear") + count(&plain, "gelu")
         );
-        let mut grads = 0;
-        for (k, a) in &want {
-            let b = &got[k];
-            let num: f64 = a
-                .data()
-                .iter()
-                .zip(b.data())
-                .map(|(x, y)| f64::from(x - y).powi(2))
-                .sum();
-            let den: f64 = a.data().iter().map(|x| f64::from(*x).powi(2)).sum();
-            let rel = (num / den.max(1e-30)).sqrt();
-            assert!(rel <= 1e-5, "{k}: relative error {rel:e}");
-            grads += usize::from(k.starts_with("grad."));
+        // (Each MLP reads a LayerNorm, recomputed too and not shared with the forward's.)
+        assert_eq!(
+            count(&recomputed, "layernorm"),
+            count(&plain, "layernorm") + count(&plain, "gelu")
+        );
+        for (what, g) in [
+            ("fused attention", &fused),
+            ("recomputed GELU input", &recomputed),
+            ("both", &both),
+        ] {
+            let got = run(g);
+            assert_eq!(
+                want.keys().collect::<Vec<_>>(),
+                got.keys().collect::<Vec<_>>()
+            );
+            let mut grads = 0;
+            for (k, a) in &want {
+                let b = &got[k];
+                let num: f64 = a
+                    .data()
+                    .iter()
+                    .zip(b.data())
+                    .map(|(x, y)| f64::from(x - y).powi(2))
+                    .sum();
+                let den: f64 = a.data().iter().map(|x| f64::from(*x).powi(2)).sum();
+                let rel = (num / den.max(1e-30)).sqrt();
+                assert!(rel <= 1e-5, "{what}: {k}: relative error {rel:e}");
+                grads += usize::from(k.starts_with("grad."));
+            }
+            assert!(grads >= 2, "{grads} gradients compared");
         }
-        assert!(grads >= 2, "{grads} gradients compared");
     }
 }

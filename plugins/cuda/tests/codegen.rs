@@ -2084,6 +2084,7 @@ fn emulated_graphs_match_the_reference() {
         g.remove_output("features");
         let opts = eptc_autodiff::Options {
             fused_attention: true,
+            ..Default::default()
         };
         let t = eptc_autodiff::differentiate_with(&g, LOSS, &opts).unwrap();
         let grads = t

@@ -18,7 +18,7 @@ use eptc_cuda::CudaBackend;
 use std::collections::HashMap;
 
 use eptc_ir::reference::{eval_nodes, Tensor64};
-use eptc_ir::{DType, Graph, HostTensor, Op, WeightStore};
+use eptc_ir::{DType, Graph, HostTensor, Op, UnaryOp, WeightStore};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -43,20 +43,28 @@ fn graph(file: &str) -> Graph {
 }
 
 /// The forward's training graph with the flash-style attention backward
-/// (`attention_lse`, `attention_grad`), as `EPTC_CUDA_ATTENTION=fused` compiles it.
-fn flash_train() -> Graph {
+/// (`attention_lse`, `attention_grad`), as `EPTC_CUDA_ATTENTION=fused` compiles it
+/// where `fused_attention`, recomputing the MLP's pre-activation (as
+/// `EPTC_CUDA_RECOMPUTE=1` does) where `recompute_gelu`.
+fn flash_train(fused_attention: bool, recompute_gelu: bool) -> Graph {
     let mut g = graph("tiny_optimized.eptc");
     eptc_autodiff::loss::add_loss(&mut g, "logits", eptc_autodiff::loss::Loss::CrossEntropy)
         .unwrap();
     g.remove_output("features");
     let opts = eptc_autodiff::Options {
-        fused_attention: true,
+        fused_attention,
+        recompute_gelu,
     };
     let t = eptc_autodiff::differentiate_with(&g, eptc_autodiff::loss::LOSS, &opts).unwrap();
-    assert!(t
-        .node_ids()
-        .into_iter()
-        .any(|n| matches!(t.node(n).op, Op::AttentionGrad { .. })));
+    let has = |f: &dyn Fn(&Op) -> bool| t.node_ids().into_iter().any(|n| f(&t.node(n).op));
+    assert_eq!(
+        has(&|op| matches!(op, Op::AttentionGrad { .. })),
+        fused_attention
+    );
+    assert_eq!(
+        has(&|op| matches!(op, Op::Unary(UnaryOp::Gelu))),
+        !recompute_gelu
+    );
     t
 }
 
@@ -226,6 +234,7 @@ fn switch_sets() -> Vec<(&'static str, Switches)> {
         ),
         ("cuBLASLt", on(|s| s.lt = true)),
         ("no cuBLAS", on(|s| s.no_cublas = true)),
+        ("recompute", on(|s| s.recompute = true)),
         ("all", Switches::all()),
     ]
 }
@@ -246,18 +255,15 @@ fn training_plans_match_the_cpu_backend_f32() {
     if !emulator() {
         return;
     }
-    let g = graph("tiny_train.eptc");
+    // The flash-style backward and the recomputation are in the graph: compiled with
+    // the switches (the committed `tiny_train.eptc` is the default's).
     for (what, s) in switch_sets() {
-        if !s.fused_attention {
-            check(&g, DType::F32, s, &format!("training, {what}"));
-        }
-    }
-    // The flash-style backward only exists in graphs compiled with the fused attention.
-    let g = flash_train();
-    for (what, s) in switch_sets() {
-        if s.fused_attention {
-            check(&g, DType::F32, s, &format!("flash training, {what}"));
-        }
+        let g = if s.fused_attention || s.recompute {
+            flash_train(s.fused_attention, s.recompute)
+        } else {
+            graph("tiny_train.eptc")
+        };
+        check(&g, DType::F32, s, &format!("training, {what}"));
     }
 }
 
@@ -273,7 +279,7 @@ fn sixteen_bit_plans_match_the_cpu_backend() {
         s.views = true
     });
     let fwd = graph("tiny_optimized.eptc");
-    let train = flash_train();
+    let train = flash_train(true, false);
     check(
         &graph("tiny_train.eptc"),
         DType::BF16,
@@ -295,7 +301,8 @@ fn sixteen_bit_plans_match_the_cpu_backend() {
     for dtype in [DType::BF16, DType::F16] {
         check(&fwd, dtype, Switches::default(), "forward, default");
         check(&fwd, dtype, fused_views, "forward, fused attention + views");
-        check(&train, dtype, Switches::all(), "flash training, all");
+        let all = flash_train(true, true);
+        check(&all, dtype, Switches::all(), "flash training, all");
     }
 }
 
@@ -381,16 +388,18 @@ fn vit_b16_training_memory() {
         ..Default::default()
     };
     let mib = |b: u64| b as f64 / f64::from(1 << 20);
-    let flash = {
+    let train = |fused_attention, recompute_gelu| {
         let mut g = graph("vit_b16_optimized.eptc");
         eptc_autodiff::loss::add_loss(&mut g, "logits", eptc_autodiff::loss::Loss::CrossEntropy)
             .unwrap();
         g.remove_output("features");
         let opts = eptc_autodiff::Options {
-            fused_attention: true,
+            fused_attention,
+            recompute_gelu,
         };
         eptc_autodiff::differentiate_with(&g, eptc_autodiff::loss::LOSS, &opts).unwrap()
     };
+    let flash = train(true, false);
     for (what, g, s) in [
         ("default", graph("vit_b16_train.eptc"), Switches::default()),
         ("views", graph("vit_b16_train.eptc"), on(|s| s.views = true)),
@@ -399,7 +408,24 @@ fn vit_b16_training_memory() {
             flash.clone(),
             on(|s| s.fused_attention = true),
         ),
-        ("flash-style backward, all switches", flash, Switches::all()),
+        (
+            "flash-style backward, all switches but recompute",
+            flash,
+            on(|s| {
+                *s = Switches::all();
+                s.recompute = false
+            }),
+        ),
+        (
+            "recomputed GELU input",
+            train(false, true),
+            on(|s| s.recompute = true),
+        ),
+        (
+            "flash-style backward, all switches",
+            train(true, true),
+            Switches::all(),
+        ),
     ] {
         let w = weights(&g, 5);
         let mut emu = CudaBackend::emulated()

@@ -203,6 +203,7 @@ fn tiny_graphs_compile() {
         g.remove_output("features");
         let opts = eptc_autodiff::Options {
             fused_attention: true,
+            ..Default::default()
         };
         eptc_autodiff::differentiate_with(&g, LOSS, &opts).unwrap()
     };
