@@ -89,6 +89,9 @@ pub struct Switches {
     pub pinned: bool,
     /// `EPTC_CUDA_CUBLAS=0`: every product as a generated kernel instead of cuBLAS.
     pub no_cublas: bool,
+    /// `EPTC_CUDA_ARENA=0`: intermediates in size-class pools (the planner before the
+    /// arena; about a third more memory), not at offsets placed by lifetime.
+    pub pools: bool,
     /// `EPTC_CUDA_RECOMPUTE=1` at compile: training graphs recompute the MLP's GELU
     /// pre-activation in the backward instead of storing it (ViT-B/16 at batch 64 in
     /// bf16: 665 MiB less, one more GEMM per layer).
@@ -105,6 +108,7 @@ impl Switches {
             lt: is("EPTC_CUDA_LT", "1"),
             pinned: is("EPTC_CUDA_PINNED", "1"),
             no_cublas: is("EPTC_CUDA_CUBLAS", "0"),
+            pools: is("EPTC_CUDA_ARENA", "0"),
             recompute: is("EPTC_CUDA_RECOMPUTE", "1"),
         }
     }
@@ -118,6 +122,7 @@ impl Switches {
             lt: true,
             pinned: true,
             no_cublas: false,
+            pools: false,
             recompute: true,
         }
     }
@@ -530,6 +535,23 @@ struct Step {
     /// On the emulator: the output's address and bytes in the arena, with
     /// [`ARENA_PAD`] guard bytes on either side.
     guard: Option<(u64, usize)>,
+}
+
+/// [`plan::plan`]'s pooled buffers laid out one after another in one arena (256-byte
+/// aligned): the planner before the arena, for `EPTC_CUDA_ARENA=0`.
+fn pooled_arena(bp: plan::BufferPlan) -> plan::ArenaPlan {
+    let mut offsets = Vec::with_capacity(bp.slots.len());
+    let mut at = 0u64;
+    for &b in &bp.slots {
+        offsets.push(at);
+        at += b.next_multiple_of(256);
+    }
+    plan::ArenaPlan {
+        loc: bp.loc,
+        offsets,
+        bytes: bp.slots,
+        arena: at,
+    }
 }
 
 /// Guard bytes around every intermediate in the emulator's arena (256: the values stay
@@ -1087,11 +1109,18 @@ impl CudaExecutable {
         // Every intermediate at an offset in one arena, placed by lifetime (a freed range
         // serves a value of any size). On the emulator each value has guard bytes around
         // it, checked around every step that writes it.
-        let pad = match self.dev {
-            Device::Gpu(_) => 0,
-            Device::Emulator => ARENA_PAD,
+        // `EPTC_CUDA_ARENA=0`: the size-class pools instead (wgpu's planner; each pool's
+        // buffer at its own offset, no guards), as before the arena.
+        let ap = if sw.pools {
+            pooled_arena(plan::plan(&roles, &outs, u64::MAX))
+        } else {
+            let pad = match self.dev {
+                Device::Gpu(_) => 0,
+                Device::Emulator => ARENA_PAD,
+            };
+            plan::plan_arena(&roles, &outs, 256, pad)
         };
-        let ap = plan::plan_arena(&roles, &outs, 256, pad);
+        let pad = if sw.pools { 0 } else { ARENA_PAD };
         let mut slot_mem = Vec::new();
         if ap.arena > 0 {
             slot_mem.push(
@@ -1451,8 +1480,10 @@ impl CudaExecutable {
             .map(|(i, kind, name, a)| Step {
                 kind,
                 name,
-                guard: match (pad, ap.loc[i]) {
-                    (1.., Loc::Slot(k)) => Some((arena + ap.offsets[k], ap.bytes[k] as usize)),
+                guard: match (&self.dev, pad, ap.loc[i]) {
+                    (Device::Emulator, 1.., Loc::Slot(k)) => {
+                        Some((arena + ap.offsets[k], ap.bytes[k] as usize))
+                    }
                     _ => None,
                 },
                 action: match a {

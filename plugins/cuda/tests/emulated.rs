@@ -235,6 +235,7 @@ fn switch_sets() -> Vec<(&'static str, Switches)> {
         ("cuBLASLt", on(|s| s.lt = true)),
         ("no cuBLAS", on(|s| s.no_cublas = true)),
         ("recompute", on(|s| s.recompute = true)),
+        ("pools (no arena)", on(|s| s.pools = true)),
         ("all", Switches::all()),
     ]
 }
