@@ -7,7 +7,8 @@
 //! cuBLAS when it is there (a strided-batched GEMM, f32 accumulation, no TF32, then the
 //! bias/GELU/residual epilogue as one kernel); identical kernels are compiled once, all
 //! of them in one NVRTC module (PTX cached on disk, see [`crate::nvrtc`]); intermediates
-//! get buffers by last use and size class ([`eptc_backend::plan`]). The whole step is
+//! live at offsets in one arena placed by their lifetimes
+//! ([`eptc_backend::plan::plan_arena`]; `EPTC_CUDA_ARENA=0`: size-class pools). The whole step is
 //! then captured once in a CUDA graph, and every later run with that batch copies the
 //! inputs in, replays the graph, and copies the outputs out: no allocation, no
 //! compilation, one launch. `reshape` is a view of its operand's buffer.

@@ -12,10 +12,11 @@
 //! Switches still being checked on a GPU (off by default): `EPTC_CUDA_FUSE=1`
 //! (element-wise chains in one kernel, [`codegen::fuse`]), `EPTC_CUDA_VIEWS=1` (GEMMs read
 //! operands in place through strided views), `EPTC_CUDA_PINNED=1` (pinned staging),
-//! `EPTC_CUDA_LT=1` (a linear's bias and residual in cuBLASLt's GEMM epilogue) and
+//! `EPTC_CUDA_LT=1` (a linear's bias and residual in cuBLASLt's GEMM epilogue),
 //! `EPTC_CUDA_ATTENTION=fused` (the fused attention kernels: the forward, on the tensor
-//! cores for bf16 / f16 storage, and, set at compile, the flash-style backward); see
-//! [`exec`].
+//! cores for bf16 / f16 storage, and, set at compile, the flash-style backward) and
+//! `EPTC_CUDA_RECOMPUTE=1` (set at compile: the backward recomputes the MLP's
+//! pre-activation instead of storing it); see [`exec`] and [`Switches`].
 
 mod cache;
 pub mod codegen;
