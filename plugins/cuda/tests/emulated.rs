@@ -401,6 +401,24 @@ fn vit_b16_training_memory() {
         eptc_autodiff::differentiate_with(&g, eptc_autodiff::loss::LOSS, &opts).unwrap()
     };
     let flash = train(true, false);
+    // Inference at batch 256 (PyTorch eager's peak on the H200, run 3: 1668 MiB).
+    let fwd = graph("vit_b16_optimized.eptc");
+    for (what, s) in [("default", Switches::default()), ("all", Switches::all())] {
+        let w = weights(&fwd, 5);
+        let mut emu = CudaBackend::emulated()
+            .with_switches(s)
+            .compile_cuda(&fwd, &w, &opts)
+            .unwrap();
+        let st = emu.prepare(256).unwrap();
+        let p = emu.param_bytes();
+        eprintln!(
+            "ViT-B/16 inference, batch 256, bf16, {what}: {:.0} MiB = params {:.0} + plan {:.0} (intermediates {:.0})",
+            mib(p + st.device_bytes),
+            mib(p),
+            mib(st.device_bytes),
+            mib(st.intermediate_bytes),
+        );
+    }
     for (what, g, s) in [
         ("default", graph("vit_b16_train.eptc"), Switches::default()),
         ("views", graph("vit_b16_train.eptc"), on(|s| s.views = true)),
