@@ -3431,18 +3431,7 @@ mod tests {
         }
         // ViT-B/16's training graph with the flash-style backward: every attention,
         // attention_lse and attention_grad reads q, k, v in place (16-bit storage).
-        let text =
-            std::fs::read_to_string(format!("{dir}/../wgpu/tests/data/vit_b16_optimized.eptc"))
-                .unwrap();
-        let mut g = eptc_ir::text::parse(&text).unwrap();
-        eptc_autodiff::loss::add_loss(&mut g, "logits", eptc_autodiff::loss::Loss::CrossEntropy)
-            .unwrap();
-        g.remove_output("features");
-        let opts = eptc_autodiff::Options {
-            fused_attention: true,
-            ..Default::default()
-        };
-        let t = eptc_autodiff::differentiate_with(&g, eptc_autodiff::loss::LOSS, &opts).unwrap();
+        let t = flash_vit_b16();
         let (slots, ..) = slots_of(&t);
         let (fused, virt) = attention_views(&t, &slots, 2, Some(DType::BF16));
         let count = |k: &str| slots.iter().filter(|s| s.op == k).count();
@@ -3460,16 +3449,9 @@ mod tests {
         assert_eq!((vcount("permute"), vcount("slice")), (12, 37));
     }
 
-    /// Where the ViT-B/16 training step's device memory goes at batch 64 in bf16: the
-    /// planner's total against the live peak (the floor for this order), and the largest
-    /// values alive at the peak by op kind. By hand (`--ignored --nocapture`).
-    #[test]
-    #[ignore]
-    fn vit_b16_training_memory_breakdown() {
+    /// ViT-B/16's training graph with the flash-style attention backward.
+    fn flash_vit_b16() -> Graph {
         let dir = env!("CARGO_MANIFEST_DIR");
-        let text = std::fs::read_to_string(format!("{dir}/../wgpu/tests/data/vit_b16_train.eptc"))
-            .unwrap();
-        let default = eptc_ir::text::parse(&text).unwrap();
         let text =
             std::fs::read_to_string(format!("{dir}/../wgpu/tests/data/vit_b16_optimized.eptc"))
                 .unwrap();
@@ -3481,8 +3463,20 @@ mod tests {
             fused_attention: true,
             ..Default::default()
         };
-        let flash =
-            eptc_autodiff::differentiate_with(&g, eptc_autodiff::loss::LOSS, &opts).unwrap();
+        eptc_autodiff::differentiate_with(&g, eptc_autodiff::loss::LOSS, &opts).unwrap()
+    }
+
+    /// Where the ViT-B/16 training step's device memory goes at batch 64 in bf16: the
+    /// planner's total against the live peak (the floor for this order), and the largest
+    /// values alive at the peak by op kind. By hand (`--ignored --nocapture`).
+    #[test]
+    #[ignore]
+    fn vit_b16_training_memory_breakdown() {
+        let dir = env!("CARGO_MANIFEST_DIR");
+        let text = std::fs::read_to_string(format!("{dir}/../wgpu/tests/data/vit_b16_train.eptc"))
+            .unwrap();
+        let default = eptc_ir::text::parse(&text).unwrap();
+        let flash = flash_vit_b16();
         let mib = |b: u64| b as f64 / f64::from(1 << 20);
         for (g, fused) in [(&default, false), (&default, true), (&flash, true)] {
             let (slots, outs, live, order) = slots_of(g);

@@ -22,6 +22,9 @@ use eptc_ir::{DType, Graph, HostTensor, Op, UnaryOp, WeightStore};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
+mod common;
+use common::rel_err;
+
 fn emulator() -> bool {
     match eptc_cuda::emulate::available() {
         Ok(_) => true,
@@ -42,12 +45,12 @@ fn graph(file: &str) -> Graph {
     eptc_ir::text::parse(&text).unwrap()
 }
 
-/// The forward's training graph with the flash-style attention backward
-/// (`attention_lse`, `attention_grad`), as `EPTC_CUDA_ATTENTION=fused` compiles it
-/// where `fused_attention`, recomputing the MLP's pre-activation (as
-/// `EPTC_CUDA_RECOMPUTE=1` does) where `recompute_gelu`.
-fn flash_train(fused_attention: bool, recompute_gelu: bool) -> Graph {
-    let mut g = graph("tiny_optimized.eptc");
+/// The training graph of a committed forward graph `file` as `eptc compile --target cuda`
+/// derives it: with the flash-style attention backward (`attention_lse`,
+/// `attention_grad`; `EPTC_CUDA_ATTENTION=fused`) where `fused_attention`, recomputing the
+/// MLP's pre-activation (`EPTC_CUDA_RECOMPUTE=1`) where `recompute_gelu`.
+fn train_graph(file: &str, fused_attention: bool, recompute_gelu: bool) -> Graph {
+    let mut g = graph(file);
     eptc_autodiff::loss::add_loss(&mut g, "logits", eptc_autodiff::loss::Loss::CrossEntropy)
         .unwrap();
     g.remove_output("features");
@@ -68,9 +71,11 @@ fn flash_train(fused_attention: bool, recompute_gelu: bool) -> Graph {
     t
 }
 
-/// Random weights scaled as an initialisation would (`±1/√fan-in`, fan-in being every dim
-/// but the first), so the model is as well conditioned as a trained one; vectors (biases,
-/// LayerNorm's affine) `±0.5`, never trivial.
+/// [`train_graph`] of the tiny forward graph.
+fn flash_train(fused_attention: bool, recompute_gelu: bool) -> Graph {
+    train_graph("tiny_optimized.eptc", fused_attention, recompute_gelu)
+}
+
 fn weights(g: &Graph, seed: u64) -> WeightStore {
     let mut r = StdRng::seed_from_u64(seed);
     let mut w = WeightStore::new();
@@ -110,25 +115,6 @@ fn inputs(g: &Graph, batch: usize, seed: u64) -> Vec<(String, HostTensor)> {
         out.push((name.clone(), HostTensor::new(shape, v)));
     }
     out
-}
-
-/// `‖a − b‖ / ‖b‖`; NaN or infinity anywhere gives infinity.
-fn rel_err(a: &[f32], b: &[f32]) -> f64 {
-    assert_eq!(a.len(), b.len());
-    if a.iter().chain(b).any(|v| !v.is_finite()) {
-        return f64::INFINITY;
-    }
-    let d: f64 = a
-        .iter()
-        .zip(b)
-        .map(|(x, y)| (f64::from(*x) - f64::from(*y)).powi(2))
-        .sum();
-    let n: f64 = b.iter().map(|y| f64::from(*y).powi(2)).sum();
-    if n == 0.0 {
-        d.sqrt()
-    } else {
-        (d / n).sqrt()
-    }
 }
 
 /// The f64 reference of `g`'s outputs (in the graph's output order).
@@ -384,77 +370,21 @@ fn vit_b16_training_memory() {
     if !emulator() {
         return;
     }
-    let opts = CompileOptions {
-        dtype: DType::BF16,
-        ..Default::default()
-    };
-    let mib = |b: u64| b as f64 / f64::from(1 << 20);
-    let train = |fused_attention, recompute_gelu| {
-        let mut g = graph("vit_b16_optimized.eptc");
-        eptc_autodiff::loss::add_loss(&mut g, "logits", eptc_autodiff::loss::Loss::CrossEntropy)
-            .unwrap();
-        g.remove_output("features");
-        let opts = eptc_autodiff::Options {
-            fused_attention,
-            recompute_gelu,
+    // The parameters and the plan of `g` at `batch` in bf16, printed.
+    let planned = |what: &str, g: &Graph, s: Switches, batch: usize| {
+        let mib = |b: u64| b as f64 / f64::from(1 << 20);
+        let opts = CompileOptions {
+            dtype: DType::BF16,
+            ..Default::default()
         };
-        eptc_autodiff::differentiate_with(&g, eptc_autodiff::loss::LOSS, &opts).unwrap()
-    };
-    let flash = train(true, false);
-    // Inference at batch 256 (PyTorch eager's peak on the H200, run 3: 1668 MiB).
-    let fwd = graph("vit_b16_optimized.eptc");
-    for (what, s) in [("default", Switches::default()), ("all", Switches::all())] {
-        let w = weights(&fwd, 5);
         let mut emu = CudaBackend::emulated()
             .with_switches(s)
-            .compile_cuda(&fwd, &w, &opts)
+            .compile_cuda(g, &weights(g, 5), &opts)
             .unwrap();
-        let st = emu.prepare(256).unwrap();
+        let st = emu.prepare(batch).unwrap();
         let p = emu.param_bytes();
         eprintln!(
-            "ViT-B/16 inference, batch 256, bf16, {what}: {:.0} MiB = params {:.0} + plan {:.0} (intermediates {:.0})",
-            mib(p + st.device_bytes),
-            mib(p),
-            mib(st.device_bytes),
-            mib(st.intermediate_bytes),
-        );
-    }
-    for (what, g, s) in [
-        ("default", graph("vit_b16_train.eptc"), Switches::default()),
-        ("views", graph("vit_b16_train.eptc"), on(|s| s.views = true)),
-        (
-            "flash-style backward, fused attention",
-            flash.clone(),
-            on(|s| s.fused_attention = true),
-        ),
-        (
-            "flash-style backward, all switches but recompute",
-            flash,
-            on(|s| {
-                *s = Switches::all();
-                s.recompute = false
-            }),
-        ),
-        (
-            "recomputed GELU input",
-            train(false, true),
-            on(|s| s.recompute = true),
-        ),
-        (
-            "flash-style backward, all switches",
-            train(true, true),
-            Switches::all(),
-        ),
-    ] {
-        let w = weights(&g, 5);
-        let mut emu = CudaBackend::emulated()
-            .with_switches(s)
-            .compile_cuda(&g, &w, &opts)
-            .unwrap();
-        let st = emu.prepare(64).unwrap();
-        let p = emu.param_bytes();
-        eprintln!(
-            "ViT-B/16 training step, batch 64, bf16, {what}: {:.0} MiB = params {:.0} + plan {:.0} (intermediates {:.0}); {} kernels, {} GEMMs",
+            "ViT-B/16 {what}, batch {batch}, bf16: {:.0} MiB = params {:.0} + plan {:.0} (intermediates {:.0}); {} kernels, {} GEMMs",
             mib(p + st.device_bytes),
             mib(p),
             mib(st.device_bytes),
@@ -462,5 +392,42 @@ fn vit_b16_training_memory() {
             st.kernels,
             st.gemms
         );
+    };
+    // Inference at batch 256 (PyTorch eager's peak on the H200, run 3: 1668 MiB).
+    let fwd = graph("vit_b16_optimized.eptc");
+    planned("inference, default", &fwd, Switches::default(), 256);
+    planned("inference, all switches", &fwd, Switches::all(), 256);
+    let vit = "vit_b16_optimized.eptc";
+    let flash = train_graph(vit, true, false);
+    let default = graph("vit_b16_train.eptc");
+    let all_but_recompute = on(|s| {
+        *s = Switches::all();
+        s.recompute = false
+    });
+    for (what, g, s) in [
+        ("default", &default, Switches::default()),
+        ("views", &default, on(|s| s.views = true)),
+        (
+            "flash-style backward",
+            &flash,
+            on(|s| s.fused_attention = true),
+        ),
+        (
+            "flash-style backward, all switches but recompute",
+            &flash,
+            all_but_recompute,
+        ),
+        (
+            "recomputed GELU input",
+            &train_graph(vit, false, true),
+            on(|s| s.recompute = true),
+        ),
+        (
+            "flash-style backward, all switches",
+            &train_graph(vit, true, true),
+            Switches::all(),
+        ),
+    ] {
+        planned(&format!("training step, {what}"), g, s, 64);
     }
 }

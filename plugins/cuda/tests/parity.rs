@@ -21,6 +21,9 @@ use rand::{Rng, SeedableRng};
 mod cpu_common;
 use cpu_common::tiny_vit::{tiny_vit, weights, CLASSES, D};
 
+mod common;
+use common::rel_err;
+
 /// The GPU; without one, the same runtime on the CPU emulator (which checks the plan,
 /// the kernels and the GEMM mappings, not cuBLAS or the CUDA graph themselves); without
 /// either, `None` (a failure where `EPTC_REQUIRE_CUDA` is set, as `scripts/gpu-check.sh`
@@ -61,25 +64,6 @@ fn images(batch: usize, seed: u64) -> HostTensor {
         .map(|_| r.random_range(-2.0f32..2.0))
         .collect();
     HostTensor::new(vec![batch, 3, 8, 8], v)
-}
-
-/// `‖a − b‖ / ‖b‖`; NaN or infinity anywhere gives infinity.
-fn rel_err(a: &[f32], b: &[f32]) -> f64 {
-    assert_eq!(a.len(), b.len());
-    if a.iter().chain(b).any(|v| !v.is_finite()) {
-        return f64::INFINITY;
-    }
-    let num: f64 = a
-        .iter()
-        .zip(b)
-        .map(|(x, y)| (f64::from(*x) - f64::from(*y)).powi(2))
-        .sum();
-    let den: f64 = b.iter().map(|y| f64::from(*y).powi(2)).sum();
-    if den == 0.0 {
-        num.sqrt()
-    } else {
-        (num / den).sqrt()
-    }
 }
 
 fn cpu(g: &Graph, w: &WeightStore) -> Box<dyn Executable> {
