@@ -26,17 +26,7 @@ mod common;
 use common::rel_err;
 
 fn emulator() -> bool {
-    match eptc_cuda::emulate::available() {
-        Ok(_) => true,
-        Err(e) => {
-            assert!(
-                std::env::var_os("EPTC_REQUIRE_EMULATOR").is_none(),
-                "EPTC_REQUIRE_EMULATOR is set but the emulator is unavailable: {e}"
-            );
-            eprintln!("skipped: {e}");
-            false
-        }
-    }
+    common::emulator().is_some()
 }
 
 fn graph(file: &str) -> Graph {

@@ -40,20 +40,9 @@ fn device() -> Option<CudaBackend> {
                 std::env::var_os("EPTC_REQUIRE_CUDA").is_none(),
                 "EPTC_REQUIRE_CUDA is set but the cuda backend is unavailable: {why}"
             );
-            match eptc_cuda::emulate::available() {
-                Ok(cxx) => {
-                    eprintln!("no GPU ({why}): on the CPU emulator ({cxx})");
-                    Some(CudaBackend::emulated())
-                }
-                Err(e) => {
-                    assert!(
-                        std::env::var_os("EPTC_REQUIRE_EMULATOR").is_none(),
-                        "EPTC_REQUIRE_EMULATOR is set but the emulator is unavailable: {e}"
-                    );
-                    eprintln!("skipped: {why}; {e}");
-                    None
-                }
-            }
+            let cxx = common::emulator()?;
+            eprintln!("no GPU ({why}): on the CPU emulator ({cxx})");
+            Some(CudaBackend::emulated())
         }
     }
 }

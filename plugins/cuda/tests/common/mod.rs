@@ -19,3 +19,19 @@ pub fn rel_err(a: &[f32], b: &[f32]) -> f64 {
         (num / den).sqrt()
     }
 }
+
+/// The CPU emulator's compiler, or `None` after saying why there is none (a failure where
+/// `EPTC_REQUIRE_EMULATOR` is set, as CI does).
+pub fn emulator() -> Option<String> {
+    match eptc_cuda::emulate::available() {
+        Ok(cxx) => Some(cxx),
+        Err(e) => {
+            assert!(
+                std::env::var_os("EPTC_REQUIRE_EMULATOR").is_none(),
+                "EPTC_REQUIRE_EMULATOR is set but the emulator is unavailable: {e}"
+            );
+            eprintln!("skipped: {e}");
+            None
+        }
+    }
+}
