@@ -59,29 +59,13 @@ pub fn size_class(bytes: u64, max_buffer: u64) -> u64 {
 /// values at `outputs` survive to the end.
 pub fn plan(nodes: &[(Role, u64)], outputs: &[usize], max_buffer: u64) -> BufferPlan {
     let n = nodes.len();
-    // The node owning each node's storage (itself, or a view's operand's root).
-    let mut root: Vec<usize> = (0..n).collect();
-    for (i, (role, _)) in nodes.iter().enumerate() {
-        if let Role::View(o) = role {
-            root[i] = root[*o];
-        }
-    }
-    // The last position reading each root (through any alias); outputs: never freed.
-    let mut last: Vec<usize> = vec![0; n];
-    for (i, (role, _)) in nodes.iter().enumerate() {
-        if let Role::Compute(ops) = role {
-            for &o in ops {
-                last[root[o]] = last[root[o]].max(i);
-            }
-        }
-    }
-    for &o in outputs {
-        last[root[o]] = usize::MAX;
-    }
+    // The root owning each node's storage, and the last position reading each root
+    // (through any alias; outputs: `n`, never freed).
+    let (root, last) = lifetimes(nodes, outputs);
     // Roots to free after each position.
     let mut free_after: Vec<Vec<usize>> = vec![Vec::new(); n];
     for (r, &l) in last.iter().enumerate() {
-        if l != usize::MAX && l > r && root[r] == r {
+        if l < n && l > r && root[r] == r {
             free_after[l].push(r);
         }
     }

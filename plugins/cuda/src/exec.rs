@@ -72,8 +72,9 @@ pub struct CudaBackend {
     emulate: bool,
 }
 
-/// The runtime's switches that are off by default until a GPU run has checked them (each
-/// read from its environment variable by [`Switches::from_env`]).
+/// The runtime's switches, all off by default (each read from its environment variable by
+/// [`Switches::from_env`]): the new paths still to be checked on a GPU, and the ways back
+/// to older ones (`no_cublas`, `pools`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Switches {
     /// `EPTC_CUDA_FUSE=1`: element-wise chains fused into one kernel each.
@@ -100,6 +101,7 @@ pub struct Switches {
 }
 
 impl Switches {
+    /// The switches the environment sets.
     pub fn from_env() -> Switches {
         let is = |k: &str, v: &str| std::env::var(k).is_ok_and(|x| x == v);
         Switches {
@@ -1133,16 +1135,15 @@ impl CudaExecutable {
         // it, checked around every step that writes it.
         // `EPTC_CUDA_ARENA=0`: the size-class pools instead (wgpu's planner; each pool's
         // buffer at its own offset, no guards), as before the arena.
+        let pad = match (&self.dev, sw.pools) {
+            (Device::Emulator, false) => ARENA_PAD,
+            _ => 0,
+        };
         let ap = if sw.pools {
             pooled_arena(plan::plan(&roles, &outs, u64::MAX))
         } else {
-            let pad = match self.dev {
-                Device::Gpu(_) => 0,
-                Device::Emulator => ARENA_PAD,
-            };
             plan::plan_arena(&roles, &outs, 256, pad)
         };
-        let pad = if sw.pools { 0 } else { ARENA_PAD };
         let mut slot_mem = Vec::new();
         if ap.arena > 0 {
             slot_mem.push(
@@ -1502,10 +1503,8 @@ impl CudaExecutable {
             .map(|(i, kind, name, a)| Step {
                 kind,
                 name,
-                guard: match (&self.dev, pad, ap.loc[i]) {
-                    (Device::Emulator, 1.., Loc::Slot(k)) => {
-                        Some((arena + ap.offsets[k], ap.bytes[k] as usize))
-                    }
+                guard: match (pad, ap.loc[i]) {
+                    (1.., Loc::Slot(k)) => Some((arena + ap.offsets[k], ap.bytes[k] as usize)),
                     _ => None,
                 },
                 action: match a {
@@ -1564,7 +1563,7 @@ impl CudaExecutable {
             total += b.div_ceil(256) * 256;
         }
         // `EPTC_CUDA_PINNED=1` (off until a GPU run has checked it).
-        let staging = if sw.pinned && emulated.is_none() && matches!(self.dev, Device::Gpu(_)) {
+        let staging = if sw.pinned && matches!(self.dev, Device::Gpu(_)) {
             Pinned::new(total).map(|m| (m, offs))
         } else {
             None
