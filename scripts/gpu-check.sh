@@ -93,7 +93,7 @@ for dt in ${GPU_SUITE_DTYPES:-f32}; do
   grep -Eo "rel err [0-9.e+-]+" "$out/suite-parity-$dt.log" | sort -k3 -g | tail -1
   EPTC_TEST_DTYPE=$dt timeout 60 "$bin/test-training" grad_matches_pytorch --nocapture \
     > "$out/suite-grad-$dt.log" 2>&1; echo "exit $?" >> "$out/suite-grad-$dt.log"
-  grep -E "worst|test result|panicked|relative error|^exit" "$out/suite-grad-$dt.log" | head -10
+  grep -E "worst|test result|panicked|prompts: relative|^exit" "$out/suite-grad-$dt.log" | head -14
 done
 stamp "== 3b. the same suites with element-wise chains fused (EPTC_CUDA_FUSE=1), f32"
 EPTC_CUDA_FUSE=1 timeout 100 "$bin/test-parity" --test-threads 8 --nocapture \
@@ -102,18 +102,18 @@ grep -E "test result|FAILED|panicked|^exit" "$out/suite-parity-fused.log" | head
 grep -Eo "rel err [0-9.e+-]+" "$out/suite-parity-fused.log" | sort -k3 -g | tail -1
 EPTC_CUDA_FUSE=1 timeout 60 "$bin/test-training" grad_matches_pytorch --nocapture \
   > "$out/suite-grad-fused.log" 2>&1; echo "exit $?" >> "$out/suite-grad-fused.log"
-grep -E "worst|test result|panicked|relative error|^exit" "$out/suite-grad-fused.log" | head -10
+grep -E "worst|test result|panicked|prompts: relative|^exit" "$out/suite-grad-fused.log" | head -14
 stamp "== 3c. the gradient suite with the fused attention kernels, backward included (EPTC_CUDA_ATTENTION=fused), f32 and bf16"
 EPTC_CUDA_ATTENTION=fused timeout 90 "$bin/test-training" grad_matches_pytorch --nocapture \
   > "$out/suite-grad-fused-attention.log" 2>&1; echo "exit $?" >> "$out/suite-grad-fused-attention.log"
-grep -E "worst|test result|panicked|relative error|^exit" "$out/suite-grad-fused-attention.log" | head -10
-# The same in bf16: the backward's attention_grad on the tensor cores. (On the emulated
-# runtime this passes cat and fails multi-cat deep multi-class at 6.7e-2 > 5e-2, the
-# default path as much as the fused one: benches/RESULTS.md. A failure there is expected;
-# one in cat is not.)
+grep -E "worst|test result|panicked|prompts: relative|^exit" "$out/suite-grad-fused-attention.log" | head -14
+# The same in bf16: the backward's attention_grad on the tensor cores. The 16-bit bar
+# of each case is twice PyTorch's own bf16 error there (tests/fixtures/
+# grad_half_errors.json), at least 5e-2; on the emulated runtime this passes (multi-cat
+# up to 1.0e-1 against a bar of 1.4e-1: benches/RESULTS.md).
 EPTC_CUDA_ATTENTION=fused EPTC_TEST_DTYPE=bf16 timeout 90 "$bin/test-training" grad_matches_pytorch --nocapture \
   > "$out/suite-grad-fused-attention-bf16.log" 2>&1; echo "exit $?" >> "$out/suite-grad-fused-attention-bf16.log"
-grep -E "worst|test result|panicked|relative error|^exit" "$out/suite-grad-fused-attention-bf16.log" | head -10
+grep -E "worst|test result|panicked|prompts: relative|^exit" "$out/suite-grad-fused-attention-bf16.log" | head -14
 # The tensor-core attention forward (bf16 storage) in whole optimized graphs, reading q,
 # k, v in place: the parity suite (every EPT mode and layout, the fixtures' heads of 16)
 # against PyTorch float64.
@@ -128,7 +128,7 @@ grep -E "test result|FAILED|panicked|^exit" "$out/suite-parity-views.log" | head
 grep -Eo "rel err [0-9.e+-]+" "$out/suite-parity-views.log" | sort -k3 -g | tail -1
 EPTC_CUDA_VIEWS=1 EPTC_CUDA_PINNED=1 timeout 60 "$bin/test-training" grad_matches_pytorch --nocapture \
   > "$out/suite-grad-views.log" 2>&1; echo "exit $?" >> "$out/suite-grad-views.log"
-grep -E "worst|test result|panicked|relative error|^exit" "$out/suite-grad-views.log" | head -10
+grep -E "worst|test result|panicked|prompts: relative|^exit" "$out/suite-grad-views.log" | head -14
 unset EPTC_TEST_DTYPE EPTC_TEST_TARGET
 
 stamp "== 3e. the parity suite with the linear layers' bias and residual on cuBLASLt (EPTC_CUDA_LT=1), f32 and bf16"

@@ -136,12 +136,37 @@ pub fn non_default_image_size(target: &[String]) {
     }
 }
 
+/// The gradient bar with 16-bit storage for case `name`'s `key`: twice PyTorch's own error
+/// on the same case with everything in the same type (`grad_half_errors.json`, from
+/// `scripts/make_fixtures.py --half-grad-errors`), and never under 5e-2. Rounding every
+/// activation to bf16 costs PyTorch itself up to 6.8e-2 on these gradients (multi-cat's
+/// `alpha = max - min` picks its extremes among rounded scores), so no fixed bar near
+/// DESIGN.md's 1e-2 can hold; one case's error moves by a few times with the rounding
+/// order, hence the factor 2 and the floor.
+fn half_grad_bar(half: &serde_json::Value, name: &str, key: &str) -> f64 {
+    let torch = half[name][key]
+        .as_f64()
+        .unwrap_or_else(|| panic!("grad_half_errors.json: no {name} {key}"));
+    (2.0 * torch).max(5e-2)
+}
+
 /// `eptc grad` against the fixture script's loss and gradients (float64 PyTorch, the
 /// official EPT semantics, mmcls's losses) for cat / multi-cat, deep / shallow, BCE / CE;
 /// returns the worst relative error.
 pub fn grad_matches_pytorch(target: &[String]) -> f64 {
     let d = tempfile::tempdir().unwrap();
     let mut worst: f64 = 0.0;
+    // Every case runs and prints its errors before a failure is reported.
+    let mut failed = Vec::new();
+    let half = half_storage().then(|| {
+        let dtype = std::env::var("EPTC_TEST_DTYPE").unwrap();
+        let path = fixture("grad_half_errors.json");
+        let all: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        let h = all[dtype.as_str()].clone();
+        assert!(h.is_object(), "{}: no {dtype} entry", path.display());
+        h
+    });
     for mode in ["cat", "multi-cat"] {
         for depth in ["deep", "shallow"] {
             for task in ["multilabel", "multiclass"] {
@@ -195,9 +220,14 @@ pub fn grad_matches_pytorch(target: &[String]) -> f64 {
                     let (ws, exp) = tensor(&want, key);
                     assert_eq!(gs, ws, "{name} {key} shape");
                     let e = rel_err(&got, &exp);
-                    // 16-bit storage (EPTC_TEST_DTYPE=bf16) rounds every activation.
-                    let tol = if half_storage() { 5e-2 } else { 1e-4 };
-                    assert!(e <= tol, "{name} {key}: relative error {e:e}");
+                    let tol = match &half {
+                        Some(h) => half_grad_bar(h, &name, key),
+                        None => 1e-4,
+                    };
+                    println!("{name} {key}: relative error {e:.2e} (bar {tol:.1e})");
+                    if e > tol {
+                        failed.push(format!("{name} {key}: relative error {e:e}"));
+                    }
                     worst = worst.max(e);
                 }
                 // Only the CLS token reaches the head, so the last block's prompt rows
@@ -212,5 +242,6 @@ pub fn grad_matches_pytorch(target: &[String]) -> f64 {
             }
         }
     }
+    assert!(failed.is_empty(), "{}", failed.join("\n"));
     worst
 }
