@@ -4,7 +4,9 @@ calls this; it needs torch + timm + safetensors and a release `eptc`, no Rust to
 
 1. Makes the ViT-B/16 test model (random, non-trivial weights; scripts/make_fixtures.py's
    `vit_b16()`) and an EPT adapter (cat, deep, L = 100, 10 classes), compiles it with
-   `eptc compile --target cuda` (f32 and bf16) and, if asked, `--target wgpu`.
+   `eptc compile --target cuda` (f32 and bf16; `cuda:bf16:all` in --targets: with every
+   CUDA switch that is still off by default, at compile and run time) and, if asked,
+   `--target wgpu`.
 2. Parity on 2 images: logits and features of each eptc artifact against PyTorch in
    float64 on the GPU (timm + EPT exactly as the official code applies it), and the
    gradients of a training step (multi-class CE) against float64 autograd.
@@ -52,10 +54,21 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return (torch.linalg.norm(a - b) / torch.linalg.norm(b)).item()
 
 
-def eptc(args, *cmd, capture=True, timeout=600):
+# The environment of a target's third field (`cuda:bf16:all`): every CUDA switch that is
+# still off by default, at compile (the flash-style backward, the recomputed MLP
+# pre-activation) and at run time (fused chains, views, cuBLASLt, pinned staging).
+VARIANTS = {
+    "all": {"EPTC_CUDA_ATTENTION": "fused", "EPTC_CUDA_RECOMPUTE": "1", "EPTC_CUDA_FUSE": "1",
+            "EPTC_CUDA_VIEWS": "1", "EPTC_CUDA_LT": "1", "EPTC_CUDA_PINNED": "1"},
+}
+# An artifact's tag -> the extra environment of every eptc call on it.
+ENV_OF: dict = {}
+
+
+def eptc(args, *cmd, capture=True, timeout=600, env=None):
     t0 = time.time()
     r = subprocess.run([str(args.eptc), *map(str, cmd)], capture_output=capture, text=True,
-                       timeout=timeout)
+                       timeout=timeout, env={**os.environ, **(env or {})})
     if r.returncode != 0:
         raise RuntimeError(f"eptc {' '.join(map(str, cmd))} failed ({r.returncode}):\n"
                            f"{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
@@ -117,13 +130,13 @@ def parity(args, work, model, tensors, layers, arts, results):
         try:
             out = work / f"run_{tag.replace(' ', '_')}.safetensors"
             eptc(args, "run", art, "--input", work / "batch2.safetensors", "--adapter",
-                 work / "adapter.safetensors", "--output", out)
+                 work / "adapter.safetensors", "--output", out, env=ENV_OF.get(tag))
             o = load_file(str(out))
             row["logits"] = rel(o["logits"], want["logits"])
             row["features"] = rel(o["features"], want["features"])
             gout = work / f"grad_{tag.replace(' ', '_')}.safetensors"
             eptc(args, "grad", art, "--input", work / "batch2.safetensors", "--adapter",
-                 work / "adapter.safetensors", "--output", gout)
+                 work / "adapter.safetensors", "--output", gout, env=ENV_OF.get(tag))
             g = load_file(str(gout))
             for k in ["loss", "grad.ept.prompts", "grad.head.weight", "grad.head.bias"]:
                 row[k] = rel(g[k], want[k])
@@ -196,11 +209,11 @@ def torch_bench(model, tensors, layers, batch, train, compiled, iters):
     return {"median_s": med, "peak_bytes": peak}
 
 
-def eptc_bench(args, art, batch, train, iters):
+def eptc_bench(args, art, batch, train, iters, env=None):
     cmd = ["bench", art, "--batch", batch, "--iters", iters, "--warmup", 3, "--json"]
     if train:
         cmd.append("--train")
-    r = json.loads(eptc(args, *cmd))
+    r = json.loads(eptc(args, *cmd, env=env))
     return {"median_s": r.get("device_median_s") or r["median_s"], "wall_s": r["median_s"],
             "device": r.get("device_median_s") is not None,
             "peak_bytes": r.get("device_peak_bytes")}
@@ -222,14 +235,15 @@ def render_timing(args, arts, rows):
                 cells.append(cell)
             else:
                 cells.append("error" if "error" in v else "-")
-        ek = next((k for k in keys if k.startswith("cuda") and "median_s" in r.get(k, {})), None)
+        # One figure per eptc artifact timed (e.g. "cuda bf16 / cuda bf16 all").
+        eks = [k for k in keys if k.startswith("cuda") and "median_s" in r.get(k, {})]
         comp = r.get("compile", {}).get("median_s")
-        ratio = f"{comp / r[ek]['median_s']:.2f}x" if ek and comp else "-"
+        ratio = " / ".join(f"{comp / r[k]['median_s']:.2f}x" for k in eks) if eks and comp else "-"
         peak = r.get("eager", {}).get("peak_bytes")
-        epeak = r.get(ek, {}).get("peak_bytes") if ek else None
         mib = lambda b: f"{b / 2**20:.0f}" if b else "-"  # noqa: E731
+        epeak = " / ".join(mib(r[k].get("peak_bytes")) for k in eks) if eks else "-"
         lines.append(f"| {r['what']} | {r['batch']} | " + " | ".join(cells) +
-                     f" | {ratio} | {mib(peak)} | {mib(epeak)} |")
+                     f" | {ratio} | {mib(peak)} | {epeak} |")
     return "\n".join(lines)
 
 
@@ -252,7 +266,7 @@ def timing(args, work, model, tensors, layers, arts, results, partial=None):
             if "bf16" not in tag and not args.all_dtypes:
                 continue
             try:
-                row[tag] = eptc_bench(args, art, batch, train, iters)
+                row[tag] = eptc_bench(args, art, batch, train, iters, ENV_OF.get(tag))
             except Exception as e:  # noqa: BLE001
                 row[tag] = {"error": str(e)[-1500:]}
                 log(f"  {tag} {what} b{batch}: {row[tag]['error']}")
@@ -270,7 +284,8 @@ def main() -> int:
     ap.add_argument("--work", type=Path, required=True, help="scratch folder")
     ap.add_argument("--out", type=Path, required=True, help="results folder")
     ap.add_argument("--targets", default="cuda:f32,cuda:bf16",
-                    help="artifacts to build, TARGET:DTYPE comma-separated (wgpu:f32 too)")
+                    help="artifacts to build, TARGET:DTYPE[:VARIANT] comma-separated (wgpu:f32 "
+                         "too; VARIANT all: every CUDA switch on, at compile and run time)")
     ap.add_argument("--no-compile", action="store_true", help="skip torch.compile")
     ap.add_argument("--no-timing", action="store_true")
     ap.add_argument("--compile-cases", default="inference:256,training step:64",
@@ -291,13 +306,17 @@ def main() -> int:
     log(f"model + adapter written ({time.time() - t0:.0f} s)")
     arts = {}
     for spec in args.targets.split(","):
-        target, dtype = spec.split(":")
-        tag = f"{target} {dtype}"
-        art = args.work / f"art_{target}_{dtype}"
+        target, dtype, *variant = spec.split(":")
+        tag = " ".join([target, dtype, *variant])
+        art = args.work / "_".join(["art", target, dtype, *variant])
+        if variant:
+            if variant[0] not in VARIANTS:
+                ap.error(f"--targets {spec}: unknown variant {variant[0]!r} (known: {', '.join(VARIANTS)})")
+            ENV_OF[tag] = VARIANTS[variant[0]]
         try:
             eptc(args, "compile", args.work / "vit_b16_timm.safetensors", "--peft", "ept",
                  "--prompt-len", PROMPT_LEN, "--num-classes", CLASSES, "--target", target,
-                 "--dtype", dtype, "-o", art)
+                 "--dtype", dtype, "-o", art, env=ENV_OF.get(tag))
             arts[tag] = art
         except Exception as e:  # noqa: BLE001
             log(f"compile {tag}: {e}")

@@ -20,7 +20,8 @@
 #    (linear layers' bias and residual in cuBLASLt's epilogue); all off by default until
 #    they pass here;
 # 4. benches/gpu_compare.py: ViT-B/16 + EPT parity against PyTorch float64 on the GPU,
-#    and the side-by-side timing against PyTorch eager and torch.compile (bf16);
+#    and the side-by-side timing against PyTorch eager and torch.compile (bf16), for the
+#    default plan and for `cuda bf16 all` (every switch, at compile and run time);
 # 5. with GPU_WGPU=1, the wgpu backend through Vulkan on the same GPU (ViT-B/16
 #    forward, batch 1 and 64; measured in GPU runs 1-3, so off by default to keep the
 #    call short).
@@ -144,9 +145,9 @@ fi  # part 3
 
 if part 4; then
 stamp "== 4. ViT-B/16: parity against PyTorch float64 and timing against PyTorch"
-PYTHONUNBUFFERED=1 timeout ${GPU_COMPARE_TIMEOUT:-200} python3 benches/gpu_compare.py \
+PYTHONUNBUFFERED=1 timeout ${GPU_COMPARE_TIMEOUT:-260} python3 benches/gpu_compare.py \
   --eptc "$bin/eptc" --work /tmp/eptc-gpu --out "$out" \
-  --targets "cuda:f32,cuda:bf16,cuda:f16${GPU_COMPARE_WGPU:+,wgpu:f32}" ${GPU_COMPARE_ARGS:-} \
+  --targets "cuda:f32,cuda:bf16,cuda:f16,cuda:bf16:all${GPU_COMPARE_WGPU:+,wgpu:f32}" ${GPU_COMPARE_ARGS:-} \
   > "$out/gpu_compare.log" 2>&1; echo "exit $?" >> "$out/gpu_compare.log"
 tail -5 "$out/gpu_compare.log"
 
