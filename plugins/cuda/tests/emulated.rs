@@ -400,7 +400,7 @@ fn vit_b16_other_plans_match_the_cpu_backend() {
 /// tensor cores in 16-bit, the MLP's pre-activation recomputed) with every switch, in f32
 /// and bf16, against the CPU backend running the same graph in f32. Bars: 1e-4 (f32, every
 /// output) and 5e-2 (bf16, the gradient suite's floor; the prompts' gradient as one
-/// tensor, each layer's only printed). About 9 minutes here; by hand: `cargo test -p
+/// tensor, each layer's only printed). 11 minutes here (release); by hand: `cargo test -p
 /// eptc-cuda --release --test emulated vit_b16_training_step -- --ignored --nocapture`.
 #[test]
 #[ignore]
