@@ -111,7 +111,7 @@ grep -E "worst|test result|panicked|prompts: relative|^exit" "$out/suite-grad-fu
 # The same in bf16: the backward's attention_grad on the tensor cores. The 16-bit bar
 # of each case is twice PyTorch's own bf16 error there (tests/fixtures/
 # grad_half_errors.json), at least 5e-2; on the emulated runtime this passes (multi-cat
-# up to 1.0e-1 against a bar of 1.4e-1: benches/RESULTS.md).
+# up to 6.5e-2 against a bar of 7.8e-2, with lse and delta in f32: benches/RESULTS.md).
 EPTC_CUDA_ATTENTION=fused EPTC_TEST_DTYPE=bf16 timeout 90 "$bin/test-training" grad_matches_pytorch --nocapture \
   > "$out/suite-grad-fused-attention-bf16.log" 2>&1; echo "exit $?" >> "$out/suite-grad-fused-attention-bf16.log"
 grep -E "worst|test result|panicked|prompts: relative|^exit" "$out/suite-grad-fused-attention-bf16.log" | head -14

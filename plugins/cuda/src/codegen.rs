@@ -26,7 +26,10 @@
 //!   Grid y and z are always 1.
 //! - `T` is the storage type (`float` for f32, `unsigned short` holding the bits for bf16
 //!   and f16); every kernel reads and writes through the prelude's `ld`/`st` and
-//!   computes and accumulates in f32. The prelude comes from [`module_source`], once per
+//!   computes and accumulates in f32. With 16-bit storage the runtime keeps a few row
+//!   statistics in f32 (`attention_lse`'s output, reductions that only kernels read):
+//!   it declares those parameters `float*` ([`Kernel::widen`]) and the prelude's
+//!   `ld`/`st` overloads take them, so no template knows. The prelude comes from [`module_source`], once per
 //!   translation unit. The graph's own element types are not consulted: `dtype` decides.
 //!   A kernel's source is the same for every storage type except those of `attention`,
 //!   `attention_lse` and `attention_grad`, which for bf16 and f16 (the same source for
@@ -62,7 +65,8 @@ pub struct Kernel {
     /// The kernel's CUDA C, without the shared prelude ([`module_source`] prepends it).
     pub source: String,
     /// Parameters of the entry point: operands `0..inputs` as `const T* __restrict__`,
-    /// then the output as `T* __restrict__` (T the storage type), nothing else.
+    /// then the output as `T* __restrict__` (T the storage type; `float` for those
+    /// [`Kernel::widen`] flags), nothing else.
     pub inputs: usize,
     pub grid: [u32; 3],
     pub block: [u32; 3],
@@ -77,6 +81,50 @@ impl Kernel {
     /// line.
     pub fn masked_source(&self) -> String {
         self.source.replace(&self.name, "@")
+    }
+
+    /// Declare the parameters flagged in `f32` (operands in order, then the output) as
+    /// `float*` instead of `T*`: the runtime keeps those values in f32 with 16-bit
+    /// storage, and the body, which reads and writes only through `ld`/`st`, takes
+    /// either (the 16-bit prelude overloads them for `float*`). Nothing changes where no
+    /// flag is set. `Err` where the entry line or its parameter count is not what
+    /// `flags` expects.
+    pub fn widen(&mut self, f32: &[bool]) -> Result<(), String> {
+        if !f32.iter().any(|&w| w) {
+            return Ok(());
+        }
+        let head = format!("extern \"C\" __global__ void {}(", self.name);
+        let start = self
+            .source
+            .find(&head)
+            .ok_or_else(|| format!("kernel {}: no entry line", self.name))?;
+        let from = start + head.len();
+        let len = self.source[from..]
+            .find(") {")
+            .ok_or_else(|| format!("kernel {}: the entry line does not close", self.name))?;
+        let params: Vec<&str> = self.source[from..from + len].split(", ").collect();
+        if params.len() != f32.len() {
+            return Err(format!(
+                "kernel {}: {} parameters, {} flags",
+                self.name,
+                params.len(),
+                f32.len()
+            ));
+        }
+        let mut out = Vec::with_capacity(params.len());
+        for (p, &w) in params.iter().zip(f32) {
+            if !w {
+                out.push(p.to_string());
+            } else if let Some(rest) = p.strip_prefix("const T* ") {
+                out.push(format!("const float* {rest}"));
+            } else if let Some(rest) = p.strip_prefix("T* ") {
+                out.push(format!("float* {rest}"));
+            } else {
+                return Err(format!("kernel {}: parameter `{p}` is not a T*", self.name));
+            }
+        }
+        self.source.replace_range(from..from + len, &out.join(", "));
+        Ok(())
     }
 }
 

@@ -69,6 +69,8 @@ pub struct Module {
     inputs: HashMap<String, usize>,
     /// The shim's state (fibers, shared memory) is per library: one launch at a time.
     lock: Mutex<()>,
+    /// The CUDA C a GPU would compile instead (`module_source` of the kernels).
+    cuda_source: String,
 }
 
 /// Storage functions and the tensor-core product for the host where the device ones use
@@ -104,17 +106,21 @@ impl Module {
     pub fn compile(kernels: &[&Kernel], dtype: DType) -> Result<Module, String> {
         static NEXT: AtomicUsize = AtomicUsize::new(0);
         let mut src = String::from(SHIM);
-        src += &host_source(&module_source(kernels, dtype), dtype);
-        src += "\n// Entry thunks: the launcher passes the buffers as an array.\n";
+        let cuda_source = module_source(kernels, dtype);
+        src += &host_source(&cuda_source, dtype);
+        // (A buffer converts to whatever pointer the entry declares: `T*`, or `float*`
+        // for the values kept in f32.)
+        src += "\n// Entry thunks: the launcher passes the buffers as an array.\n\
+                struct eptc_buf { void* p; template <class X> operator X*() const { return (X*)p; } };\n";
         let mut inputs = HashMap::new();
         let mut find = String::from("extern \"C\" const void* eptc_emu_find(const char* name) {\n");
         for (i, k) in kernels.iter().enumerate() {
             if inputs.insert(k.name.clone(), k.inputs).is_some() {
                 continue;
             }
-            let mut args: Vec<String> =
-                (0..k.inputs).map(|j| format!("(const T*)a[{j}]")).collect();
-            args.push(format!("(T*)a[{}]", k.inputs));
+            let args: Vec<String> = (0..=k.inputs)
+                .map(|j| format!("eptc_buf{{a[{j}]}}"))
+                .collect();
             src += &format!(
                 "static void eptc_thunk_{i}(void** a) {{ {}({}); }}\n",
                 k.name,
@@ -136,7 +142,7 @@ impl Module {
         std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         let result = Self::build(&dir, &src, dtype, inputs);
         let _ = std::fs::remove_dir_all(&dir);
-        result
+        result.map(|m| Module { cuda_source, ..m })
     }
 
     fn build(
@@ -172,7 +178,13 @@ impl Module {
             dtype,
             inputs,
             lock: Mutex::new(()),
+            cuda_source: String::new(),
         })
+    }
+
+    /// The module's CUDA C as a GPU would get it (before the host's replacements).
+    pub fn cuda_source(&self) -> &str {
+        &self.cuda_source
     }
 
     /// Run `k` with the operands' bytes `inputs` (storage type of the module) and return

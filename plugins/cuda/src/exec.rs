@@ -631,6 +631,8 @@ pub struct CudaExecutable {
     fusion: Vec<codegen::fuse::Group>,
     /// The slot of each live node.
     slot_of: HashMap<NodeId, usize>,
+    /// The slots kept in f32 whatever the storage type ([`f32_slots`]).
+    f32: Vec<bool>,
     profile: bool,
     use_graph: bool,
     /// `EPTC_CUDA_TF32=1`: f32 GEMMs on the tensor cores' TF32 mode (about 3e-4 relative
@@ -839,6 +841,67 @@ struct Layout {
     fused_root: HashMap<usize, usize>,
 }
 
+/// The slots kept in f32 whatever the storage type: with 16-bit storage, the row
+/// statistics (`attention_lse`'s output, the flash backward's `delta = rowsum(dO * O)` and
+/// every other reduction) that only generated kernels read, and through `ld` (element-wise
+/// ops, reductions, broadcasts, `attention_grad`'s `lse` and `delta`; views of them
+/// likewise), and that are not graph outputs. FlashAttention keeps `lse` and `delta` in
+/// f32 for the same reason: `exp(s - lse)` with `lse` rounded to bf16 (about 8 bits) is
+/// off by up to `|lse| / 512` relative, and `dP - delta` cancels. They are a few values
+/// per row, so the memory is negligible. A value a GEMM, cuBLASLt or a tensor-core
+/// operand reads stays in the storage type. All `false` for f32 storage.
+fn f32_slots(graph: &Graph, slots: &[Slot], outputs: &[usize], dtype: DType) -> Vec<bool> {
+    let mut f32 = vec![false; slots.len()];
+    if dtype == DType::F32 {
+        return f32;
+    }
+    // Who reads each slot, and as which operand.
+    let mut readers: Vec<Vec<(usize, usize)>> = vec![Vec::new(); slots.len()];
+    for (i, s) in slots.iter().enumerate() {
+        match &s.kind {
+            Kind::View(o) => readers[*o].push((i, 0)),
+            Kind::Compute(ops) => {
+                for (p, &o) in ops.iter().enumerate() {
+                    readers[o].push((i, p));
+                }
+            }
+            _ => {}
+        }
+    }
+    let outs: HashSet<usize> = outputs.iter().copied().collect();
+    // Every reader of `i` (and of its views) reads through `ld` in a generated kernel.
+    fn read_by_kernels(
+        i: usize,
+        graph: &Graph,
+        slots: &[Slot],
+        readers: &[Vec<(usize, usize)>],
+        outs: &HashSet<usize>,
+    ) -> bool {
+        !outs.contains(&i)
+            && readers[i].iter().all(|&(r, p)| match &slots[r].kind {
+                Kind::View(_) => read_by_kernels(r, graph, slots, readers, outs),
+                _ => match graph.node(slots[r].id).op {
+                    Op::Binary(_) | Op::Unary(_) | Op::Reduce { .. } | Op::Broadcast { .. } => true,
+                    Op::AttentionGrad { .. } => p == 3 || p == 4,
+                    _ => false,
+                },
+            })
+    }
+    for (i, s) in slots.iter().enumerate() {
+        f32[i] = match &s.kind {
+            Kind::View(o) => f32[*o],
+            Kind::Compute(_) => {
+                matches!(
+                    graph.node(s.id).op,
+                    Op::AttentionLse { .. } | Op::Reduce { .. }
+                ) && read_by_kernels(i, graph, slots, &readers, &outs)
+            }
+            _ => false,
+        };
+    }
+    f32
+}
+
 /// The roles at `batch` with `eb` bytes per element. A fused chain's root reads the
 /// chain's leaves (so the planner keeps them alive until the root runs); the chain's
 /// other nodes get no buffer.
@@ -848,6 +911,7 @@ fn layout(
     virtual_slots: &HashSet<usize>,
     batch: usize,
     eb: u64,
+    f32: &[bool],
 ) -> Layout {
     let slot_of: HashMap<NodeId, usize> =
         slots.iter().enumerate().map(|(i, s)| (s.id, i)).collect();
@@ -880,7 +944,8 @@ fn layout(
             let bytes = if interior.contains(&i) {
                 0
             } else {
-                s.shape.resolve(batch).iter().product::<usize>() as u64 * eb
+                let b = if f32.get(i) == Some(&true) { 4 } else { eb };
+                s.shape.resolve(batch).iter().product::<usize>() as u64 * b
             };
             (role, bytes)
         })
@@ -941,6 +1006,7 @@ impl CudaExecutable {
             plans: Vec::new(),
             fusion: Vec::new(),
             slot_of: HashMap::new(),
+            f32: Vec::new(),
             profile: std::env::var("EPTC_CUDA_PROFILE").is_ok_and(|v| v != "0"),
             use_graph: std::env::var("EPTC_CUDA_GRAPH").map_or(true, |v| v != "0"),
             tf32: std::env::var("EPTC_CUDA_TF32").is_ok_and(|v| v == "1"),
@@ -1031,6 +1097,8 @@ impl CudaExecutable {
             .map(|(name, id)| (name.clone(), pos[id]))
             .collect();
         exe.slot_of = pos;
+        let outs: Vec<usize> = exe.outputs.iter().map(|o| o.1).collect();
+        exe.f32 = f32_slots(graph, &exe.slots, &outs, dtype);
         if exe.switches.fuse {
             exe.fusion = codegen::fuse::elementwise_groups(graph, &order, &live);
         }
@@ -1082,6 +1150,14 @@ impl CudaExecutable {
         Ok(s)
     }
 
+    /// On the emulator, the CUDA C of `batch`'s plan (its kernels as the runtime built
+    /// them, in one module with the prelude) as a GPU would compile it; `None` elsewhere
+    /// or where that batch is not planned.
+    pub fn emulated_source(&self, batch: usize) -> Option<&str> {
+        let p = self.plans.iter().find(|p| p.batch == batch)?;
+        p.emulated.as_ref().map(|(m, _)| m.cuda_source())
+    }
+
     /// The plan of a batch size already run, if still kept.
     pub fn plan_stats(&self, batch: usize) -> Option<PlanStats> {
         self.plans
@@ -1121,7 +1197,22 @@ impl CudaExecutable {
             roles,
             interior,
             fused_root,
-        } = layout(&self.slots, &self.fusion, &virtual_slots, batch, eb);
+        } = layout(
+            &self.slots,
+            &self.fusion,
+            &virtual_slots,
+            batch,
+            eb,
+            &self.f32,
+        );
+        // A kernel reading or writing a slot kept in f32 declares that parameter
+        // `float*` (`params`: its operands' slots, then its output's).
+        let widen = |mut k: Kernel, params: &[usize]| -> Result<Kernel> {
+            let flags: Vec<bool> = params.iter().map(|&p| self.f32[p]).collect();
+            k.widen(&flags)
+                .map_err(|e| other(format!("internal: {e}")))?;
+            Ok(k)
+        };
         let leaves_of = |gr: &codegen::fuse::Group| -> Vec<usize> {
             gr.leaves.iter().map(|l| self.slot_of[l]).collect()
         };
@@ -1205,7 +1296,9 @@ impl CudaExecutable {
                 let name = format!("n{}_fused", s.id.index());
                 let k =
                     codegen::fuse::fused_kernel(&self.graph, gr, batch, &name).map_err(other)?;
-                let args: Vec<u64> = leaves_of(gr).into_iter().map(ptr_of).chain([out]).collect();
+                let params: Vec<usize> = leaves_of(gr).into_iter().chain([i]).collect();
+                let k = widen(k, &params)?;
+                let args: Vec<u64> = params.iter().map(|&p| ptr_of(p)).collect();
                 fused += 1;
                 pending.push((i, "fused", name, PendingAction::Kernel(kernels.len(), args)));
                 kernels.push(k);
@@ -1223,7 +1316,8 @@ impl CudaExecutable {
                         k.name.clone(),
                         PendingAction::Kernel(kernels.len(), args),
                     ));
-                    kernels.push(*k);
+                    let params: Vec<usize> = ops.iter().copied().chain([i]).collect();
+                    kernels.push(widen(*k, &params)?);
                 }
                 continue;
             }
@@ -1382,7 +1476,9 @@ impl CudaExecutable {
                 }
             }
             let _ = node;
+            let params: Vec<usize> = ops.iter().copied().chain([i]).collect();
             for k in codegen::node_kernels(&self.graph, s.id, batch, self.dtype).map_err(other)? {
+                let k = widen(k, &params)?;
                 pending.push((
                     i,
                     s.op,
@@ -3084,7 +3180,7 @@ mod tests {
             Vec::new()
         };
         assert!(!fused || !fusion.is_empty(), "the graph has chains to fuse");
-        let lay = layout(&slots, &fusion, &HashSet::new(), batch, 4);
+        let lay = layout(&slots, &fusion, &HashSet::new(), batch, 4, &[]);
         let bp = plan::plan(&lay.roles, &outs, u64::MAX);
         let mut buffers: Vec<Vec<f64>> = bp.slots.iter().map(|_| Vec::new()).collect();
         let mut leaf: HashMap<usize, Vec<f64>> = HashMap::new();
@@ -3228,6 +3324,60 @@ mod tests {
         (g, x, y, a)
     }
 
+    /// With 16-bit storage, row statistics only kernels read stay in f32; one that
+    /// attention reads as its sink (a tensor-core or GEMM-path operand) does not.
+    #[test]
+    fn row_statistics_read_by_kernels_are_kept_in_f32() {
+        let (g, _, y, _) = qkv_graph(2, 5, 3, 4);
+        let (slots, outs, _, _) = slots_of(&g);
+        assert!(matches!(g.node(g.users(y)[0]).op, Op::Reduce { .. }));
+        let f = f32_slots(&g, &slots, &outs, DType::BF16);
+        assert!(
+            f.iter().all(|&w| !w),
+            "the sink's logsumexp feeds attention"
+        );
+
+        let flash = flash_vit_b16();
+        let (slots, outs, _, _) = slots_of(&flash);
+        assert!(f32_slots(&flash, &slots, &outs, DType::F32)
+            .iter()
+            .all(|&w| !w));
+        let f = f32_slots(&flash, &slots, &outs, DType::BF16);
+        let count = |kind: &str| {
+            (0..slots.len())
+                .filter(|&i| f[i] && slots[i].op == kind)
+                .count()
+        };
+        let lse = slots.iter().filter(|s| s.op == "attention_lse").count();
+        assert_eq!(lse, 12);
+        assert_eq!(count("attention_lse"), 12);
+        // delta = rowsum(dO * O) of each layer among the reductions.
+        assert!(count("reduce_sum") >= 12, "{}", count("reduce_sum"));
+        // Every reader of an f32 slot reads it through `ld` in a kernel.
+        for (i, s) in slots.iter().enumerate() {
+            if let Kind::Compute(ops) = &s.kind {
+                for (p, &o) in ops.iter().enumerate() {
+                    if f[o] {
+                        let op = &flash.node(s.id).op;
+                        assert!(
+                            matches!(
+                                op,
+                                Op::Binary(_)
+                                    | Op::Unary(_)
+                                    | Op::Reduce { .. }
+                                    | Op::Broadcast { .. }
+                            ) || (matches!(op, Op::AttentionGrad { .. }) && (p == 3 || p == 4)),
+                            "slot {i} ({}) reads an f32 value as operand {p}",
+                            s.op
+                        );
+                    }
+                }
+            }
+        }
+        // Graph outputs keep the storage type.
+        assert!(outs.iter().all(|&o| !f[o]));
+    }
+
     #[test]
     fn attention_reads_q_k_v_through_views() {
         let (b, n, h, dh) = (2, 5, 3, 4);
@@ -3245,7 +3395,7 @@ mod tests {
         assert!(kinds.iter().all(|k| *k == "permute" || *k == "slice"));
         // The planner keeps x alive until the attention: exp(w), of x's size and made in
         // between, gets another buffer; the views read x's.
-        let lay = layout(&slots, &[], &virt, 1, 4);
+        let lay = layout(&slots, &[], &virt, 1, 4, &[]);
         let bp = plan::plan(&lay.roles, &outs, u64::MAX);
         assert_ne!(bp.loc[slot(y)], bp.loc[slot(x)]);
         for &v in &virt {
@@ -3492,7 +3642,8 @@ mod tests {
             } else {
                 Vec::new()
             };
-            let lay = layout(&slots, &fusion, &HashSet::new(), 64, 2);
+            let f32 = f32_slots(g, &slots, &outs, DType::BF16);
+            let lay = layout(&slots, &fusion, &HashSet::new(), 64, 2, &f32);
             let bp = plan::plan(&lay.roles, &outs, u64::MAX);
             let (peak, at) = plan::live_peak(&lay.roles, &outs);
             eprintln!(

@@ -661,6 +661,68 @@ fn vit_b16_graphs_get_kernels() {
     assert!(kernels > 1400, "{kernels} kernels");
 }
 
+/// `Kernel::widen` declares exactly the flagged parameters `float*`, leaves a kernel
+/// without flags as it was, and refuses flags that do not fit the entry line.
+#[test]
+fn widen_declares_the_flagged_parameters_float() {
+    let mut g = Graph::new("w");
+    let a = input(&mut g, "a", fixed(&[4, 8]));
+    let b = input(&mut g, "b", fixed(&[4, 1]));
+    let y = g.binary(BinaryOp::Sub, a, b).unwrap();
+    g.set_output("y", y);
+    let k = node_kernels(&g, y, 1, DType::BF16).unwrap().remove(0);
+    let entry = |k: &Kernel| {
+        k.source
+            .lines()
+            .find(|l| l.starts_with("extern \"C\""))
+            .unwrap()
+            .to_string()
+    };
+    let mut same = k.clone();
+    same.widen(&[false, false, false]).unwrap();
+    assert_eq!(same, k);
+    let mut w = k.clone();
+    w.widen(&[false, true, false]).unwrap();
+    assert_eq!(
+        entry(&w),
+        entry(&k).replace("const T* __restrict__ b", "const float* __restrict__ b")
+    );
+    assert_ne!(entry(&w), entry(&k));
+    let mut o = k.clone();
+    o.widen(&[false, false, true]).unwrap();
+    assert!(
+        entry(&o).ends_with("float* __restrict__ out) {"),
+        "{}",
+        entry(&o)
+    );
+    assert!(entry(&o).contains("const T* __restrict__ a, const T* __restrict__ b"));
+    // Only the entry line changes.
+    assert_eq!(
+        w.source.lines().count(),
+        k.source.lines().count(),
+        "{}",
+        w.source
+    );
+    let mut bad = k.clone();
+    assert!(bad
+        .widen(&[true, false])
+        .unwrap_err()
+        .contains("3 parameters, 2 flags"));
+    let mut twice = w.clone();
+    assert!(twice
+        .widen(&[false, true, false])
+        .unwrap_err()
+        .contains("is not a T*"));
+    // The prelude reads and writes either: the widened kernel compiles with NVRTC.
+    if nvrtc::available().is_ok() {
+        o.source = o.source.replace(&o.name, "widened_out");
+        o.name = "widened_out".into();
+        let src = module_source(&[&w, &o], DType::BF16);
+        assert!(src.contains("widened_out(const T* __restrict__ a"));
+        nvrtc::compile(&src, "sm_80").unwrap();
+    }
+}
+
 #[test]
 fn leaves_views_and_empty_outputs_have_no_kernel() {
     let mut g = Graph::new("v");

@@ -283,6 +283,93 @@ fn sixteen_bit_plans_match_the_cpu_backend() {
     }
 }
 
+/// With 16-bit storage the flash-style backward keeps its row statistics in f32: in the
+/// plan a GPU would get, every `attention_lse` kernel writes `lse` and every
+/// `attention_grad` kernel reads `lse` and `delta` as `float*` (FlashAttention does the
+/// same: with `lse` in bf16 each recomputed probability is off by up to `|lse| / 512`).
+/// That plan's whole module, as the runtime built it, compiles with NVRTC for sm_80 and
+/// sm_90 where NVRTC is on the library path (required where `EPTC_REQUIRE_NVRTC` is
+/// set, as in CI).
+#[test]
+fn sixteen_bit_flash_backward_keeps_row_statistics_in_f32() {
+    if !emulator() {
+        return;
+    }
+    let g = flash_train(true, false);
+    let w = weights(&g, 3);
+    let x = inputs(&g, 2, 1);
+    let refs: Vec<(&str, HostTensor)> = x.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
+    let nvrtc = match eptc_cuda::nvrtc::available() {
+        Ok(()) => true,
+        Err(e) => {
+            assert!(
+                std::env::var_os("EPTC_REQUIRE_NVRTC").is_none(),
+                "EPTC_REQUIRE_NVRTC is set but NVRTC is unavailable: {e}"
+            );
+            eprintln!("NVRTC skipped: {e}");
+            false
+        }
+    };
+    for (dtype, switches) in [
+        (DType::BF16, on(|s| s.fused_attention = true)),
+        (
+            DType::F16,
+            on(|s| {
+                s.fused_attention = true;
+                s.views = true
+            }),
+        ),
+        (DType::BF16, Switches::all()),
+    ] {
+        let opts = CompileOptions {
+            dtype,
+            ..Default::default()
+        };
+        let mut emu = CudaBackend::emulated()
+            .with_switches(switches)
+            .compile_cuda(&g, &w, &opts)
+            .unwrap();
+        emu.run(&refs).unwrap();
+        let src = emu
+            .emulated_source(2)
+            .expect("batch 2 planned on the emulator");
+        let entries: Vec<&str> = src
+            .lines()
+            .filter(|l| l.starts_with("extern \"C\" __global__ void "))
+            .collect();
+        let lse: Vec<&&str> = entries
+            .iter()
+            .filter(|l| l.contains("_attention_lse("))
+            .collect();
+        let grad: Vec<&&str> = entries
+            .iter()
+            .filter(|l| l.contains("_attention_grad("))
+            .collect();
+        assert!(!lse.is_empty() && !grad.is_empty(), "{dtype}: {entries:#?}");
+        for l in &lse {
+            assert!(l.contains("float* __restrict__ out)"), "{dtype}: {l}");
+        }
+        for l in &grad {
+            assert!(
+                l.contains("const float* __restrict__ lse, const float* __restrict__ delta, const T* __restrict__ dout"),
+                "{dtype}: {l}"
+            );
+        }
+        eprintln!(
+            "{dtype}: {} attention_lse and {} attention_grad kernels with f32 row statistics",
+            lse.len(),
+            grad.len()
+        );
+        if nvrtc {
+            for arch in ["sm_80", "sm_90"] {
+                if let Err(e) = eptc_cuda::nvrtc::compile(src, arch) {
+                    panic!("{dtype}, {arch}: the plan's module does not compile: {e}");
+                }
+            }
+        }
+    }
+}
+
 /// The ViT-B/16 + EPT forward (the committed optimized graph: 12 layers, 12 heads of 64,
 /// 197 tokens, 100 prompts) at batch 1 on the emulated runtime against the CPU backend: the
 /// real shapes' plan (pointer arrays over 12 heads, the tensor-core attention's 4 row

@@ -291,13 +291,22 @@ pub(crate) fn mma(dtype: DType) -> Option<&'static str> {
 /// operand (`lo` in the low half).
 const PACK: &str = "__device__ __forceinline__ unsigned pack_t(float lo, float hi) {\n    return (unsigned)to_t(lo) | ((unsigned)to_t(hi) << 16);\n}\n";
 
+/// With 16-bit storage, `ld`/`st` for the values the runtime keeps in f32 whatever the
+/// storage type (row statistics: see [`crate::codegen::Kernel::widen`]); overloads by
+/// the pointer's type, so a kernel's body is the same for either.
+const F32_VALUES: &str =
+    "__device__ __forceinline__ float ld(const float* p, long long i) { return p[i]; }\n\
+     __device__ __forceinline__ void st(float* p, long long i, float v) { p[i] = v; }\n";
+
 /// The prelude of a module: the storage type `T`, `ld`/`st` (every kernel reads and
-/// writes through them, computing in f32), the scalar library and, for the 16-bit types,
-/// the tensor-core helpers (`pack_t`, `mma_t`).
+/// writes through them, computing in f32; with 16-bit storage also for `float*`), the
+/// scalar library and, for the 16-bit types, the tensor-core helpers (`pack_t`,
+/// `mma_t`).
 pub fn prelude(dtype: DType) -> String {
     let tensor = mma(dtype).map_or(String::new(), |m| format!("{PACK}{m}"));
+    let wide = if dtype == DType::F32 { "" } else { F32_VALUES };
     format!(
-        "// eptc CUDA kernels: storage type {dtype}, arithmetic in f32.\n{}{LIBRARY}{tensor}\n",
+        "// eptc CUDA kernels: storage type {dtype}, arithmetic in f32.\n{}{wide}{LIBRARY}{tensor}\n",
         storage(dtype)
     )
 }
