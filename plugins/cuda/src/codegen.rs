@@ -239,7 +239,8 @@ pub struct OperandView {
 /// The tensor-core kernel of node `id` (`attention`, `attention_lse` or
 /// `attention_grad`; 16-bit `dtype`) reading q, k (and v: not for `attention_lse`)
 /// through `views` (their buffers hold `buffer_numel` elements at most); `Ok(None)` where
-/// the node's shapes or `dtype` do not take that kernel.
+/// the node's shapes or `dtype` do not take that kernel. With `out` (`attention` only)
+/// the output rows are written where it says instead of contiguously.
 pub fn attention_mma_views(
     g: &Graph,
     id: NodeId,
@@ -247,6 +248,7 @@ pub fn attention_mma_views(
     dtype: DType,
     views: &[OperandView],
     buffer_numel: usize,
+    out_view: Option<&OperandView>,
 ) -> Result<Option<Kernel>, CodegenError> {
     let node = g.node(id);
     let err = |msg: String| CodegenError::Unsupported {
@@ -262,6 +264,9 @@ pub fn attention_mma_views(
     let out = node.ty.shape.resolve(batch);
     if out.iter().product::<usize>() == 0 {
         return Ok(None);
+    }
+    if out_view.is_some() && !matches!(node.op, Op::Attention { .. }) {
+        return Err(err("an output view for an op other than attention".into()));
     }
     let want = if matches!(node.op, Op::AttentionLse { .. }) {
         2
@@ -294,7 +299,7 @@ pub fn attention_mma_views(
             }
             (spec.q_lead, spec.k_lead, spec.v_lead) = (lead(0), lead(1), lead(2));
             spec.max_numel = spec.max_numel.max(buffer_numel);
-            attention_mma::attention_rows(&name, &spec, dtype, &rows)
+            attention_mma::attention_rows(&name, &spec, dtype, &rows, out_view)
         }
         Op::AttentionLse { scale, sink } => {
             let l = attention_lse_spec(&shapes, *scale, *sink, &out).map_err(&err)?;

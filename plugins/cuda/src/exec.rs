@@ -751,6 +751,16 @@ fn attention_views(
     let slot_of: HashMap<NodeId, usize> =
         slots.iter().enumerate().map(|(i, s)| (s.id, i)).collect();
     let outputs: HashSet<NodeId> = g.outputs().iter().map(|o| o.1).collect();
+    // The tensor-core attention writes its output in the layout of the permute that is
+    // its only reader, which then copies nothing.
+    let out_perm: HashMap<NodeId, (NodeId, codegen::OperandView)> = match fused {
+        Some(_) => slots
+            .iter()
+            .filter(|s| matches!(g.node(s.id).op, Op::Attention { .. }))
+            .filter_map(|s| output_permute(g, s.id, batch, &slot_of, &outputs).map(|p| (s.id, p)))
+            .collect(),
+        None => HashMap::new(),
+    };
     // Nodes that must stay copies (a permute or slice some other op reads), grown until
     // every remaining chain is read only by GEMMs.
     let mut stop: HashSet<NodeId> = HashSet::new();
@@ -760,14 +770,17 @@ fn attention_views(
             .iter()
             .filter_map(|s| match g.node(s.id).op {
                 Op::Attention { .. } => match fused {
-                    Some(dt) => attention_view_fused(g, s.id, batch, &stop, dt)
-                        .map(|(k, t)| (s.id, (ViewGemms::Fused(Box::new(k)), t))),
+                    Some(dt) => {
+                        let out = out_perm.get(&s.id).map(|p| &p.1);
+                        attention_view_fused(g, s.id, batch, &stop, dt, out)
+                            .map(|(k, t)| (s.id, (ViewGemms::Fused(Box::new(k)), t)))
+                    }
                     None => attention_view_gemms(g, s.id, batch, &stop)
                         .map(|(at, t)| (s.id, (ViewGemms::Attention(Box::new(at)), t))),
                 },
                 // The flash-style backward's kernels (fused training graphs).
                 Op::AttentionLse { .. } | Op::AttentionGrad { .. } => fused.and_then(|dt| {
-                    attention_view_fused(g, s.id, batch, &stop, dt)
+                    attention_view_fused(g, s.id, batch, &stop, dt, None)
                         .map(|(k, t)| (s.id, (ViewGemms::Fused(Box::new(k)), t)))
                 }),
                 Op::MatMul { .. } => matmul_view_gemm(g, s.id, batch, &stop)
@@ -818,10 +831,12 @@ fn attention_views(
         }
     }
     // What is left unfine is a reshape of a computed buffer: already a view, no copy.
+    // The permutes the attention kernels write for are views of their outputs.
     let virtual_slots = cands
         .values()
         .flat_map(|c| c.1.iter().copied())
         .filter(|&n| matches!(g.node(n).op, Op::Permute { .. } | Op::Slice { .. }))
+        .chain(cands.keys().filter_map(|a| out_perm.get(a).map(|p| p.0)))
         .map(|n| slot_of[&n])
         .collect();
     let gemms = cands
@@ -2472,12 +2487,74 @@ fn view_row(v: &StridedView) -> usize {
 /// The tensor-core attention kernel of `id` reading q, k, v in place (16-bit `dtype`),
 /// and the nodes its views pass through; `None` where the views or the kernel do not
 /// apply.
+/// The permute that is attention `id`'s only reader, and the layout the attention's
+/// output takes so that the permute's (contiguous) output is already in its buffer: its
+/// rows and matrices at the permute's strides. Only where the permute keeps the feature
+/// axis last, neither is a graph output, and nothing reads the permute (through
+/// reshapes) that could trace a view through it back to the attention's buffer (a
+/// product, an attention, a permute or a slice): those would assume a contiguous
+/// attention output.
+fn output_permute(
+    g: &Graph,
+    id: NodeId,
+    batch: usize,
+    slot_of: &HashMap<NodeId, usize>,
+    outputs: &HashSet<NodeId>,
+) -> Option<(NodeId, codegen::OperandView)> {
+    let live = |n: &NodeId| slot_of.contains_key(n);
+    let users: Vec<NodeId> = g.users(id).into_iter().filter(live).collect();
+    let [p] = users[..] else { return None };
+    let Op::Permute { perm } = &g.node(p).op else {
+        return None;
+    };
+    let r = perm.len();
+    if r < 2 || perm[r - 1] != r - 1 || outputs.contains(&id) || outputs.contains(&p) {
+        return None;
+    }
+    // Every reader of the permute, through reshapes, reads its buffer as it is.
+    let mut stack = vec![p];
+    while let Some(n) = stack.pop() {
+        for u in g.users(n).into_iter().filter(live) {
+            match g.node(u).op {
+                Op::Reshape { .. } => {
+                    if outputs.contains(&u) {
+                        return None;
+                    }
+                    stack.push(u)
+                }
+                Op::MatMul { .. }
+                | Op::Attention { .. }
+                | Op::AttentionLse { .. }
+                | Op::AttentionGrad { .. }
+                | Op::Permute { .. }
+                | Op::Slice { .. } => return None,
+                _ => {}
+            }
+        }
+    }
+    let pshape = g.ty(p).shape.resolve(batch);
+    let cs = eptc_ir::strides::contiguous_strides(&pshape);
+    let mut st = vec![0; r];
+    for (j, &a) in perm.iter().enumerate() {
+        st[a] = cs[j];
+    }
+    Some((
+        p,
+        codegen::OperandView {
+            offset: 0,
+            lead_strides: st[..r - 2].to_vec(),
+            row: st[r - 2],
+        },
+    ))
+}
+
 fn attention_view_fused(
     g: &Graph,
     id: NodeId,
     batch: usize,
     stop: &HashSet<NodeId>,
     dtype: DType,
+    out: Option<&codegen::OperandView>,
 ) -> Option<(Kernel, Vec<NodeId>)> {
     let (views, mut through) = qkv_views(g, id, batch, stop)?;
     let ov = |v: &StridedView| codegen::OperandView {
@@ -2491,7 +2568,7 @@ fn attention_view_fused(
         .max()
         .unwrap_or(0);
     let ovs: Vec<codegen::OperandView> = views.iter().map(ov).collect();
-    let k = codegen::attention_mma_views(g, id, batch, dtype, &ovs, buffer_numel).ok()??;
+    let k = codegen::attention_mma_views(g, id, batch, dtype, &ovs, buffer_numel, out).ok()??;
     through.sort();
     through.dedup();
     Some((k, through))
@@ -3324,6 +3401,49 @@ mod tests {
         (g, x, y, a)
     }
 
+    /// The tensor-core attention writes its output in the layout of the permute that
+    /// alone reads it (ViT's `[b, h, n, dh] -> [b, n, h, dh]` before the projection),
+    /// which becomes a view: not where a product reads the permute, whose operand views
+    /// would trace back to the attention's buffer as if it were contiguous.
+    #[test]
+    fn attention_writes_for_its_output_permute() {
+        let (b, n, h, dh) = (2, 5, 3, 16);
+        for product in [false, true] {
+            let mut g = Graph::new("out");
+            let (_, qkv) = split_qkv(&mut g, b, n, h, dh, 3);
+            let a = g.attention(qkv[0], qkv[1], qkv[2], None, 0.25).unwrap();
+            let p = g.permute(a, &[0, 2, 1, 3]).unwrap();
+            let r = g.reshape(p, Shape::fixed(&[b, n, h * dh])).unwrap();
+            let y = if product {
+                g.matmul(r, r, false, true).unwrap()
+            } else {
+                g.unary(UnaryOp::Exp, r).unwrap()
+            };
+            g.set_output("y", y);
+            let (slots, _, _, _) = slots_of(&g);
+            let slot_of: HashMap<NodeId, usize> =
+                slots.iter().enumerate().map(|(i, s)| (s.id, i)).collect();
+            let outputs: HashSet<NodeId> = [y].into();
+            let got = output_permute(&g, a, 1, &slot_of, &outputs);
+            let (_, virt) = attention_views(&g, &slots, 1, Some(DType::BF16));
+            if product {
+                assert_eq!(got, None);
+                assert!(!virt.contains(&slot_of[&p]));
+                continue;
+            }
+            let (pp, view) = got.expect("the permute");
+            assert_eq!(pp, p);
+            // Element (b, h, n, c) of the attention at ((b n + n) h + h) dh + c.
+            assert_eq!(view.lead_strides, vec![n * h * dh, dh]);
+            assert_eq!(view.row, h * dh);
+            assert_eq!(view.offset, 0);
+            assert!(virt.contains(&slot_of[&p]), "{virt:?}");
+            // Nor when the attention is an output.
+            let outputs: HashSet<NodeId> = [y, a].into();
+            assert_eq!(output_permute(&g, a, 1, &slot_of, &outputs), None);
+        }
+    }
+
     /// With 16-bit storage, row statistics only kernels read stay in f32; one that
     /// attention reads as its sink (a tensor-core or GEMM-path operand) does not.
     #[test]
@@ -3576,7 +3696,17 @@ mod tests {
                 .filter(|v| matches!(v, ViewGemms::Fused(_)))
                 .count();
             assert_eq!(n, attentions, "{f}");
-            assert_eq!(fvirt, virt, "{f}");
+            // And each writes its output in the layout of the permute after it, which
+            // becomes a view too.
+            assert!(fvirt.is_superset(&virt), "{f}");
+            let extra: Vec<&str> = fvirt.difference(&virt).map(|&i| slots[i].op).collect();
+            assert_eq!(extra, vec!["permute"; attentions], "{f}");
+            for i in fvirt.difference(&virt) {
+                let Kind::Compute(ops) = &slots[*i].kind else {
+                    panic!("{f}: a permute computes")
+                };
+                assert_eq!(slots[ops[0]].op, "attention", "{f}");
+            }
         }
         // ViT-B/16's training graph with the flash-style backward: every attention,
         // attention_lse and attention_grad reads q, k, v in place (16-bit storage).

@@ -299,17 +299,6 @@ fn sixteen_bit_flash_backward_keeps_row_statistics_in_f32() {
     let w = weights(&g, 3);
     let x = inputs(&g, 2, 1);
     let refs: Vec<(&str, HostTensor)> = x.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
-    let nvrtc = match eptc_cuda::nvrtc::available() {
-        Ok(()) => true,
-        Err(e) => {
-            assert!(
-                std::env::var_os("EPTC_REQUIRE_NVRTC").is_none(),
-                "EPTC_REQUIRE_NVRTC is set but NVRTC is unavailable: {e}"
-            );
-            eprintln!("NVRTC skipped: {e}");
-            false
-        }
-    };
     for (dtype, switches) in [
         (DType::BF16, on(|s| s.fused_attention = true)),
         (
@@ -360,12 +349,29 @@ fn sixteen_bit_flash_backward_keeps_row_statistics_in_f32() {
             lse.len(),
             grad.len()
         );
-        if nvrtc {
-            for arch in ["sm_80", "sm_90"] {
-                if let Err(e) = eptc_cuda::nvrtc::compile(src, arch) {
-                    panic!("{dtype}, {arch}: the plan's module does not compile: {e}");
-                }
-            }
+        plan_compiles(&emu, 2, &format!("flash training ({dtype})"));
+    }
+}
+
+/// The module of the emulated plan of `batch` (its kernels as the runtime built them:
+/// widened parameters, views, permuted outputs), as a GPU would get it, compiles with
+/// NVRTC for sm_80 and sm_90. Skipped where NVRTC does not load, unless
+/// `EPTC_REQUIRE_NVRTC` is set (as in CI).
+fn plan_compiles(emu: &eptc_cuda::exec::CudaExecutable, batch: usize, what: &str) {
+    if let Err(e) = eptc_cuda::nvrtc::available() {
+        assert!(
+            std::env::var_os("EPTC_REQUIRE_NVRTC").is_none(),
+            "EPTC_REQUIRE_NVRTC is set but NVRTC is unavailable: {e}"
+        );
+        eprintln!("NVRTC skipped: {e}");
+        return;
+    }
+    let src = emu
+        .emulated_source(batch)
+        .expect("the batch planned on the emulator");
+    for arch in ["sm_80", "sm_90"] {
+        if let Err(e) = eptc_cuda::nvrtc::compile(src, arch) {
+            panic!("{what}, {arch}: the plan's module does not compile: {e}");
         }
     }
 }
@@ -428,7 +434,7 @@ fn vit_b16_on(g: &Graph, label: &str, cases: &[(DType, &str, Switches)], bars: (
             .zip(&want)
             .map(|((name, gt), (_, wt))| {
                 // In 16-bit storage a layer whose prompt gradient is small is dominated by
-                // rounding (layer 7 here: 1.7e-1 by default, 7.4e-6 in f32): printed, and
+                // rounding (layer 7 here: 6.9e-2 by default, 7.4e-6 in f32): printed, and
                 // checked through the whole tensor.
                 let checked = !(half && layer(name));
                 (name.clone(), rel_err(gt.data(), wt.data()), checked)
@@ -454,6 +460,7 @@ fn vit_b16_on(g: &Graph, label: &str, cases: &[(DType, &str, Switches)], bars: (
             }
         }
         eprintln!("  plan {:?}", emu.plan_stats(1).unwrap());
+        plan_compiles(&emu, 1, &format!("{label}, {what} ({dtype})"));
     }
     assert!(failed.is_empty(), "{}", failed.join("\n"));
 }

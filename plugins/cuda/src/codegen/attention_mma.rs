@@ -30,7 +30,7 @@ use eptc_ir::DType;
 
 use super::attention::Spec;
 use super::cuda::{entry, grid_1d, lit, offsets, Ix};
-use super::Kernel;
+use super::{Kernel, OperandView};
 
 /// Warps per block.
 pub const WARPS: usize = 4;
@@ -239,14 +239,33 @@ pub(super) fn weighted_sum(w: &str, y: &str, blocks: usize) -> String {
 
 /// The kernel for attention `s` with contiguous operands.
 pub fn attention(name: &str, s: &Spec, dtype: DType) -> Result<Kernel, String> {
-    attention_rows(name, s, dtype, &Rows::contiguous(s))
+    attention_rows(name, s, dtype, &Rows::contiguous(s), None)
 }
 
 /// The kernel for attention `s` reading q, k and v where `rows` says (`s.max_numel` must
-/// cover every element read).
-pub fn attention_rows(name: &str, s: &Spec, dtype: DType, rows: &Rows) -> Result<Kernel, String> {
+/// cover every element read), and writing its output contiguously or, with `out`, each
+/// output row at `out.offset + Σ lead index · out.lead_strides + row · out.row` (a
+/// permuted layout: the runtime then skips the permute that would have copied it).
+pub fn attention_rows(
+    name: &str,
+    s: &Spec,
+    dtype: DType,
+    rows: &Rows,
+    out: Option<&OperandView>,
+) -> Result<Kernel, String> {
     if rows.row[0] < s.d || rows.row[1] < s.d || rows.row[2] < s.e {
         return Err(format!("rows {:?} shorter than the head dims", rows.row));
+    }
+    if let Some(o) = out {
+        if o.row < s.e || o.lead_strides.len() != s.lead.len() {
+            return Err(format!(
+                "output rows {} apart with {} lead strides for rows of {} and {} leading axes",
+                o.row,
+                o.lead_strides.len(),
+                s.e,
+                s.lead.len()
+            ));
+        }
     }
     if !eligible(s, dtype) {
         return Err(format!(
@@ -254,7 +273,7 @@ pub fn attention_rows(name: &str, s: &Spec, dtype: DType, rows: &Rows) -> Result
             s.d, s.e, s.m
         ));
     }
-    generate(name, s, rows, false)
+    generate(name, s, rows, false, out)
 }
 
 /// Whether the tensor-core kernel takes `attention_lse` of `s` (its `e` and `v_lead`
@@ -282,7 +301,7 @@ pub fn lse(name: &str, s: &Spec, dtype: DType) -> Result<Kernel, String> {
         v_lead: vec![0; s.lead.len()],
         ..s.clone()
     };
-    generate(name, &s, &Rows::contiguous(&s), true)
+    generate(name, &s, &Rows::contiguous(&s), true, None)
 }
 
 /// [`lse`] reading q and k where `rows` says (its v entries unused).
@@ -302,11 +321,18 @@ pub fn lse_rows(name: &str, s: &Spec, dtype: DType, rows: &Rows) -> Result<Kerne
         offset: [rows.offset[0], rows.offset[1], 0],
         row: [rows.row[0], rows.row[1], 0],
     };
-    generate(name, &s, &rows, true)
+    generate(name, &s, &rows, true, None)
 }
 
-/// The attention kernel, or with `lse` the log-normaliser kernel.
-fn generate(name: &str, s: &Spec, rows: &Rows, lse: bool) -> Result<Kernel, String> {
+/// The attention kernel, or with `lse` the log-normaliser kernel; `out` places the
+/// attention's output rows ([`attention_rows`]).
+fn generate(
+    name: &str,
+    s: &Spec,
+    rows: &Rows,
+    lse: bool,
+    out: Option<&OperandView>,
+) -> Result<Kernel, String> {
     let (n, m, d, e) = (s.n, s.m, s.d, s.e);
     let nb: usize = s.lead.iter().product();
     let nt = n.div_ceil(BM);
@@ -341,8 +367,15 @@ fn generate(name: &str, s: &Spec, rows: &Rows, lse: bool) -> Result<Kernel, Stri
     } else {
         format!(", {e} outputs")
     };
+    let out = out.filter(|_| !lse);
+    let out_note = out.map_or(String::new(), |o| {
+        format!(
+            "; output rows written {} apart, matrices at strides {:?} (permuted)",
+            o.row, o.lead_strides
+        )
+    });
     let mut src = format!(
-        "// {name}: {what} on the tensor cores (mma.m16n8k16, 16-bit operands, f32 accumulation), {BM} query rows per block of {WARPS} warps, keys in tiles of {BN} ({nb} entries of {n} rows of {d} against {m} keys{outs}){}{}.\n",
+        "// {name}: {what} on the tensor cores (mma.m16n8k16, 16-bit operands, f32 accumulation), {BM} query rows per block of {WARPS} warps, keys in tiles of {BN} ({nb} entries of {n} rows of {d} against {m} keys{outs}){}{}{out_note}.\n",
         if s.z.is_some() { ", with a sink logit" } else { "" },
         rows.note(&Rows::contiguous(s)),
     );
@@ -367,6 +400,10 @@ fn generate(name: &str, s: &Spec, rows: &Rows, lse: bool) -> Result<Kernel, Stri
     if let Some(z) = &s.z {
         sets.push(z[..s.lead.len()].to_vec());
         names.push("oz");
+    }
+    if let Some(o) = out {
+        sets.push(o.lead_strides.clone());
+        names.push("oo");
     }
     src += &offsets(ix, "l", "e", &s.lead, &sets, &names, "    ");
     // The query fragments (A operand of the scores), zero past the last row.
@@ -437,9 +474,28 @@ fn generate(name: &str, s: &Spec, rows: &Rows, lse: bool) -> Result<Kernel, Stri
             n_l = ix.lit(n)
         )
     } else {
+        let rows_at = match out {
+            Some(o) => {
+                let first = if o.offset == 0 {
+                    String::new()
+                } else {
+                    format!("{} + ", ix.lit(o.offset))
+                };
+                format!(
+                    "oa = {first}oo + {}, ob = {first}oo + {}",
+                    ix.scaled("ra", o.row),
+                    ix.scaled("rb", o.row)
+                )
+            }
+            None => format!(
+                "oa = (e * {n_l} + ra) * {el}, ob = (e * {n_l} + rb) * {el}",
+                n_l = ix.lit(n),
+                el = ix.lit(e)
+            ),
+        };
         format!(
             "        const float ia = 1.0f / la, ib = 1.0f / lb;
-        const {t} oa = (e * {n_l} + ra) * {el}, ob = (e * {n_l} + rb) * {el};
+        const {t} {rows_at};
 #pragma unroll
         for (int j = 0; j < {ne}; ++j) {{
             const unsigned c = (unsigned)(j * 8) + 2u * tg;
@@ -452,9 +508,7 @@ fn generate(name: &str, s: &Spec, rows: &Rows, lse: bool) -> Result<Kernel, Stri
                 st(out, ob + c + 1u, acc[j][3] * ib);
             }}
         }}
-",
-            n_l = ix.lit(n),
-            el = ix.lit(e)
+"
         )
     };
     src += &format!(
