@@ -2484,9 +2484,6 @@ fn view_row(v: &StridedView) -> usize {
     v.strides[v.strides.len() - 2].max(v.shape[v.shape.len() - 1])
 }
 
-/// The tensor-core attention kernel of `id` reading q, k, v in place (16-bit `dtype`),
-/// and the nodes its views pass through; `None` where the views or the kernel do not
-/// apply.
 /// The permute that is attention `id`'s only reader, and the layout the attention's
 /// output takes so that the permute's (contiguous) output is already in its buffer: its
 /// rows and matrices at the permute's strides. Only where the permute keeps the feature
@@ -2548,6 +2545,9 @@ fn output_permute(
     ))
 }
 
+/// The tensor-core attention kernel of `id` reading q, k, v in place (16-bit `dtype`),
+/// and the nodes its views pass through; `None` where the views or the kernel do not
+/// apply. With `out` it writes its output there ([`output_permute`]).
 fn attention_view_fused(
     g: &Graph,
     id: NodeId,
@@ -3433,7 +3433,7 @@ mod tests {
             }
             let (pp, view) = got.expect("the permute");
             assert_eq!(pp, p);
-            // Element (b, h, n, c) of the attention at ((b n + n) h + h) dh + c.
+            // Element (bi, hi, i, c) of the attention at ((bi n + i) h + hi) dh + c.
             assert_eq!(view.lead_strides, vec![n * h * dh, dh]);
             assert_eq!(view.row, h * dh);
             assert_eq!(view.offset, 0);
