@@ -140,9 +140,9 @@ impl Module {
             NEXT.fetch_add(1, Ordering::Relaxed)
         ));
         std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-        let result = Self::build(&dir, &src, dtype, inputs);
+        let result = Self::build(&dir, &src, dtype, inputs, cuda_source);
         let _ = std::fs::remove_dir_all(&dir);
-        result.map(|m| Module { cuda_source, ..m })
+        result
     }
 
     fn build(
@@ -150,6 +150,7 @@ impl Module {
         src: &str,
         dtype: DType,
         inputs: HashMap<String, usize>,
+        cuda_source: String,
     ) -> Result<Module, String> {
         let cpp = dir.join("kernels.cpp");
         let so: PathBuf = dir.join("kernels.so");
@@ -178,7 +179,7 @@ impl Module {
             dtype,
             inputs,
             lock: Mutex::new(()),
-            cuda_source: String::new(),
+            cuda_source,
         })
     }
 
