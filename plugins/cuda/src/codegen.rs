@@ -55,6 +55,9 @@ use thiserror::Error;
 
 use cuda::contiguous_strides;
 
+/// The output elements one thread of a vectorized element-wise kernel takes.
+pub use elementwise::VEC;
+
 /// One kernel for one node.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Kernel {
@@ -854,43 +857,39 @@ pub fn linear_epilogue(
 ) -> Kernel {
     let _ = dtype; // The source is the same for every storage type (`T`, `ld`, `st`).
     let n = rows * cols;
-    let ix = cuda::Ix::for_numel(n);
-    let mut inputs = Vec::new();
+    let mut params = Vec::new();
+    let mut reads = vec![elementwise::Read::new("out", vec![cols, 1])];
     if bias {
-        inputs.push("bias");
+        params.push("bias");
+        reads.push(elementwise::Read::new("bias", vec![0, 1]));
     }
     if residual {
-        inputs.push("res");
+        params.push("res");
+        reads.push(elementwise::Read::new("res", vec![cols, 1]));
     }
-    let wg = elementwise::WG;
-    let mut src = format!(
-        "// {name}: linear epilogue in place over [{rows} x {cols}]:{}{}{}.\n",
+    let what = format!(
+        "linear epilogue in place over [{rows} x {cols}]:{}{}{}",
         if bias { " + bias" } else { "" },
         if gelu { ", gelu" } else { "" },
         if residual { ", + residual" } else { "" }
     );
-    src += &cuda::entry(name, &inputs, "out");
-    src += &cuda::prologue_1d(ix, n, wg);
-    src += "    float v = ld(out, idx);\n";
-    if bias {
-        src += &format!("    v = v + ld(bias, idx % {});\n", ix.lit(cols.max(1)));
-    }
-    if gelu {
-        src += "    v = gelu_f(v);\n";
-    }
-    if residual {
-        src += "    v = v + ld(res, idx);\n";
-    }
-    src += "    st(out, idx, v);\n}\n";
-    let blocks = cuda::blocks(n, wg).min(cuda::MAX_GRID_X);
-    Kernel {
-        name: name.to_string(),
-        source: src,
-        inputs: inputs.len(),
-        grid: [blocks as u32, 1, 1],
-        block: [wg as u32, 1, 1],
-        shared_bytes: 0,
-    }
+    let eval = |v: &[String]| {
+        let mut e = v[0].clone();
+        let mut next = 1;
+        if bias {
+            e = format!("{e} + {}", v[next]);
+            next += 1;
+        }
+        if gelu {
+            e = format!("gelu_f({e})");
+        }
+        if residual {
+            e = format!("{e} + {}", v[next]);
+        }
+        (String::new(), e)
+    };
+    elementwise::map_kernel(name, &what, &params, &reads, &[rows, cols], n, &eval)
+        .expect("rows * cols is at most MAX_ELEMS")
 }
 
 /// A complete translation unit: the prelude for `dtype` once, then each kernel's source

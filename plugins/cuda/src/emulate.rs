@@ -90,6 +90,16 @@ fn host_source(src: &str, dtype: DType) -> String {
         }
         DType::F32 | DType::BF16 => src.to_string(),
     };
+    // Vector accesses checked for their alignment, as a GPU faults on a misaligned one
+    // (the host would load it silently).
+    for ty in ["uint4", "float4", "float2", "unsigned"] {
+        for c in ["const ", ""] {
+            src = src.replace(
+                &format!("reinterpret_cast<{c}{ty}*>("),
+                &format!("eptc_emu_vec_cast<{c}{ty}>("),
+            );
+        }
+    }
     if let Some(device) = crate::codegen::cuda::mma(dtype) {
         assert!(src.contains(device), "the mma helper is in the module");
         let host = format!(

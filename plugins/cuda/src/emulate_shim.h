@@ -117,6 +117,16 @@ static inline V __shfl_xor_sync(unsigned, V v, int mask) {
     return r;
 }
 
+// `reinterpret_cast<V*>(p)` for a vector type `V` (the emulator rewrites the casts): a
+// pointer not aligned to V is an error, as the GPU's "misaligned address" fault.
+template <class V, class P>
+static inline V* eptc_emu_vec_cast(P* p) {
+    if (reinterpret_cast<uintptr_t>(p) % alignof(V) != 0) {
+        eptc_emu::fail("a vector access through a misaligned pointer");
+    }
+    return reinterpret_cast<V*>(p);
+}
+
 static inline float __uint_as_float(unsigned u) {
     float f;
     memcpy(&f, &u, 4);

@@ -11,6 +11,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use eptc_cuda::codegen::fuse;
 use eptc_cuda::codegen::{
     linear_epilogue, module_source, node_kernels, supported_kinds, CodegenError, Kernel, MAX_ELEMS,
+    VEC,
 };
 use eptc_cuda::{emulate, nvrtc};
 use eptc_ir::{
@@ -136,11 +137,13 @@ fn check_launch(g: &Graph, id: NodeId, batch: usize, k: &Kernel) {
         | Op::Patchify { .. }
         | Op::Slice { .. }
         | Op::Concat { .. } => {
+            // Eight consecutive elements per thread where vectorized.
+            let per = if k.source.contains("st8(") { VEC } else { 1 };
             assert!(
-                blocks * threads_per_block < numel + threads_per_block,
+                blocks * threads_per_block < numel / per + threads_per_block,
                 "{k:?}"
             );
-            blocks * threads_per_block
+            blocks * threads_per_block * per
         }
         // A warp per row (or 32 outputs per block of 32 x 8).
         Op::Reduce { .. } => {
@@ -1041,27 +1044,46 @@ fn linear_epilogue_follows_the_convention() {
         }
         want.push("T* __restrict__ out");
         assert_eq!(params, want);
-        assert!(k.grid[0] as usize * k.block[0] as usize >= 394 * 3072);
-        // Bias, then GELU, then the residual.
-        let pos = |s: &str| k.source.find(s);
-        if bias && gelu {
-            assert!(pos("ld(bias") < pos("gelu_f("));
+        // 3072 columns: eight per thread.
+        assert!(k.source.contains("st8(out, idx, y)"));
+        assert_eq!(k.grid[0] as usize * k.block[0] as usize, 394 * 3072 / VEC);
+        // Bias, then GELU, then the residual: the product is read first (v0), then the
+        // bias (v1) and the residual (the last read).
+        let (mut e, mut next) = ("v0".to_string(), 1);
+        if bias {
+            e = format!("{e} + v{next}");
+            next += 1;
         }
-        if gelu && residual {
-            assert!(pos("gelu_f(") < pos("ld(res"));
+        if gelu {
+            e = format!("gelu_f({e})");
         }
+        if residual {
+            e = format!("{e} + v{next}");
+        }
+        assert!(
+            k.source.contains(&format!("y[j] = {e};")),
+            "{e}: {}",
+            k.source
+        );
         assert_eq!(k.source.contains("gelu_f("), gelu);
     }
 }
 
 /// The linear epilogue (the step after every cuBLAS `linear`) on the emulator, in place on
-/// the product, against the reference `linear` (f32, bf16, f16; every flag combination).
+/// the product, against the reference `linear` (f32, bf16, f16; every flag combination),
+/// element by element (70 columns) and eight elements per thread (72).
 #[test]
 fn emulated_linear_epilogue_matches_the_reference() {
     if !emulator_or_skip() {
         return;
     }
-    let (rows, k, cols) = (37, 9, 70);
+    for cols in [70, 72] {
+        linear_epilogue_on_the_emulator(cols);
+    }
+}
+
+fn linear_epilogue_on_the_emulator(cols: usize) {
+    let (rows, k) = (37, 9);
     let combos = [
         (true, true, true),
         (true, false, false),
@@ -1078,6 +1100,14 @@ fn emulated_linear_epilogue_matches_the_reference() {
                 linear_epilogue(&format!("epi{i}"), rows, cols, b, gl, r, dtype)
             })
             .collect();
+        for k in &ks {
+            assert_eq!(
+                k.source.contains("st8("),
+                cols.is_multiple_of(VEC),
+                "{}",
+                k.source
+            );
+        }
         let m = emulate::Module::compile(&ks.iter().collect::<Vec<_>>(), dtype).unwrap();
         for (i, &(bias, gelu, residual)) in combos.iter().enumerate() {
             let mut g = Graph::new("lin");
@@ -1193,6 +1223,22 @@ fn snapshot_linear_gelu() {
         )
     });
     insta::assert_snapshot!("linear_gelu_vit_b16", described(&k));
+}
+
+/// The epilogue after cuBLAS's product of ViT-B/16's first MLP layer at batch 4 (+ bias,
+/// GELU): eight elements per thread.
+#[test]
+fn snapshot_linear_epilogue_vectorized() {
+    let k = linear_epilogue(
+        "fc1_epilogue",
+        4 * 197,
+        3072,
+        true,
+        true,
+        false,
+        DType::BF16,
+    );
+    insta::assert_snapshot!("linear_epilogue_vit_b16", described(&k));
 }
 
 // ---- NVRTC -------------------------------------------------------------------------------
@@ -1793,6 +1839,50 @@ fn emulated_kernels_match_the_reference() {
     eprintln!("{} distinct kernels", cases.len());
     let failures = run_cases(&Emulator, &cases, &ALL_DTYPES, &tolerance);
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// A vectorized element-wise kernel takes 16-byte accesses only where every pointer it
+/// vectorizes is 16-byte aligned: with its operands one element off the alignment it
+/// goes element by element and gives the same bytes (and the reference). Every
+/// vectorized kernel of the op configurations, the tiny graphs and the fused chains, in
+/// all three storage types.
+#[test]
+fn emulated_vectorized_kernels_take_unaligned_operands() {
+    if !emulator_or_skip() {
+        return;
+    }
+    let cases: Vec<Case> = kernel_cases()
+        .into_iter()
+        .chain(fused_cases())
+        .filter(|c| c.kernel.source.contains("st8("))
+        .collect();
+    let kinds: BTreeSet<&str> = cases
+        .iter()
+        .map(|c| c.one.node(c.one.outputs()[0].1).op.kind())
+        .collect();
+    eprintln!("{} vectorized kernels: {kinds:?}", cases.len());
+    for kind in ["gelu", "add", "mul", "broadcast", "permute", "slice"] {
+        assert!(kinds.contains(kind), "no vectorized {kind} among {kinds:?}");
+    }
+    for dtype in ALL_DTYPES {
+        let refs: Vec<&Kernel> = cases.iter().map(|c| c.kernel_for(dtype)).collect();
+        let m = emulate::Module::compile(&refs, dtype).unwrap();
+        for (c, (inputs, want)) in cases.iter().zip(prepare(&cases, dtype)) {
+            let want = want.unwrap();
+            let k = c.kernel_for(dtype);
+            let ins: Vec<&[u8]> = inputs.iter().map(|b| b.as_slice()).collect();
+            let out = vec![0xff; want.len() * dtype.size_bytes()];
+            let aligned = m.run_shifted(k, &ins, out.clone(), 0).unwrap();
+            let shifted = m.run_shifted(k, &ins, out, dtype.size_bytes()).unwrap();
+            assert!(
+                aligned == shifted,
+                "{} {dtype}: shifted operands differ",
+                c.what
+            );
+            let e = compare(&load_back(&shifted, dtype), &want, dtype).unwrap();
+            assert!(e <= tolerance(dtype), "{} {dtype}: {e:.3e}", c.what);
+        }
+    }
 }
 
 // ---- fused element-wise chains ----------------------------------------------------------

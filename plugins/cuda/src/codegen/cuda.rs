@@ -298,13 +298,31 @@ const F32_VALUES: &str =
     "__device__ __forceinline__ float ld(const float* p, long long i) { return p[i]; }\n\
      __device__ __forceinline__ void st(float* p, long long i, float v) { p[i] = v; }\n";
 
+/// `ld8`/`st8`: eight consecutive values at `p + i` (16-byte aligned) in f32, as two
+/// `float4`s. The storage type's own for f32; with 16-bit storage, for the values kept
+/// in f32 (overloads by the pointer's type, as `ld`/`st`).
+const VEC_F32: &str = "__device__ __forceinline__ void ld8(const float* p, long long i, float* v) {\n    const float4 a = *reinterpret_cast<const float4*>(p + i);\n    const float4 b = *reinterpret_cast<const float4*>(p + i + 4);\n    v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w;\n    v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;\n}\n\
+__device__ __forceinline__ void st8(float* p, long long i, const float* v) {\n    float4 a, b;\n    a.x = v[0]; a.y = v[1]; a.z = v[2]; a.w = v[3];\n    b.x = v[4]; b.y = v[5]; b.z = v[6]; b.w = v[7];\n    *reinterpret_cast<float4*>(p + i) = a;\n    *reinterpret_cast<float4*>(p + i + 4) = b;\n}\n";
+
+/// `ld8`/`st8` for a 16-bit storage type: eight values in one 16-byte access (`uint4`),
+/// each converted by `ld` / `to_t` (so f16 and bf16 share the text, and the CPU
+/// emulator's replacement of the f16 conversions covers it).
+const VEC_16: &str = "__device__ __forceinline__ void ld8(const T* p, long long i, float* v) {\n    const uint4 u = *reinterpret_cast<const uint4*>(p + i);\n    const unsigned w[4] = {u.x, u.y, u.z, u.w};\n#pragma unroll\n    for (int k = 0; k < 4; ++k) {\n        const T h[2] = {(T)(w[k] & 0xffffu), (T)(w[k] >> 16)};\n        v[2 * k] = ld(h, 0);\n        v[2 * k + 1] = ld(h, 1);\n    }\n}\n\
+__device__ __forceinline__ void st8(T* p, long long i, const float* v) {\n    uint4 u;\n    u.x = (unsigned)to_t(v[0]) | ((unsigned)to_t(v[1]) << 16);\n    u.y = (unsigned)to_t(v[2]) | ((unsigned)to_t(v[3]) << 16);\n    u.z = (unsigned)to_t(v[4]) | ((unsigned)to_t(v[5]) << 16);\n    u.w = (unsigned)to_t(v[6]) | ((unsigned)to_t(v[7]) << 16);\n    *reinterpret_cast<uint4*>(p + i) = u;\n}\n";
+
 /// The prelude of a module: the storage type `T`, `ld`/`st` (every kernel reads and
-/// writes through them, computing in f32; with 16-bit storage also for `float*`), the
+/// writes through them, computing in f32; with 16-bit storage also for `float*`),
+/// `ld8`/`st8` (eight values in 16-byte accesses, for the vectorized element-wise
+/// kernels), the
 /// scalar library and, for the 16-bit types, the tensor-core helpers (`pack_t`,
 /// `mma_t`).
 pub fn prelude(dtype: DType) -> String {
     let tensor = mma(dtype).map_or(String::new(), |m| format!("{PACK}{m}"));
-    let wide = if dtype == DType::F32 { "" } else { F32_VALUES };
+    let wide = if dtype == DType::F32 {
+        VEC_F32.to_string()
+    } else {
+        format!("{F32_VALUES}{VEC_F32}{VEC_16}")
+    };
     format!(
         "// eptc CUDA kernels: storage type {dtype}, arithmetic in f32.\n{}{wide}{LIBRARY}{tensor}\n",
         storage(dtype)

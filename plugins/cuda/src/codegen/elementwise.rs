@@ -1,10 +1,15 @@
-//! One thread per output element: unary and binary ops, and the data movement ops (a
-//! strided gather for permute, broadcast and patchify; slice; concat). Blocks of
-//! [`WG`] threads on a 1-D grid.
+//! Unary and binary ops, and the data movement ops (a strided gather for permute,
+//! broadcast and patchify; slice; concat). Blocks of [`WG`] threads on a 1-D grid.
+//!
+//! Memory-bound, so the access width matters: where the output's innermost run (after
+//! merging dims) is a multiple of [`VEC`] and every operand either steps by one along it
+//! or is constant along it, a thread takes [`VEC`] consecutive outputs, with one index
+//! computation and 16-byte loads and stores ([`map_kernel`]). Else (concat, a permute
+//! that moves the last axis, rows of odd length) one thread per output element.
 
 use eptc_ir::{BinaryOp, UnaryOp};
 
-use super::cuda::{blocks, entry, grid_1d, offsets, prologue_1d, Ix};
+use super::cuda::{blocks, entry, grid_1d, merge_dims, offsets, prologue_1d, Ix};
 use super::Kernel;
 
 pub const WG: usize = 256;
@@ -57,15 +62,16 @@ pub fn unary_expr(op: UnaryOp, x: &str) -> String {
 
 /// `out = op(x)` over `n` elements.
 pub fn unary(name: &str, op: UnaryOp, n: usize) -> Result<Kernel, String> {
-    let e = unary_expr(op, "v");
-    kernel_1d(name, op.name(), &["x"], n, Ix::for_numel(n), &|_| {
-        format!("    const float v = ld(x, idx);\n    st(out, idx, {e});\n")
-    })
-}
-
-/// The C expression of `op` on `va`, `vb`.
-fn binary_expr(op: BinaryOp) -> String {
-    binary_expr_of(op, "va", "vb")
+    let e = |v: &[String]| (String::new(), unary_expr(op, &v[0]));
+    map_kernel(
+        name,
+        op.name(),
+        &["x"],
+        &[Read::new("x", vec![1])],
+        &[n],
+        n,
+        &e,
+    )
 }
 
 /// The C expression of `op` on `a` and `b` (identifiers or parenthesised f32
@@ -94,24 +100,9 @@ pub fn binary(
     na: usize,
     nb: usize,
 ) -> Result<Kernel, String> {
-    let n: usize = out.iter().product();
-    let e = binary_expr(op);
-    let ix = Ix::for_numel(n.max(na).max(nb));
-    kernel_1d(name, op.name(), &["a", "b"], n, ix, &|ix| {
-        let mut body = offsets(
-            ix,
-            "o",
-            "idx",
-            out,
-            &[sa.to_vec(), sb.to_vec()],
-            &["oa", "ob"],
-            "    ",
-        );
-        body += &format!(
-            "    const float va = ld(a, oa);\n    const float vb = ld(b, ob);\n    st(out, idx, {e});\n"
-        );
-        body
-    })
+    let reads = [Read::new("a", sa.to_vec()), Read::new("b", sb.to_vec())];
+    let e = |v: &[String]| (String::new(), binary_expr_of(op, &v[0], &v[1]));
+    map_kernel(name, op.name(), &["a", "b"], &reads, out, na.max(nb), &e)
 }
 
 /// `out[i] = x[sum_d i_d * strides[d]]` over the row-major index space `shape`
@@ -123,13 +114,9 @@ pub fn gather(
     strides: &[usize],
     nx: usize,
 ) -> Result<Kernel, String> {
-    let n: usize = shape.iter().product();
-    let ix = Ix::for_numel(n.max(nx));
-    kernel_1d(name, what, &["x"], n, ix, &|ix| {
-        let mut body = offsets(ix, "o", "idx", shape, &[strides.to_vec()], &["ox"], "    ");
-        body += "    st(out, idx, ld(x, ox));\n";
-        body
-    })
+    let reads = [Read::new("x", strides.to_vec())];
+    let e = |v: &[String]| (String::new(), v[0].clone());
+    map_kernel(name, what, &["x"], &reads, shape, nx, &e)
 }
 
 /// Elements `start..start + len` along an axis: `x` seen as `[outer, n, inner]`, the
@@ -142,18 +129,21 @@ pub fn slice(
     start: usize,
     len: usize,
 ) -> Result<Kernel, String> {
-    let total = outer * len * inner;
-    let ix = Ix::for_numel(outer * n * inner);
-    kernel_1d(name, "slice", &["x"], total, ix, &|ix| {
-        let t = ix.ty();
-        format!(
-            "    const {t} i = idx % {inner};\n    const {t} r = idx / {inner};\n    const {t} a = r % {len};\n    const {t} o = r / {len};\n    st(out, idx, ld(x, (o * {n} + a + {start}) * {inner} + i));\n",
-            inner = ix.lit(inner),
-            len = ix.lit(len),
-            n = ix.lit(n),
-            start = ix.lit(start),
-        )
-    })
+    let read = Read {
+        param: "x".into(),
+        strides: vec![n * inner, inner, 1],
+        base: start * inner,
+    };
+    let e = |v: &[String]| (String::new(), v[0].clone());
+    map_kernel(
+        name,
+        "slice",
+        &["x"],
+        &[read],
+        &[outer, len, inner],
+        outer * n * inner,
+        &e,
+    )
 }
 
 /// The parts (sizes `sizes` along the axis) joined along an axis: each part seen as
@@ -201,5 +191,174 @@ pub fn concat(name: &str, outer: usize, sizes: &[usize], inner: usize) -> Result
             };
         }
         body
+    })
+}
+
+/// The elements one thread of a vectorized element-wise kernel takes: 16 bytes of a
+/// 16-bit storage type (one `uint4`), 32 of f32 (two `float4`s).
+pub const VEC: usize = 8;
+
+/// One operand an element-wise kernel reads: the parameter `param`, element `i` of the
+/// output (row-major multi-index over the output's shape) at `base + sum_d i_d *
+/// strides[d]`.
+#[derive(Clone, Debug)]
+pub struct Read {
+    pub param: String,
+    pub strides: Vec<usize>,
+    pub base: usize,
+}
+
+impl Read {
+    pub fn new(param: &str, strides: Vec<usize>) -> Read {
+        Read {
+            param: param.to_string(),
+            strides,
+            base: 0,
+        }
+    }
+}
+
+/// Whether `VEC` consecutive outputs can share one index computation: after merging
+/// dims, the innermost is a multiple of [`VEC`] (a thread's elements lie in one row) and
+/// every read either steps by 1 along it (then its base and every other stride are
+/// multiples of [`VEC`], so its first element is 16-byte aligned where the buffer is)
+/// or is constant along it. Per read: `Some(true)` for a vector read, `Some(false)` for
+/// one value for all eight.
+fn vector_reads(out: &[usize], reads: &[Read]) -> Option<Vec<bool>> {
+    let strides: Vec<Vec<usize>> = reads.iter().map(|r| r.strides.clone()).collect();
+    let (dims, st) = merge_dims(out, &strides);
+    let last = *dims.last()?;
+    if !last.is_multiple_of(VEC) {
+        return None;
+    }
+    let k = dims.len() - 1;
+    reads
+        .iter()
+        .zip(&st)
+        .map(|(r, s)| match s[k] {
+            0 => Some(false),
+            1 if r.base.is_multiple_of(VEC) && s[..k].iter().all(|x| x.is_multiple_of(VEC)) => {
+                Some(true)
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+/// A kernel computing `out[i] = f(reads at i)` over the output shape `out` (written
+/// contiguously): `eval(values)` gives the statements and the f32 expression of `f`
+/// from each read's value (`v0`, `v1`, ...). `params`: the entry's inputs (a read may
+/// also name `out`, for an update in place). `max_numel`: the largest tensor touched.
+///
+/// Where [`vector_reads`] allows, each thread takes [`VEC`] consecutive outputs: one
+/// index computation, 16-byte loads and stores (`ld8`, `st8`) when every pointer it
+/// vectorizes is 16-byte aligned (a uniform branch; element by element otherwise). Else
+/// one thread per element.
+#[allow(clippy::too_many_arguments)]
+pub fn map_kernel(
+    name: &str,
+    what: &str,
+    params: &[&str],
+    reads: &[Read],
+    out: &[usize],
+    max_numel: usize,
+    eval: &dyn Fn(&[String]) -> (String, String),
+) -> Result<Kernel, String> {
+    let n: usize = out.iter().product();
+    let ix = Ix::for_numel(n.max(max_numel));
+    let t = ix.ty();
+    let values: Vec<String> = (0..reads.len()).map(|j| format!("v{j}")).collect();
+    let (stmts, result) = eval(&values);
+    let strides: Vec<Vec<usize>> = reads.iter().map(|r| r.strides.clone()).collect();
+    let offs: Vec<String> = (0..reads.len()).map(|j| format!("o{j}")).collect();
+    let off_refs: Vec<&str> = offs.iter().map(String::as_str).collect();
+    let at = |j: usize| {
+        let b = reads[j].base;
+        if b == 0 {
+            offs[j].clone()
+        } else {
+            format!("{} + {}", offs[j], ix.lit(b))
+        }
+    };
+    let vector = vector_reads(out, reads);
+    let per = if vector.is_some() { VEC } else { 1 };
+    let threads = n / per;
+    let grid = grid_1d(blocks(threads, WG))?;
+    let mut src = if per == 1 {
+        format!("// {name}: {what}, one thread per output element ({n}).\n")
+    } else {
+        format!(
+            "// {name}: {what}, {VEC} consecutive output elements per thread ({n}), 16-byte accesses where aligned.\n"
+        )
+    };
+    src += &entry(name, params, "out");
+    match &vector {
+        None => {
+            src += &prologue_1d(ix, n, WG);
+            src += &offsets(ix, "p", "idx", out, &strides, &off_refs, "    ");
+            for (j, r) in reads.iter().enumerate() {
+                src += &format!("    const float v{j} = ld({}, {});\n", r.param, at(j));
+            }
+            src += &stmts;
+            src += &format!("    st(out, idx, {result});\n");
+        }
+        Some(vec) => {
+            src += &format!(
+                "    const unsigned long long gi = (unsigned long long)blockIdx.x * {WG}ull + threadIdx.x;\n    if (gi >= {threads}ull) return;\n    const {t} idx = ({t})gi * {};\n",
+                ix.lit(VEC)
+            );
+            src += &offsets(ix, "p", "idx", out, &strides, &off_refs, "    ");
+            let mut ptrs = vec!["out".to_string()];
+            for (r, &v) in reads.iter().zip(vec) {
+                if v && !ptrs.contains(&r.param) {
+                    ptrs.push(r.param.clone());
+                }
+            }
+            let cast: Vec<String> = ptrs
+                .iter()
+                .map(|p| format!("reinterpret_cast<unsigned long long>({p})"))
+                .collect();
+            src += &format!(
+                "    const bool al = (({}) & 15ull) == 0ull;\n",
+                cast.join(" | ")
+            );
+            for (j, (r, &v)) in reads.iter().zip(vec).enumerate() {
+                let p = &r.param;
+                let o = at(j);
+                if v {
+                    src += &format!(
+                        "    float in{j}[{VEC}];\n    if (al) {{\n        ld8({p}, {o}, in{j});\n    }} else {{\n        for (int j = 0; j < {VEC}; ++j) in{j}[j] = ld({p}, {o} + j);\n    }}\n"
+                    );
+                } else {
+                    src += &format!("    const float in{j} = ld({p}, {o});\n");
+                }
+            }
+            src += &format!(
+                "    float y[{VEC}];\n#pragma unroll\n    for (int j = 0; j < {VEC}; ++j) {{\n"
+            );
+            for (j, &v) in vec.iter().enumerate() {
+                if v {
+                    src += &format!("        const float v{j} = in{j}[j];\n");
+                } else {
+                    src += &format!("        const float v{j} = in{j};\n");
+                }
+            }
+            for line in stmts.lines() {
+                src += &format!("    {line}\n");
+            }
+            src += &format!("        y[j] = {result};\n    }}\n");
+            src += &format!(
+                "    if (al) {{\n        st8(out, idx, y);\n    }} else {{\n        for (int j = 0; j < {VEC}; ++j) st(out, idx + j, y[j]);\n    }}\n"
+            );
+        }
+    }
+    src += "}\n";
+    Ok(Kernel {
+        name: name.to_string(),
+        source: src,
+        inputs: params.len(),
+        grid,
+        block: [WG as u32, 1, 1],
+        shared_bytes: 0,
     })
 }

@@ -1,9 +1,10 @@
 //! Element-wise chains fused into one kernel. A unary or binary node whose only user is
 //! another unary or binary node of the same shape, and which is not a graph output, is
 //! computed inside its user's kernel instead of being written to memory and read back:
-//! each group of such nodes becomes one kernel, one thread per element of the group's
-//! root, that loads each leaf operand once (through broadcast strides), evaluates the
-//! chain in registers and stores the root. On the ViT-B/16 training graph this joins,
+//! each group of such nodes becomes one kernel (one thread per element of the group's
+//! root, or per eight consecutive ones: [`super::elementwise::map_kernel`]) that loads
+//! each leaf operand once (through broadcast strides), evaluates the chain in registers
+//! and stores the root. On the ViT-B/16 training graph this joins,
 //! per layer, `sub` and `mul` of the attention backward (`A * (dA - delta)`, B x 12 x 197
 //! x 197 elements) and the GELU derivative with its product (B x 197 x 3072).
 
@@ -11,8 +12,7 @@ use std::collections::{HashMap, HashSet};
 
 use eptc_ir::{Graph, NodeId, Op};
 
-use super::cuda::{blocks, entry, grid_1d, offsets, prologue_1d, Ix};
-use super::elementwise::{binary_expr_of, unary_expr, WG};
+use super::elementwise::{binary_expr_of, map_kernel, unary_expr, Read};
 use super::{CodegenError, Kernel};
 use eptc_backend::dims::broadcast as bstrides;
 
@@ -124,11 +124,13 @@ pub fn fused_kernel(
         max_numel = max_numel.max(s.iter().product());
         strides.push(bstrides(&s, &out).map_err(&err)?);
     }
-    let ix = Ix::for_numel(max_numel);
     let params: Vec<String> = (0..group.leaves.len()).map(|j| format!("x{j}")).collect();
     let param_refs: Vec<&str> = params.iter().map(String::as_str).collect();
-    let offs: Vec<String> = (0..group.leaves.len()).map(|j| format!("o{j}")).collect();
-    let off_refs: Vec<&str> = offs.iter().map(String::as_str).collect();
+    let reads: Vec<Read> = params
+        .iter()
+        .zip(strides)
+        .map(|(p, s)| Read::new(p, s))
+        .collect();
 
     let kinds: Vec<&str> = group.nodes.iter().map(|&id| g.node(id).op.kind()).collect();
     // Each leaf read once, the root written once; a few operations per node and element.
@@ -137,47 +139,45 @@ pub fn fused_kernel(
         .iter()
         .map(|&l| g.ty(l).shape.resolve(batch).iter().product::<usize>())
         .sum::<usize>();
-    let mut src = super::bound_line(elems as f64, 4.0 * (n * group.nodes.len()) as f64);
-    src += &format!(
-        "// {name}: fused element-wise chain {} ({} nodes, {} leaves), one thread per output element ({n}).\n",
+    let what = format!(
+        "fused element-wise chain {} ({} nodes, {} leaves)",
         kinds.join(" -> "),
         group.nodes.len(),
         group.leaves.len()
     );
-    src += &entry(name, &param_refs, "out");
-    src += &prologue_1d(ix, n, WG);
-    src += &offsets(ix, "p", "idx", &out, &strides, &off_refs, "    ");
-    let mut value: HashMap<NodeId, String> = HashMap::new();
-    for (j, &l) in group.leaves.iter().enumerate() {
-        src += &format!("    const float v{j} = ld(x{j}, o{j});\n");
-        value.insert(l, format!("v{j}"));
-    }
-    for (k, &id) in group.nodes.iter().enumerate() {
-        let ops: Vec<String> = g
-            .operands(id)
-            .iter()
-            .map(|o| {
-                value
-                    .get(o)
-                    .cloned()
-                    .ok_or_else(|| err(format!("%{} has no value", o.index())))
-            })
-            .collect::<Result<_, _>>()?;
-        let e = match &g.node(id).op {
-            Op::Unary(u) => unary_expr(*u, &ops[0]),
-            Op::Binary(b) => binary_expr_of(*b, &ops[0], &ops[1]),
-            other => return Err(err(format!("{} is not element-wise", other.kind()))),
-        };
-        src += &format!("    const float t{k} = {e};\n");
-        value.insert(id, format!("t{k}"));
-    }
-    src += &format!("    st(out, idx, t{});\n}}\n", group.nodes.len() - 1);
-    Ok(Kernel {
-        name: name.to_string(),
-        source: src,
-        inputs: group.leaves.len(),
-        grid: grid_1d(blocks(n, WG)).map_err(err)?,
-        block: [WG as u32, 1, 1],
-        shared_bytes: 0,
-    })
+    // The chain's statements from the leaves' values: `t<k>` per node, the root last.
+    let chain = |v: &[String]| -> Result<(String, String), CodegenError> {
+        let mut value: HashMap<NodeId, String> = HashMap::new();
+        for (j, &l) in group.leaves.iter().enumerate() {
+            value.insert(l, v[j].clone());
+        }
+        let mut stmts = String::new();
+        for (k, &id) in group.nodes.iter().enumerate() {
+            let ops: Vec<String> = g
+                .operands(id)
+                .iter()
+                .map(|o| {
+                    value
+                        .get(o)
+                        .cloned()
+                        .ok_or_else(|| err(format!("%{} has no value", o.index())))
+                })
+                .collect::<Result<_, _>>()?;
+            let e = match &g.node(id).op {
+                Op::Unary(u) => unary_expr(*u, &ops[0]),
+                Op::Binary(b) => binary_expr_of(*b, &ops[0], &ops[1]),
+                other => return Err(err(format!("{} is not element-wise", other.kind()))),
+            };
+            stmts += &format!("    const float t{k} = {e};\n");
+            value.insert(id, format!("t{k}"));
+        }
+        Ok((stmts, format!("t{}", group.nodes.len() - 1)))
+    };
+    let names: Vec<String> = (0..group.leaves.len()).map(|j| format!("v{j}")).collect();
+    chain(&names)?;
+    let eval = |v: &[String]| chain(v).expect("checked above");
+    let mut k =
+        map_kernel(name, &what, &param_refs, &reads, &out, max_numel, &eval).map_err(err)?;
+    k.source = super::bound_line(elems as f64, 4.0 * (n * group.nodes.len()) as f64) + &k.source;
+    Ok(k)
 }
