@@ -491,6 +491,8 @@ fn op_graphs() -> Vec<Graph> {
             batched(&[1]),
             batched(&[768]),
             batched(&[3, 1100]),
+            batched(&[5, 264]),
+            fixed(&[2, 1024]),
         ]
         .into_iter()
         .enumerate()
@@ -1861,7 +1863,15 @@ fn emulated_vectorized_kernels_take_unaligned_operands() {
         .map(|c| c.one.node(c.one.outputs()[0].1).op.kind())
         .collect();
     eprintln!("{} vectorized kernels: {kinds:?}", cases.len());
-    for kind in ["gelu", "add", "mul", "broadcast", "permute", "slice"] {
+    for kind in [
+        "gelu",
+        "add",
+        "mul",
+        "broadcast",
+        "permute",
+        "slice",
+        "layernorm",
+    ] {
         assert!(kinds.contains(kind), "no vectorized {kind} among {kinds:?}");
     }
     for dtype in ALL_DTYPES {

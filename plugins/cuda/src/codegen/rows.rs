@@ -6,7 +6,9 @@
 //! lane gets the result, so no shared memory and no block barrier). Rows of at most
 //! `32 * MAX_PER_LANE` elements are kept in registers between the passes (one read of
 //! the input); longer ones are read again. A whole warp leaves together (`row` is
-//! uniform across it), so the shuffles always see 32 lanes.
+//! uniform across it), so the shuffles always see 32 lanes. LayerNorm over rows of a
+//! multiple of eight elements gives each lane runs of eight consecutive elements
+//! instead, read and written 16 bytes at a time.
 //!
 //! Reductions whose reduced elements are not contiguous (a sum over the batch of a
 //! `[B, N, D]` gradient, say) use blocks of 32 x 8 threads instead: 32 neighbouring
@@ -19,6 +21,7 @@
 use eptc_ir::ReduceOp;
 
 use super::cuda::{blocks, contiguous_strides, entry, grid_1d, lit, merge_dims, offsets, Ix};
+use super::elementwise::VEC;
 use super::Kernel;
 
 /// Rows (warps) per block of the warp-per-row kernels.
@@ -416,6 +419,9 @@ fn stats(row: &Row, val: &str, d: usize, eps: f32) -> String {
 
 /// LayerNorm over rows of `d` elements (`rows` of them), biased variance.
 pub fn layernorm(name: &str, rows: usize, d: usize, eps: f32) -> Result<Kernel, String> {
+    if d.is_multiple_of(VEC) && d > 0 && d <= 32 * MAX_PER_LANE {
+        return layernorm_vec(name, rows, d, eps);
+    }
     let ix = Ix::for_numel(rows * d);
     let row = Row::new(d, ix);
     let mut body = format!("    const {} base = row * {};\n", ix.ty(), ix.lit(d));
@@ -427,6 +433,77 @@ pub fn layernorm(name: &str, rows: usize, d: usize, eps: f32) -> Result<Kernel, 
         "const float nv = ({val} - mean) * rstd;\nst(out, base + j, nv * ld(gamma, j) + ld(beta, j));\n"
     ));
     kernel_rows(name, "layernorm", &["x", "gamma", "beta"], rows, ix, &body)
+}
+
+/// [`layernorm`] for rows of a multiple of [`VEC`] elements (at most `32 *
+/// MAX_PER_LANE`): each lane takes runs of eight consecutive elements (run `c = lane + 32
+/// t` holds elements `8c .. 8c + 8`), read and written with 16-byte accesses (`ld8`,
+/// `st8`) where `x`, `gamma`, `beta` and `out` are 16-byte aligned (a uniform branch;
+/// element by element otherwise), kept in registers between the passes.
+fn layernorm_vec(name: &str, rows: usize, d: usize, eps: f32) -> Result<Kernel, String> {
+    let ix = Ix::for_numel(rows * d);
+    let t = ix.ty();
+    let runs = d.div_ceil(32 * VEC);
+    // Whether run `r` of this lane is inside the row (always, when the row is a multiple
+    // of 256 elements).
+    let guard = !d.is_multiple_of(32 * VEC);
+    // A loop over this lane's runs; `c` (the run's first element) where the body or the
+    // guard uses it.
+    let each = |body: &str, uses_c: bool| -> String {
+        let c = if uses_c || guard {
+            format!("        const {t} c = {VEC}u * (lane + 32u * (unsigned)r);\n")
+        } else {
+            String::new()
+        };
+        let body = if guard {
+            format!(
+                "        if (c < {}) {{\n{}        }}\n",
+                ix.lit(d),
+                indent(body, 12)
+            )
+        } else {
+            indent(body, 8)
+        };
+        format!("#pragma unroll\n    for (int r = 0; r < {runs}; ++r) {{\n{c}{body}    }}\n")
+    };
+    let mut body = format!("    const {t} base = row * {};\n", ix.lit(d));
+    body += "    const bool al = ((reinterpret_cast<unsigned long long>(x) | reinterpret_cast<unsigned long long>(gamma) | reinterpret_cast<unsigned long long>(beta) | reinterpret_cast<unsigned long long>(out)) & 15ull) == 0ull;\n";
+    body += &format!("    float xv[{}];\n", runs * VEC);
+    // Elements outside the row (guarded runs) are never read: give them a value anyway.
+    if guard {
+        body += &format!(
+            "    for (int k = 0; k < {}; ++k) xv[k] = 0.0f;\n",
+            runs * VEC
+        );
+    }
+    let e = VEC;
+    body += &each(&format!(
+        "if (al) {{\n    ld8(x, base + c, &xv[{e} * r]);\n}} else {{\n    for (int k = 0; k < {e}; ++k) xv[{e} * r + k] = ld(x, base + c + k);\n}}\n"
+    ), true);
+    body += "    float sx = 0.0f;\n";
+    body += &each(
+        &format!("for (int k = 0; k < {e}; ++k) sx += xv[{e} * r + k];\n"),
+        false,
+    );
+    body += &format!(
+        "    sx = warp_sum(sx);\n    const float mean = sx / {};\n    float sv = 0.0f;\n",
+        lit(d as f32)
+    );
+    body += &each(&format!(
+        "for (int k = 0; k < {e}; ++k) {{\n    const float c0 = xv[{e} * r + k] - mean;\n    sv += c0 * c0;\n}}\n"
+    ), false);
+    body += &format!(
+        "    sv = warp_sum(sv);\n    const float rstd = 1.0f / sqrtf(sv / {} + {});\n",
+        lit(d as f32),
+        lit(eps)
+    );
+    body += &each(&format!(
+        "float g[{e}], b[{e}], y[{e}];\nif (al) {{\n    ld8(gamma, c, g);\n    ld8(beta, c, b);\n}} else {{\n    for (int k = 0; k < {e}; ++k) {{\n        g[k] = ld(gamma, c + k);\n        b[k] = ld(beta, c + k);\n    }}\n}}\nfor (int k = 0; k < {e}; ++k) {{\n    const float nv = (xv[{e} * r + k] - mean) * rstd;\n    y[k] = nv * g[k] + b[k];\n}}\nif (al) {{\n    st8(out, base + c, y);\n}} else {{\n    for (int k = 0; k < {e}; ++k) st(out, base + c + k, y[k]);\n}}\n"
+    ), true);
+    let what = format!(
+        "layernorm, {VEC} consecutive elements per lane and run, 16-byte accesses where aligned"
+    );
+    kernel_rows(name, &what, &["x", "gamma", "beta"], rows, ix, &body)
 }
 
 /// `layernorm_grad(x, gamma, dy)` over rows of `d` elements. In f64 from the loads on,
