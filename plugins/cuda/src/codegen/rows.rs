@@ -6,9 +6,9 @@
 //! lane gets the result, so no shared memory and no block barrier). Rows of at most
 //! `32 * MAX_PER_LANE` elements are kept in registers between the passes (one read of
 //! the input); longer ones are read again. A whole warp leaves together (`row` is
-//! uniform across it), so the shuffles always see 32 lanes. LayerNorm over rows of a
-//! multiple of eight elements gives each lane runs of eight consecutive elements
-//! instead, read and written 16 bytes at a time.
+//! uniform across it), so the shuffles always see 32 lanes. LayerNorm and its gradient
+//! over rows of a multiple of eight elements give each lane runs of eight consecutive
+//! elements instead, read and written 16 bytes at a time ([`Runs`]).
 //!
 //! Reductions whose reduced elements are not contiguous (a sum over the batch of a
 //! `[B, N, D]` gradient, say) use blocks of 32 x 8 threads instead: 32 neighbouring
@@ -419,10 +419,10 @@ fn stats(row: &Row, val: &str, d: usize, eps: f32) -> String {
 
 /// LayerNorm over rows of `d` elements (`rows` of them), biased variance.
 pub fn layernorm(name: &str, rows: usize, d: usize, eps: f32) -> Result<Kernel, String> {
-    if d.is_multiple_of(VEC) && d > 0 && d <= 32 * MAX_PER_LANE {
-        return layernorm_vec(name, rows, d, eps);
-    }
     let ix = Ix::for_numel(rows * d);
+    if let Some(runs) = Runs::new(d, ix) {
+        return layernorm_runs(name, rows, &runs, eps);
+    }
     let row = Row::new(d, ix);
     let mut body = format!("    const {} base = row * {};\n", ix.ty(), ix.lit(d));
     let src = "ld(x, base + j)";
@@ -435,53 +435,107 @@ pub fn layernorm(name: &str, rows: usize, d: usize, eps: f32) -> Result<Kernel, 
     kernel_rows(name, "layernorm", &["x", "gamma", "beta"], rows, ix, &body)
 }
 
-/// [`layernorm`] for rows of a multiple of [`VEC`] elements (at most `32 *
-/// MAX_PER_LANE`): each lane takes runs of eight consecutive elements (run `c = lane + 32
-/// t` holds elements `8c .. 8c + 8`), read and written with 16-byte accesses (`ld8`,
-/// `st8`) where `x`, `gamma`, `beta` and `out` are 16-byte aligned (a uniform branch;
-/// element by element otherwise), kept in registers between the passes.
-fn layernorm_vec(name: &str, rows: usize, d: usize, eps: f32) -> Result<Kernel, String> {
-    let ix = Ix::for_numel(rows * d);
-    let t = ix.ty();
-    let runs = d.div_ceil(32 * VEC);
-    // Whether run `r` of this lane is inside the row (always, when the row is a multiple
-    // of 256 elements).
-    let guard = !d.is_multiple_of(32 * VEC);
-    // A loop over this lane's runs; `c` (the run's first element) where the body or the
-    // guard uses it.
-    let each = |body: &str, uses_c: bool| -> String {
-        let c = if uses_c || guard {
+/// A row of a multiple of [`VEC`] elements (at most `32 * MAX_PER_LANE`) as each lane
+/// sees it in the vectorized row kernels: runs of [`VEC`] consecutive elements (run `c =
+/// lane + 32 r` holds elements `8c .. 8c + 8`), read and written with 16-byte accesses
+/// (`ld8`, `st8`) where every pointer is 16-byte aligned (`al`, a uniform branch; element
+/// by element otherwise), kept in registers between the passes.
+struct Runs {
+    d: usize,
+    ix: Ix,
+    runs: usize,
+    /// Whether a lane's last run can lie past the row (not when the row is a multiple
+    /// of 256 elements).
+    guard: bool,
+}
+
+impl Runs {
+    fn new(d: usize, ix: Ix) -> Option<Runs> {
+        (d > 0 && d.is_multiple_of(VEC) && d <= 32 * MAX_PER_LANE).then(|| Runs {
+            d,
+            ix,
+            runs: d.div_ceil(32 * VEC),
+            guard: !d.is_multiple_of(32 * VEC),
+        })
+    }
+
+    /// `const bool al`: whether every pointer of `ptrs` is 16-byte aligned.
+    fn aligned(&self, ptrs: &[&str]) -> String {
+        let cast: Vec<String> = ptrs
+            .iter()
+            .map(|p| format!("reinterpret_cast<unsigned long long>({p})"))
+            .collect();
+        format!(
+            "    const bool al = (({}) & 15ull) == 0ull;\n",
+            cast.join(" | ")
+        )
+    }
+
+    /// A loop over this lane's runs `r`; `c` (the run's first element in the row) is
+    /// defined where the body (`uses_c`) or the guard uses it.
+    fn each(&self, body: &str, uses_c: bool) -> String {
+        let t = self.ix.ty();
+        let c = if uses_c || self.guard {
             format!("        const {t} c = {VEC}u * (lane + 32u * (unsigned)r);\n")
         } else {
             String::new()
         };
-        let body = if guard {
+        let body = if self.guard {
             format!(
                 "        if (c < {}) {{\n{}        }}\n",
-                ix.lit(d),
+                self.ix.lit(self.d),
                 indent(body, 12)
             )
         } else {
             indent(body, 8)
         };
-        format!("#pragma unroll\n    for (int r = 0; r < {runs}; ++r) {{\n{c}{body}    }}\n")
-    };
-    let mut body = format!("    const {t} base = row * {};\n", ix.lit(d));
-    body += "    const bool al = ((reinterpret_cast<unsigned long long>(x) | reinterpret_cast<unsigned long long>(gamma) | reinterpret_cast<unsigned long long>(beta) | reinterpret_cast<unsigned long long>(out)) & 15ull) == 0ull;\n";
-    body += &format!("    float xv[{}];\n", runs * VEC);
-    // Elements outside the row (guarded runs) are never read: give them a value anyway.
-    if guard {
-        body += &format!(
-            "    for (int k = 0; k < {}; ++k) xv[k] = 0.0f;\n",
-            runs * VEC
-        );
+        format!(
+            "#pragma unroll\n    for (int r = 0; r < {}; ++r) {{\n{c}{body}    }}\n",
+            self.runs
+        )
     }
-    let e = VEC;
-    body += &each(&format!(
-        "if (al) {{\n    ld8(x, base + c, &xv[{e} * r]);\n}} else {{\n    for (int k = 0; k < {e}; ++k) xv[{e} * r + k] = ld(x, base + c + k);\n}}\n"
-    ), true);
+
+    /// Declare the register array `arr` (the lane's elements; zero past the row) and
+    /// fill it from `ptr` at `base + c`.
+    fn cache(&self, arr: &str, ptr: &str) -> String {
+        let n = self.runs * VEC;
+        let mut s = format!("    float {arr}[{n}];\n");
+        if self.guard {
+            s += &format!("    for (int k = 0; k < {n}; ++k) {arr}[k] = 0.0f;\n");
+        }
+        s += &self.each(
+            &format!(
+                "if (al) {{\n    ld8({ptr}, base + c, &{arr}[{VEC} * r]);\n}} else {{\n    for (int k = 0; k < {VEC}; ++k) {arr}[{VEC} * r + k] = ld({ptr}, base + c + k);\n}}\n"
+            ),
+            true,
+        );
+        s
+    }
+
+    /// Statements (for a body of [`Runs::each`]) declaring `float arr[8]` with the run's
+    /// elements of `ptr` at `at` (an expression of `c`).
+    fn load(&self, arr: &str, ptr: &str, at: &str) -> String {
+        format!(
+            "float {arr}[{VEC}];\nif (al) {{\n    ld8({ptr}, {at}, {arr});\n}} else {{\n    for (int k = 0; k < {VEC}; ++k) {arr}[k] = ld({ptr}, {at} + k);\n}}\n"
+        )
+    }
+
+    /// Statements storing `float y[8]` as the run's elements of `out` (at `base + c`).
+    fn store(&self) -> String {
+        format!(
+            "if (al) {{\n    st8(out, base + c, y);\n}} else {{\n    for (int k = 0; k < {VEC}; ++k) st(out, base + c + k, y[k]);\n}}\n"
+        )
+    }
+}
+
+/// [`layernorm`] over [`Runs`].
+fn layernorm_runs(name: &str, rows: usize, row: &Runs, eps: f32) -> Result<Kernel, String> {
+    let (d, ix, e) = (row.d, row.ix, VEC);
+    let mut body = format!("    const {} base = row * {};\n", ix.ty(), ix.lit(d));
+    body += &row.aligned(&["x", "gamma", "beta", "out"]);
+    body += &row.cache("xv", "x");
     body += "    float sx = 0.0f;\n";
-    body += &each(
+    body += &row.each(
         &format!("for (int k = 0; k < {e}; ++k) sx += xv[{e} * r + k];\n"),
         false,
     );
@@ -489,21 +543,81 @@ fn layernorm_vec(name: &str, rows: usize, d: usize, eps: f32) -> Result<Kernel, 
         "    sx = warp_sum(sx);\n    const float mean = sx / {};\n    float sv = 0.0f;\n",
         lit(d as f32)
     );
-    body += &each(&format!(
-        "for (int k = 0; k < {e}; ++k) {{\n    const float c0 = xv[{e} * r + k] - mean;\n    sv += c0 * c0;\n}}\n"
-    ), false);
+    body += &row.each(
+        &format!(
+            "for (int k = 0; k < {e}; ++k) {{\n    const float c0 = xv[{e} * r + k] - mean;\n    sv += c0 * c0;\n}}\n"
+        ),
+        false,
+    );
     body += &format!(
         "    sv = warp_sum(sv);\n    const float rstd = 1.0f / sqrtf(sv / {} + {});\n",
         lit(d as f32),
         lit(eps)
     );
-    body += &each(&format!(
-        "float g[{e}], b[{e}], y[{e}];\nif (al) {{\n    ld8(gamma, c, g);\n    ld8(beta, c, b);\n}} else {{\n    for (int k = 0; k < {e}; ++k) {{\n        g[k] = ld(gamma, c + k);\n        b[k] = ld(beta, c + k);\n    }}\n}}\nfor (int k = 0; k < {e}; ++k) {{\n    const float nv = (xv[{e} * r + k] - mean) * rstd;\n    y[k] = nv * g[k] + b[k];\n}}\nif (al) {{\n    st8(out, base + c, y);\n}} else {{\n    for (int k = 0; k < {e}; ++k) st(out, base + c + k, y[k]);\n}}\n"
-    ), true);
+    let mut last = row.load("g", "gamma", "c") + &row.load("b", "beta", "c");
+    last += &format!(
+        "float y[{e}];\nfor (int k = 0; k < {e}; ++k) {{\n    const float nv = (xv[{e} * r + k] - mean) * rstd;\n    y[k] = nv * g[k] + b[k];\n}}\n"
+    );
+    last += &row.store();
+    body += &row.each(&last, true);
     let what = format!(
         "layernorm, {VEC} consecutive elements per lane and run, 16-byte accesses where aligned"
     );
     kernel_rows(name, &what, &["x", "gamma", "beta"], rows, ix, &body)
+}
+
+/// [`layernorm_grad`] over [`Runs`] (the same f64 arithmetic).
+fn layernorm_grad_runs(name: &str, rows: usize, row: &Runs, eps: f32) -> Result<Kernel, String> {
+    let (d, ix, e) = (row.d, row.ix, VEC);
+    let mut body = format!("    const {} base = row * {};\n", ix.ty(), ix.lit(d));
+    body += &row.aligned(&["x", "gamma", "dy", "out"]);
+    body += &row.cache("xv", "x");
+    body += &row.cache("dv", "dy");
+    let dd = format!("{d}.0");
+    body += "    double sx = 0.0;\n";
+    body += &row.each(
+        &format!("for (int k = 0; k < {e}; ++k) sx += (double)xv[{e} * r + k];\n"),
+        false,
+    );
+    body += &format!(
+        "    sx = warp_sum_d(sx);\n    const double mean = sx / {dd};\n    double sv = 0.0;\n"
+    );
+    body += &row.each(
+        &format!(
+            "for (int k = 0; k < {e}; ++k) {{\n    const double c0 = (double)xv[{e} * r + k] - mean;\n    sv += c0 * c0;\n}}\n"
+        ),
+        false,
+    );
+    body += &format!(
+        "    sv = warp_sum_d(sv);\n    const double rstd = 1.0 / sqrt(sv / {dd} + (double){});\n",
+        lit(eps)
+    );
+    let terms = format!(
+        "    const double g = (double)dv[{e} * r + k] * (double)gm[k];\n    const double xh = ((double)xv[{e} * r + k] - mean) * rstd;\n"
+    );
+    body += "    double s1 = 0.0, s2 = 0.0;\n";
+    body += &row.each(
+        &format!(
+            "{}for (int k = 0; k < {e}; ++k) {{\n{terms}    s1 += g;\n    s2 += g * xh;\n}}\n",
+            row.load("gm", "gamma", "c")
+        ),
+        true,
+    );
+    body += &format!(
+        "    s1 = warp_sum_d(s1);\n    s2 = warp_sum_d(s2);\n    const double m1 = s1 / {dd};\n    const double m2 = s2 / {dd};\n"
+    );
+    body += &row.each(
+        &format!(
+            "{}float y[{e}];\nfor (int k = 0; k < {e}; ++k) {{\n{terms}    y[k] = (float)(rstd * (g - m1 - xh * m2));\n}}\n{}",
+            row.load("gm", "gamma", "c"),
+            row.store()
+        ),
+        true,
+    );
+    let what = format!(
+        "layernorm_grad, {VEC} consecutive elements per lane and run, 16-byte accesses where aligned"
+    );
+    kernel_rows(name, &what, &["x", "gamma", "dy"], rows, ix, &body)
 }
 
 /// `layernorm_grad(x, gamma, dy)` over rows of `d` elements. In f64 from the loads on,
@@ -511,6 +625,9 @@ fn layernorm_vec(name: &str, rows: usize, d: usize, eps: f32) -> Result<Kernel, 
 /// `dy * gamma` and may be much smaller.
 pub fn layernorm_grad(name: &str, rows: usize, d: usize, eps: f32) -> Result<Kernel, String> {
     let ix = Ix::for_numel(rows * d);
+    if let Some(runs) = Runs::new(d, ix) {
+        return layernorm_grad_runs(name, rows, &runs, eps);
+    }
     let row = Row::new(d, ix);
     let mut body = format!("    const {} base = row * {};\n", ix.ty(), ix.lit(d));
     let (sx, sdy) = ("ld(x, base + j)", "ld(dy, base + j)");
