@@ -31,8 +31,8 @@
 //! while the next is converted, and the outputs are copied back together before one
 //! wait (off by default until a GPU run has checked it).
 //! `EPTC_CUDA_GRAPH=0` launches kernel by kernel instead of replaying a graph;
-//! `EPTC_CUDA_PROFILE=1` does too, waits after each launch, prints the time per op kind
-//! to stderr and names the kernel that failed. The switches are read once into
+//! `EPTC_CUDA_PROFILE=1` does too, waits after each launch, prints the device time per
+//! op kind (CUDA events around each step) to stderr and names the kernel that failed. The switches are read once into
 //! [`Switches`] by [`CudaBackend::new`]; [`CudaBackend::with_switches`] sets them directly.
 //!
 //! Without a GPU, [`CudaBackend::emulated`] (`EPTC_CUDA_EMULATE=1`) makes the same plan
@@ -2828,16 +2828,35 @@ impl CudaExecutable {
                 .map_err(|e| other(format!("launching the graph: {e}")))?;
         } else if self.profile {
             sync()?;
+            // Each step's device time, between two events of its own (not the launch's
+            // host overhead, which a replayed graph does not pay).
+            let (a, b) = (event()?, event()?);
             let mut prof = Profile::default();
-            for s in &p.steps {
-                let t = Instant::now();
-                self.enqueue(p, s)?;
-                gpu.stream
-                    .synchronize()
-                    .map_err(|e| other(format!("{} failed: {e}", s.name)))?;
-                prof.record(s.kind, t.elapsed().as_secs_f64());
+            let mut timed = || -> Result<()> {
+                for s in &p.steps {
+                    ev(a)?;
+                    self.enqueue(p, s)?;
+                    ev(b)?;
+                    gpu.stream
+                        .synchronize()
+                        .map_err(|e| other(format!("{} failed: {e}", s.name)))?;
+                    let ms = unsafe { dr::event::elapsed(a, b) }
+                        .map_err(|e| other(format!("timing {}: {e}", s.name)))?;
+                    prof.record(s.kind, f64::from(ms) / 1e3);
+                }
+                Ok(())
+            };
+            let r = timed();
+            unsafe {
+                let _ = dr::event::destroy(a);
+                let _ = dr::event::destroy(b);
             }
-            prof.print("eptc cuda profile", "kernels and GEMMs", "launches");
+            r?;
+            prof.print(
+                "eptc cuda profile (device time per step)",
+                "kernels and GEMMs",
+                "launches",
+            );
         } else {
             for s in &p.steps {
                 self.enqueue(p, s)?;
