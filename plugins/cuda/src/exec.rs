@@ -2141,6 +2141,16 @@ fn cublas_gemm(
     let sc = dims::lead_contiguous(lead, m * n);
     let (sa, sb) = (sa.to_vec(), sb.to_vec());
     let (count, [st_a, st_b, st_c], offsets) = batching(lead, &[&sa, &sb, &sc]);
+    // A batch sharing B, whose A (not transposed) and C entries lie one after another:
+    // one product of `count * m` rows instead, which cuBLAS tiles better than `count`
+    // products of `m` rows (the backward's `dX = dY W` over B images of 197 tokens).
+    let fold =
+        count > 1 && offsets.len() == 1 && !ta && st_b == 0 && st_a == m * k && st_c == m * n;
+    let (m, count, st_a, st_c) = if fold {
+        (m * count, 1, 0, 0)
+    } else {
+        (m, count, st_a, st_c)
+    };
     Some(Gemm {
         transa: tb,
         transb: ta,
@@ -3995,7 +4005,13 @@ mod tests {
             (&[3, 4, 5], &[2, 3, 6, 5], false, true),
             (&[1, 3, 5, 4], &[2, 1, 6, 5], true, true),
             (&[4, 5], &[5, 6], false, false),
+            // B shared by the batch, A and C entries one after another: one product of
+            // 2 * 4 * 3 rows (B as stored or transposed); not where A is transposed.
+            (&[2, 4, 3, 5], &[5, 6], false, false),
+            (&[4, 3, 5], &[6, 5], false, true),
+            (&[4, 5, 3], &[5, 6], true, false),
         ];
+        let folded = |ci: usize| ci == 5 || ci == 6;
         for (ci, &(sa, sb, ta, tb)) in cases.iter().enumerate() {
             let mut g = Graph::new("mm");
             let a = g.input("a", TensorType::f32(Shape::fixed(sa)));
@@ -4016,11 +4032,45 @@ mod tests {
             );
             let (gm, epi) = gemm_for(&g, y, 1).expect("a GEMM");
             assert!(epi.is_none());
+            let rows: usize = out[..out.len() - 1].iter().product();
+            assert_eq!(
+                (gm.batch == 1 && gm.n as usize == rows),
+                folded(ci) || sa.len() == 2,
+                "case {ci}: {gm:?}"
+            );
             let mut c = vec![f64::NAN; out.iter().product()];
             // cuBLAS's A is our B.
             emulate(&gm, &vb, &va, &mut c);
             close(&c, &want);
         }
+    }
+
+    /// The ViT-B/16 training step's products of the backward through each frozen linear
+    /// layer (`dX = dY W`: [B, 197, o] x [o, i]) are one GEMM of B * 197 rows each, not
+    /// B batched GEMMs of 197 rows.
+    #[test]
+    fn backward_products_over_the_batch_are_one_gemm() {
+        let dir = env!("CARGO_MANIFEST_DIR");
+        let text = std::fs::read_to_string(format!("{dir}/../wgpu/tests/data/vit_b16_train.eptc"))
+            .unwrap();
+        let g = eptc_ir::text::parse(&text).unwrap();
+        let mut one = 0;
+        for id in g.node_ids() {
+            let Op::MatMul { transpose_a, .. } = g.node(id).op else {
+                continue;
+            };
+            let ops = g.operands(id);
+            let (a, b) = (g.ty(ops[0]).shape.rank(), g.ty(ops[1]).shape.rank());
+            if transpose_a || a != 3 || b != 2 {
+                continue;
+            }
+            let (gm, _) = gemm_for(&g, id, 64).expect("a GEMM");
+            assert_eq!((gm.batch, gm.n), (1, 64 * 197), "%{}", id.index());
+            one += 1;
+        }
+        // Four frozen linear layers per block, twelve blocks, less the first block's qkv,
+        // whose input gradient nothing trainable needs.
+        assert_eq!(one, 47, "{one} products");
     }
 
     #[test]
