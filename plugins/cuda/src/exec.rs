@@ -3667,11 +3667,8 @@ mod tests {
         // The training graph: the forward's permute and slices feed attentions and the
         // backward's matmuls, all GEMMs: views; the backward's dO permute feeds an
         // element-wise product too: a copy.
-        let dir = env!("CARGO_MANIFEST_DIR");
         for f in ["tiny_train", "vit_b16_train"] {
-            let text =
-                std::fs::read_to_string(format!("{dir}/../wgpu/tests/data/{f}.eptc")).unwrap();
-            let g = eptc_ir::text::parse(&text).unwrap();
+            let g = test_graph(&format!("{f}.eptc"));
             let (slots, ..) = slots_of(&g);
             let (gemms, virt) = attention_views(&g, &slots, 2, None);
             let attentions = slots.iter().filter(|s| s.op == "attention").count();
@@ -3709,9 +3706,7 @@ mod tests {
         }
         // The forward graphs' attentions all qualify (ViT-B/16: 12).
         for (f, want) in [("tiny_optimized", 0), ("vit_b16_optimized", 12)] {
-            let text =
-                std::fs::read_to_string(format!("{dir}/../wgpu/tests/data/{f}.eptc")).unwrap();
-            let g = eptc_ir::text::parse(&text).unwrap();
+            let g = test_graph(&format!("{f}.eptc"));
             let (slots, ..) = slots_of(&g);
             let (gemms, virt) = attention_views(&g, &slots, 2, None);
             let attentions = slots.iter().filter(|s| s.op == "attention").count();
@@ -3758,12 +3753,15 @@ mod tests {
     }
 
     /// ViT-B/16's training graph with the flash-style attention backward.
-    fn flash_vit_b16() -> Graph {
+    /// A graph of the wgpu crate's test data (`file` under `tests/data`).
+    fn test_graph(file: &str) -> Graph {
         let dir = env!("CARGO_MANIFEST_DIR");
-        let text =
-            std::fs::read_to_string(format!("{dir}/../wgpu/tests/data/vit_b16_optimized.eptc"))
-                .unwrap();
-        let mut g = eptc_ir::text::parse(&text).unwrap();
+        let text = std::fs::read_to_string(format!("{dir}/../wgpu/tests/data/{file}")).unwrap();
+        eptc_ir::text::parse(&text).unwrap()
+    }
+
+    fn flash_vit_b16() -> Graph {
+        let mut g = test_graph("vit_b16_optimized.eptc");
         eptc_autodiff::loss::add_loss(&mut g, "logits", eptc_autodiff::loss::Loss::CrossEntropy)
             .unwrap();
         g.remove_output("features");
@@ -3780,10 +3778,7 @@ mod tests {
     #[test]
     #[ignore]
     fn vit_b16_training_memory_breakdown() {
-        let dir = env!("CARGO_MANIFEST_DIR");
-        let text = std::fs::read_to_string(format!("{dir}/../wgpu/tests/data/vit_b16_train.eptc"))
-            .unwrap();
-        let default = eptc_ir::text::parse(&text).unwrap();
+        let default = test_graph("vit_b16_train.eptc");
         let flash = flash_vit_b16();
         let mib = |b: u64| b as f64 / f64::from(1 << 20);
         for (g, fused) in [(&default, false), (&default, true), (&flash, true)] {
@@ -4050,10 +4045,7 @@ mod tests {
     /// B batched GEMMs of 197 rows.
     #[test]
     fn backward_products_over_the_batch_are_one_gemm() {
-        let dir = env!("CARGO_MANIFEST_DIR");
-        let text = std::fs::read_to_string(format!("{dir}/../wgpu/tests/data/vit_b16_train.eptc"))
-            .unwrap();
-        let g = eptc_ir::text::parse(&text).unwrap();
+        let g = test_graph("vit_b16_train.eptc");
         let mut one = 0;
         for id in g.node_ids() {
             let Op::MatMul { transpose_a, .. } = g.node(id).op else {

@@ -520,6 +520,39 @@ impl Runs {
         )
     }
 
+    /// `mean` and `rstd` of the row cached in `xv` (two passes, biased variance), in
+    /// f32 or (`f64`) in f64 from the loads on.
+    fn stats(&self, f64: bool, eps: f32) -> String {
+        let (ty, zero, cast, warp) = if f64 {
+            ("double", "0.0", "(double)", "warp_sum_d")
+        } else {
+            ("float", "0.0f", "", "warp_sum")
+        };
+        let (d, e) = (self.d, VEC);
+        let dl = if f64 { format!("{d}.0") } else { lit(d as f32) };
+        let rstd = if f64 {
+            format!("1.0 / sqrt(sv / {dl} + (double){})", lit(eps))
+        } else {
+            format!("1.0f / sqrtf(sv / {dl} + {})", lit(eps))
+        };
+        let mut s = format!("    {ty} sx = {zero};\n");
+        s += &self.each(
+            &format!("for (int k = 0; k < {e}; ++k) sx += {cast}xv[{e} * r + k];\n"),
+            false,
+        );
+        s += &format!(
+            "    sx = {warp}(sx);\n    const {ty} mean = sx / {dl};\n    {ty} sv = {zero};\n"
+        );
+        s += &self.each(
+            &format!(
+                "for (int k = 0; k < {e}; ++k) {{\n    const {ty} c0 = {cast}xv[{e} * r + k] - mean;\n    sv += c0 * c0;\n}}\n"
+            ),
+            false,
+        );
+        s += &format!("    sv = {warp}(sv);\n    const {ty} rstd = {rstd};\n");
+        s
+    }
+
     /// Statements storing `float y[8]` as the run's elements of `out` (at `base + c`).
     fn store(&self) -> String {
         format!(
@@ -534,26 +567,7 @@ fn layernorm_runs(name: &str, rows: usize, row: &Runs, eps: f32) -> Result<Kerne
     let mut body = format!("    const {} base = row * {};\n", ix.ty(), ix.lit(d));
     body += &row.aligned(&["x", "gamma", "beta", "out"]);
     body += &row.cache("xv", "x");
-    body += "    float sx = 0.0f;\n";
-    body += &row.each(
-        &format!("for (int k = 0; k < {e}; ++k) sx += xv[{e} * r + k];\n"),
-        false,
-    );
-    body += &format!(
-        "    sx = warp_sum(sx);\n    const float mean = sx / {};\n    float sv = 0.0f;\n",
-        lit(d as f32)
-    );
-    body += &row.each(
-        &format!(
-            "for (int k = 0; k < {e}; ++k) {{\n    const float c0 = xv[{e} * r + k] - mean;\n    sv += c0 * c0;\n}}\n"
-        ),
-        false,
-    );
-    body += &format!(
-        "    sv = warp_sum(sv);\n    const float rstd = 1.0f / sqrtf(sv / {} + {});\n",
-        lit(d as f32),
-        lit(eps)
-    );
+    body += &row.stats(false, eps);
     let mut last = row.load("g", "gamma", "c") + &row.load("b", "beta", "c");
     last += &format!(
         "float y[{e}];\nfor (int k = 0; k < {e}; ++k) {{\n    const float nv = (xv[{e} * r + k] - mean) * rstd;\n    y[k] = nv * g[k] + b[k];\n}}\n"
@@ -574,24 +588,7 @@ fn layernorm_grad_runs(name: &str, rows: usize, row: &Runs, eps: f32) -> Result<
     body += &row.cache("xv", "x");
     body += &row.cache("dv", "dy");
     let dd = format!("{d}.0");
-    body += "    double sx = 0.0;\n";
-    body += &row.each(
-        &format!("for (int k = 0; k < {e}; ++k) sx += (double)xv[{e} * r + k];\n"),
-        false,
-    );
-    body += &format!(
-        "    sx = warp_sum_d(sx);\n    const double mean = sx / {dd};\n    double sv = 0.0;\n"
-    );
-    body += &row.each(
-        &format!(
-            "for (int k = 0; k < {e}; ++k) {{\n    const double c0 = (double)xv[{e} * r + k] - mean;\n    sv += c0 * c0;\n}}\n"
-        ),
-        false,
-    );
-    body += &format!(
-        "    sv = warp_sum_d(sv);\n    const double rstd = 1.0 / sqrt(sv / {dd} + (double){});\n",
-        lit(eps)
-    );
+    body += &row.stats(true, eps);
     let terms = format!(
         "    const double g = (double)dv[{e} * r + k] * (double)gm[k];\n    const double xh = ((double)xv[{e} * r + k] - mean) * rstd;\n"
     );
