@@ -2143,9 +2143,15 @@ fn cublas_gemm(
     let (count, [st_a, st_b, st_c], offsets) = batching(lead, &[&sa, &sb, &sc]);
     // A batch sharing B, whose A (not transposed) and C entries lie one after another:
     // one product of `count * m` rows instead, which cuBLAS tiles better than `count`
-    // products of `m` rows (the backward's `dX = dY W` over B images of 197 tokens).
-    let fold =
-        count > 1 && offsets.len() == 1 && !ta && st_b == 0 && st_a == m * k && st_c == m * n;
+    // products of `m` rows (the backward's `dX = dY W` over B images of 197 tokens);
+    // only while the rows fit cuBLAS's 32-bit sizes.
+    let fold = count > 1
+        && offsets.len() == 1
+        && !ta
+        && st_b == 0
+        && st_a == m * k
+        && st_c == m * n
+        && fits(m * count).is_some();
     let (m, count, st_a, st_c) = if fold {
         (m * count, 1, 0, 0)
     } else {
