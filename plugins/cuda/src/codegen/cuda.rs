@@ -83,6 +83,19 @@ pub fn entry(name: &str, inputs: &[&str], out: &str) -> String {
     )
 }
 
+/// `const bool al`: whether every pointer of `ptrs` is 16-byte aligned (the uniform test
+/// before a kernel's 16-byte accesses).
+pub fn aligned_16(ptrs: &[&str]) -> String {
+    let cast: Vec<String> = ptrs
+        .iter()
+        .map(|p| format!("reinterpret_cast<unsigned long long>({p})"))
+        .collect();
+    format!(
+        "    const bool al = (({}) & 15ull) == 0ull;\n",
+        cast.join(" | ")
+    )
+}
+
 /// Blocks of `per_block` to cover `n` items (at least 1).
 pub fn blocks(n: usize, per_block: usize) -> usize {
     n.div_ceil(per_block).max(1)

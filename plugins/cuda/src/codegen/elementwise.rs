@@ -9,7 +9,7 @@
 
 use eptc_ir::{BinaryOp, UnaryOp};
 
-use super::cuda::{blocks, entry, grid_1d, merge_dims, offsets, prologue_1d, Ix};
+use super::cuda::{aligned_16, blocks, entry, grid_1d, merge_dims, offsets, prologue_1d, Ix};
 use super::Kernel;
 
 pub const WG: usize = 256;
@@ -314,14 +314,8 @@ pub fn map_kernel(
                     ptrs.push(r.param.clone());
                 }
             }
-            let cast: Vec<String> = ptrs
-                .iter()
-                .map(|p| format!("reinterpret_cast<unsigned long long>({p})"))
-                .collect();
-            src += &format!(
-                "    const bool al = (({}) & 15ull) == 0ull;\n",
-                cast.join(" | ")
-            );
+            let refs: Vec<&str> = ptrs.iter().map(String::as_str).collect();
+            src += &aligned_16(&refs);
             for (j, (r, &v)) in reads.iter().zip(vec).enumerate() {
                 let p = &r.param;
                 let o = at(j);

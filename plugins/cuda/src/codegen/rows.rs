@@ -20,7 +20,9 @@
 
 use eptc_ir::ReduceOp;
 
-use super::cuda::{blocks, contiguous_strides, entry, grid_1d, lit, merge_dims, offsets, Ix};
+use super::cuda::{
+    aligned_16, blocks, contiguous_strides, entry, grid_1d, lit, merge_dims, offsets, Ix,
+};
 use super::elementwise::VEC;
 use super::Kernel;
 
@@ -459,18 +461,6 @@ impl Runs {
         })
     }
 
-    /// `const bool al`: whether every pointer of `ptrs` is 16-byte aligned.
-    fn aligned(&self, ptrs: &[&str]) -> String {
-        let cast: Vec<String> = ptrs
-            .iter()
-            .map(|p| format!("reinterpret_cast<unsigned long long>({p})"))
-            .collect();
-        format!(
-            "    const bool al = (({}) & 15ull) == 0ull;\n",
-            cast.join(" | ")
-        )
-    }
-
     /// A loop over this lane's runs `r`; `c` (the run's first element in the row) is
     /// defined where the body (`uses_c`) or the guard uses it.
     fn each(&self, body: &str, uses_c: bool) -> String {
@@ -565,7 +555,7 @@ impl Runs {
 fn layernorm_runs(name: &str, rows: usize, row: &Runs, eps: f32) -> Result<Kernel, String> {
     let (d, ix, e) = (row.d, row.ix, VEC);
     let mut body = format!("    const {} base = row * {};\n", ix.ty(), ix.lit(d));
-    body += &row.aligned(&["x", "gamma", "beta", "out"]);
+    body += &aligned_16(&["x", "gamma", "beta", "out"]);
     body += &row.cache("xv", "x");
     body += &row.stats(false, eps);
     let mut last = row.load("g", "gamma", "c") + &row.load("b", "beta", "c");
@@ -584,7 +574,7 @@ fn layernorm_runs(name: &str, rows: usize, row: &Runs, eps: f32) -> Result<Kerne
 fn layernorm_grad_runs(name: &str, rows: usize, row: &Runs, eps: f32) -> Result<Kernel, String> {
     let (d, ix, e) = (row.d, row.ix, VEC);
     let mut body = format!("    const {} base = row * {};\n", ix.ty(), ix.lit(d));
-    body += &row.aligned(&["x", "gamma", "dy", "out"]);
+    body += &aligned_16(&["x", "gamma", "dy", "out"]);
     body += &row.cache("xv", "x");
     body += &row.cache("dv", "dy");
     let dd = format!("{d}.0");
